@@ -1,0 +1,3 @@
+from astolfo_tui.cli import entry
+
+entry()
