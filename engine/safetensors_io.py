@@ -11,13 +11,15 @@ offset is believed, and nothing here ever unpickles anything.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 
@@ -63,9 +65,11 @@ class SafetensorsError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor's entry in a header. ``begin``/``end`` are relative to the data section."""
+class TensorInfo(NamedTuple):
+    """One tensor's entry in a header. ``begin``/``end`` are relative to the data section.
+
+    A NamedTuple rather than a frozen dataclass: an SDXL header builds 2,500 of these per file
+    and the dataclass constructor was most of the time it took to scan a folder."""
 
     key: str
     dtype: str
@@ -128,16 +132,36 @@ def read_header(path: str | os.PathLike) -> Header:
     return parse_header(raw, file_size, path)
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small acyclic objects.
+
+    An SDXL header is ~15,000 JSON containers; with torch imported every few thousand new
+    containers trigger a collection that walks torch's whole object graph, which made parsing
+    a header 4x slower. Nothing built here is cyclic, so nothing is leaked by waiting."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def parse_header(raw: bytes, file_size: int, path: str | os.PathLike = "<memory>") -> Header:
     """Validate header JSON ``raw`` of a file of ``file_size`` bytes."""
-    path = Path(path)
+    with paused_gc():
+        return _parse_header(raw, file_size, Path(path))
+
+
+def _parse_header(raw: bytes, file_size: int, path: Path) -> Header:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise SafetensorsError(path, "header is not UTF-8 text") from None
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError includes JSONDecodeError and huge ints
         raise SafetensorsError(path, f"header is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(obj, dict):
         raise SafetensorsError(path, "header JSON is not an object")
@@ -180,39 +204,44 @@ def _parse_metadata(meta: object, path: Path) -> dict[str, str]:
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int  # JSON integers only: bool and float are rejected
 
 
 def _parse_entry(key: str, entry: object, data_size: int, path: Path) -> TensorInfo:
-    if not isinstance(entry, dict):
+    # Exact type checks (not isinstance) keep this loop fast for 2500-key SDXL headers.
+    if type(entry) is not dict:
         raise SafetensorsError(path, f"entry for {key!r} is not an object")
     dtype = entry.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    dt = DTYPES.get(dtype) if type(dtype) is str else None
+    if dt is None:
         raise SafetensorsError(path, f"tensor {key!r} has unknown dtype {dtype!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if type(shape) is not list:
         raise SafetensorsError(path, f"tensor {key!r} has a bad shape {shape!r}")
+    numel = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise SafetensorsError(path, f"tensor {key!r} has a bad shape {shape!r}")
+        numel *= d
     offsets = entry.get("data_offsets")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_int(o) for o in offsets)
-    ):
+    if type(offsets) is not list or len(offsets) != 2:
         raise SafetensorsError(path, f"tensor {key!r} has bad data_offsets {offsets!r}")
     begin, end = offsets
+    if type(begin) is not int or type(end) is not int:
+        raise SafetensorsError(path, f"tensor {key!r} has bad data_offsets {offsets!r}")
     if not 0 <= begin <= end <= data_size:
         raise SafetensorsError(
             path,
             f"tensor {key!r} data [{begin}, {end}) lies outside the {data_size}-byte data section"
             " - the file is truncated or corrupt",
         )
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    expected = numel * dt.itemsize
     if end - begin != expected:
         raise SafetensorsError(
             path,
             f"tensor {key!r} has {end - begin} bytes but shape {shape} of {dtype} needs {expected}",
         )
-    return TensorInfo(key=key, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+    return TensorInfo(key, dtype, tuple(shape), begin, end)
 
 
 class TensorReader:
