@@ -100,11 +100,14 @@ class ModelReport:
     kind: str
     arch: str | None = None  # architecture id ("sdxl", "sd15") when recognised
     scale: int = 1  # 1 = real size; N = a synthetic file shrunk by N
+    arch_name: str | None = None  # the architecture's display name, e.g. "SDXL 1.0"
     components: dict[str, ComponentStatus] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)  # stored dtype -> tensor count, whole file
     extra_keys: list[str] = field(default_factory=list)  # keys outside every component
     extra_bytes: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # the file's __metadata__
+    # the few metadata entries a user recognises (ModelSpec title/architecture, trainer tags)
+    metadata_summary: dict[str, str] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)  # file-level findings
     # canonical key (as in the architecture) -> key as stored in this file, for every
     # recognised tensor; the merge reads through it so renamed-but-equal keys still merge.
@@ -120,6 +123,13 @@ class ModelReport:
     @property
     def severity(self) -> Severity:
         return max((f.severity for f in self.all_findings), default=Severity.OK)
+
+    @property
+    def arch_label(self) -> str | None:
+        """E.g. "SDXL 1.0", or "SDXL 1.0 (1/32 scale)" for a shrunk synthetic file."""
+        if self.arch_name is None:
+            return None
+        return f"{self.arch_name} (1/{self.scale} scale)" if self.scale > 1 else self.arch_name
 
     @property
     def file_name(self) -> str:
@@ -139,6 +149,7 @@ class ModelReport:
             "file_size": self.file_size,
             "kind": self.kind,
             "arch": self.arch,
+            "arch_label": self.arch_label,
             "scale": self.scale,
             "dtype": self.main_dtype,
             "dtypes": self.dtypes,
@@ -147,5 +158,6 @@ class ModelReport:
             "extra_keys": len(self.extra_keys),
             "extra_bytes": self.extra_bytes,
             "metadata": {k: v for k, v in self.metadata.items() if len(v) <= 200},
+            "metadata_summary": self.metadata_summary,
             "findings": [f.to_dict() for f in self.all_findings],
         }
