@@ -1,0 +1,669 @@
+"""Fingerprints of a model file, all computed in one sequential read of it.
+
+File hashes users already know from A1111 and CivitAI:
+  - SHA256 of the whole file; AutoV2 is its first 10 hex digits.
+  - AutoV1 (A1111's legacy "model hash"): sha256 of the 0x10000 bytes at offset 0x100000, 8 hex.
+  - AutoV3 (kohya/addnet): sha256 of the data section, everything after the 8-byte length and the
+    JSON header (so editing metadata leaves it unchanged); shown as 12 hex.
+
+Per component (unet, te0, te1, vae; te for SD 1.5), from the tensors the report recognised:
+  - ``exact``: BLAKE3 over the component's tensors in canonical order (key without the component
+    prefix, dtype, shape, digest of the raw bytes). Equal means byte-identical weights.
+  - ``fp16``: the same with every value rounded to fp16 first and buffers that are not weights
+    (``position_ids``) left out, so an fp32 copy, an fp16 copy and a copy saved without
+    ``position_ids`` of the same weights all match. Equal means "the same weights, up to fp16".
+  - NaN and Inf counts.
+  - arenasys' model-toolkit 4-digit metric for SD1's CLIP (SD 1.5 ``te``, SDXL ``te0``) and the VAE.
+    It is a familiar fingerprint ("0000" = the original SD1 CLIP/VAE up to fp16), not an identity.
+
+SDXL te0 keys are compared without their leading ``transformer.`` so that te0 and SD 1.5's ``te``
+use the same key names: the same CLIP weights give the same hashes in either architecture.
+
+The file is read once, front to back, into a small pool of buffers; three threads consume every
+buffer (whole-file SHA256 and AutoV1; AutoV3; per-tensor work), so on a machine with spare cores
+the hashes overlap each other and the read. hashlib, blake3 and torch release the GIL on big
+buffers, so these threads run in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import blake3
+import torch
+
+from .architectures import Architecture, get_architecture
+from .report import CHECKPOINT, Finding, ModelReport, Severity
+from .safetensors_io import DTYPES, Header, SafetensorsError, TensorInfo, read_header
+
+# Bump when any definition below changes: the catalog re-hashes files hashed by another version.
+HASH_VERSION = 1
+
+CHUNK_BYTES = 8 << 20
+POOL_CHUNKS = 6
+SHORT_HEX = 8
+AUTOV1_OFFSET, AUTOV1_LENGTH = 0x100000, 0x10000
+_COMPONENT_TAG = b"astolfo-component-v1\0"
+
+# te0 keys carry "transformer." after the prefix where SD 1.5's te prefix already includes it.
+_REL_KEY_STRIP = {"te0": "transformer."}
+
+ProgressFn = Callable[[int, int], None]
+
+
+class HashError(Exception):
+    """A file could not be hashed. The message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class HashCancelled(HashError):
+    """Hashing was stopped by its cancel event; nothing was produced for this file."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path, "hashing cancelled")
+
+
+# --------------------------------------------------------------------------- the toolkit metric
+
+
+@dataclass(frozen=True)
+class MetricReference:
+    """One of arenasys' model-toolkit reference sums: ``ref`` is the sum for the original SD1
+    component, ``k`` the scale of the 4-digit number, ``select`` picks the keys it sums."""
+
+    name: str
+    ref: float
+    k: int
+    select: Callable[[str], bool]
+
+
+CLIP_METRIC = MetricReference("CLIP-v1", -2097.8596, 1_000_000, lambda key: "mlp." in key and ".23." not in key)
+VAE_METRIC = MetricReference("VAE-v1", 17870.7051, 10_000, lambda key: "encoder." in key or "decoder." in key)
+
+# (architecture, component) -> the toolkit reference that applies to it.
+METRICS: dict[tuple[str, str], MetricReference] = {
+    ("sd15", "te"): CLIP_METRIC,
+    ("sd15", "vae"): VAE_METRIC,
+    ("sdxl", "te0"): CLIP_METRIC,
+    ("sdxl", "vae"): VAE_METRIC,
+}
+
+
+def metric_string(total: float, ref: MetricReference) -> str | None:
+    """The toolkit's 4-digit form of ``total``: ``int(|total/ref - 1| * k)`` folded below 10000
+    by subtracting 5000 (done here in one step, which a loop would take ages to do for huge n).
+    None where the toolkit prints "----" (nothing summed) or the sum is not finite."""
+    if total == 0 or not math.isfinite(total):
+        return None
+    n = int(abs(total / ref.ref - 1) * ref.k)
+    if n >= 10000:
+        n = 5000 + n % 5000
+    return f"{n:04d}"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ComponentHashes:
+    exact: str  # 64 hex
+    fp16: str  # 64 hex
+    metric: str | None  # toolkit 4-digit metric, where a reference exists
+    nan_count: int
+    inf_count: int
+    tensors: int = 0
+    metric_sum: float | None = None  # the raw toolkit sum behind ``metric``
+
+    @property
+    def exact_short(self) -> str:
+        return self.exact[:SHORT_HEX]
+
+    @property
+    def fp16_short(self) -> str:
+        return self.fp16[:SHORT_HEX]
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan_count + self.inf_count
+
+    def to_dict(self) -> dict:
+        return {
+            "exact": self.exact,
+            "fp16": self.fp16,
+            "metric": self.metric,
+            "nan_count": self.nan_count,
+            "inf_count": self.inf_count,
+            "tensors": self.tensors,
+            "metric_sum": self.metric_sum,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ComponentHashes":
+        return cls(
+            exact=d["exact"],
+            fp16=d["fp16"],
+            metric=d.get("metric"),
+            nan_count=int(d.get("nan_count", 0)),
+            inf_count=int(d.get("inf_count", 0)),
+            tensors=int(d.get("tensors", 0)),
+            metric_sum=d.get("metric_sum"),
+        )
+
+
+@dataclass(frozen=True)
+class FileHashes:
+    sha256: str  # 64 hex
+    autov1: str  # 8 hex
+    autov3: str | None  # 64 hex; None for a file without a valid safetensors header
+    components: dict[str, ComponentHashes] = field(default_factory=dict)
+    size: int = 0
+    arch: str | None = None
+    version: int = HASH_VERSION
+
+    @property
+    def autov2(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def autov3_short(self) -> str | None:
+        return self.autov3[:12] if self.autov3 else None
+
+    def to_dict(self) -> dict:
+        return {
+            "sha256": self.sha256,
+            "autov1": self.autov1,
+            "autov2": self.autov2,
+            "autov3": self.autov3,
+            "size": self.size,
+            "arch": self.arch,
+            "version": self.version,
+            "components": {cid: c.to_dict() for cid, c in self.components.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FileHashes":
+        return cls(
+            sha256=d["sha256"],
+            autov1=d["autov1"],
+            autov3=d.get("autov3"),
+            components={cid: ComponentHashes.from_dict(c) for cid, c in d.get("components", {}).items()},
+            size=int(d.get("size", 0)),
+            arch=d.get("arch"),
+            version=int(d.get("version", 0)),
+        )
+
+
+def nonfinite_findings(hashes: FileHashes) -> list[Finding]:
+    """One ERROR finding per component holding NaN or Inf values, with the counts: the scan
+    and the TUI merge these into the model's report."""
+    out = []
+    for cid, comp in hashes.components.items():
+        if comp.nonfinite:
+            parts = []
+            if comp.nan_count:
+                parts.append(f"{comp.nan_count:,} NaN")
+            if comp.inf_count:
+                parts.append(f"{comp.inf_count:,} Inf")
+            out.append(
+                Finding(Severity.ERROR, "nonfinite_values", f"{cid} has {' and '.join(parts)} values", cid)
+            )
+    return out
+
+
+def relative_key(cid: str, prefix: str, canonical_key: str) -> str:
+    """The key a component hash uses: the canonical key without the component prefix."""
+    rel = canonical_key[len(prefix):]
+    strip = _REL_KEY_STRIP.get(cid)
+    if strip and rel.startswith(strip):
+        rel = rel[len(strip):]
+    return rel
+
+
+def combine_digests(records: list[tuple[str, str, tuple[int, ...], bytes]]) -> str:
+    """A component hash from per-tensor ``(relative key, dtype, shape, 32-byte digest)`` records:
+    BLAKE3 over the records sorted by key, each field length-prefixed so no two different
+    components can produce the same byte stream."""
+    h = blake3.blake3(_COMPONENT_TAG)
+    for key, dtype, shape, digest in sorted(records, key=lambda r: r[0]):
+        kb = key.encode("utf-8")
+        db = dtype.encode("ascii")
+        h.update(struct.pack("<I", len(kb)) + kb + struct.pack("<B", len(db)) + db)
+        h.update(struct.pack("<B", len(shape)) + struct.pack(f"<{len(shape)}q", *shape) + digest)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- what to read
+
+
+@dataclass
+class _TensorJob:
+    """The work for one component tensor: running digests, counts, metric sum."""
+
+    info: TensorInfo
+    cid: str
+    rel_key: str
+    in_fp16: bool  # counted in the fp16 hash (weights, not buffers)
+    metric: bool  # summed into the component's toolkit metric
+    exact: "blake3.blake3" = field(default_factory=blake3.blake3)
+    fp16: "blake3.blake3 | None" = None
+    nan: int = 0
+    inf: int = 0
+    metric_sum: float = 0.0
+
+
+@dataclass
+class _Piece:
+    job: _TensorJob
+    start: int  # byte offsets within the chunk
+    stop: int
+
+
+@dataclass
+class _Chunk:
+    offset: int  # absolute file offset
+    length: int
+    is_data: bool  # inside the data section (after the header)
+    pieces: list[_Piece]
+    buf: torch.Tensor | None = None
+    pending: int = 0
+
+
+@dataclass
+class _Layout:
+    header: Header | None
+    arch: Architecture | None
+    jobs: list[_TensorJob]  # in file order
+    metric_refs: dict[str, MetricReference]
+
+
+def _layout(path: Path, report: ModelReport | None) -> _Layout:
+    try:
+        header = read_header(path)
+    except SafetensorsError:
+        return _Layout(None, None, [], {})
+    if report is None:
+        report = _inspect(path)
+    if report is None or report.kind != CHECKPOINT or not report.arch:
+        return _Layout(header, None, [], {})
+    arch = get_architecture(report.arch)
+    jobs: list[_TensorJob] = []
+    metric_refs = {}
+    for cid, status in report.components.items():
+        comp = arch.components.get(cid)
+        if comp is None or status.keys_found == 0:
+            continue
+        ref = METRICS.get((arch.id, cid))
+        if ref is not None:
+            metric_refs[cid] = ref
+        for canonical, stored in report.key_map.items():
+            if not canonical.startswith(comp.prefix):
+                continue
+            info = header.tensors.get(stored)
+            if info is None:
+                raise HashError(path, f"tensor {stored!r} is no longer in the file (changed since it was scanned?)")
+            rel = relative_key(cid, comp.prefix, canonical)
+            jobs.append(
+                _TensorJob(
+                    info=info,
+                    cid=cid,
+                    rel_key=rel,
+                    in_fp16=canonical not in arch.buffers,
+                    metric=ref is not None and ref.select(rel),
+                )
+            )
+    for job in jobs:
+        if job.in_fp16 and job.info.dtype != "F16":
+            job.fp16 = blake3.blake3()
+    jobs.sort(key=lambda j: j.info.begin)
+    return _Layout(header, arch, jobs, metric_refs)
+
+
+def _inspect(path: Path) -> ModelReport | None:
+    try:
+        from .inspect import inspect_file
+    except ImportError:
+        return _header_report(path)
+    return inspect_file(path)
+
+
+def _header_report(path: Path) -> ModelReport | None:
+    """Stand-in for ``inspect_file`` until it exists: the architecture whose schema names the
+    most keys of the file, and its keys as stored (no renamed-key handling)."""
+    from .architectures import architectures
+    from .report import PRESENT, ComponentStatus
+
+    header = read_header(path)
+    best = max(architectures().values(), key=lambda a: sum(k in a.tensors for k in header.tensors))
+    key_map = {k: k for k in header.tensors if k in best.tensors}
+    if not key_map:
+        return None
+    st = os.stat(path)
+    comps = {}
+    for cid, comp in best.components.items():
+        found = sum(1 for k in key_map if k.startswith(comp.prefix))
+        comps[cid] = ComponentStatus(cid, comp.label, PRESENT, found, len(comp.keys))
+    return ModelReport(path, "", st.st_size, st.st_mtime_ns, CHECKPOINT, best.id, components=comps, key_map=key_map)
+
+
+def _plan_chunks(file_size: int, layout: _Layout, chunk_bytes: int) -> list[_Chunk]:
+    """Cut the file into contiguous ranges of about ``chunk_bytes``. The header is its own range;
+    data ranges start at the data section and never split a tensor inside an element, so every
+    piece of a tensor can be viewed as values."""
+    chunks: list[_Chunk] = []
+    data_start = layout.header.data_start if layout.header else 0
+    pos = 0
+    while pos < data_start:
+        n = min(chunk_bytes, data_start - pos)
+        chunks.append(_Chunk(pos, n, False, []))
+        pos += n
+    jobs = layout.jobs
+    j = 0
+    while pos < file_size:
+        end = min(pos + chunk_bytes, file_size)
+        pieces = []
+        while j < len(jobs):
+            info = jobs[j].info
+            t_begin, t_end = data_start + info.begin, data_start + info.end
+            if t_end <= pos:
+                j += 1
+                continue
+            if t_begin >= end:
+                break
+            if t_end > end:
+                itemsize = DTYPES[info.dtype].itemsize
+                end = t_begin + (end - t_begin) // itemsize * itemsize
+                if end <= pos:  # cannot happen for chunk_bytes >= 8; guards the loop anyway
+                    end = min(pos + itemsize, file_size)
+            if min(t_end, end) > max(t_begin, pos):
+                pieces.append(_Piece(jobs[j], max(t_begin, pos) - pos, min(t_end, end) - pos))
+            if t_end <= end:
+                j += 1
+            else:
+                break
+        chunks.append(_Chunk(pos, end - pos, layout.header is not None, pieces))
+        pos = end
+    return chunks
+
+
+# --------------------------------------------------------------------------- per-tensor work
+
+_NONFINITE_DIRECT = {"F16", "F32", "F64", "BF16"}
+
+
+def _values(buf: torch.Tensor, start: int, stop: int, dtype: str) -> torch.Tensor:
+    raw = buf[start:stop]
+    itemsize = DTYPES[dtype].itemsize
+    if start % itemsize:
+        raw = raw.clone()
+    return raw.view(DTYPES[dtype].torch_dtype)
+
+
+def _process_tensor_pieces(chunk: _Chunk) -> None:
+    buf = chunk.buf
+    mv = memoryview(buf.numpy())
+    pieces = chunk.pieces
+    i = 0
+    while i < len(pieces):
+        # a run of contiguous float pieces of one dtype gets one NaN/Inf check
+        dtype = pieces[i].job.info.dtype
+        k = i + 1
+        while k < len(pieces) and pieces[k].job.info.dtype == dtype and pieces[k].start == pieces[k - 1].stop:
+            k += 1
+        run = pieces[i:k]
+        if DTYPES[dtype].is_float and run[-1].stop > run[0].start:
+            vals = _values(buf, run[0].start, run[-1].stop, dtype)
+            if dtype not in _NONFINITE_DIRECT:
+                vals = vals.to(torch.float16)
+            lo, hi = torch.aminmax(vals)
+            if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+                for p in run:
+                    v = _values(buf, p.start, p.stop, dtype)
+                    if dtype not in _NONFINITE_DIRECT:
+                        v = v.to(torch.float16)
+                    p.job.nan += int(torch.isnan(v).sum())
+                    p.job.inf += int(torch.isinf(v).sum())
+        for p in run:
+            job = p.job
+            job.exact.update(mv[p.start : p.stop])
+            if job.fp16 is None and not job.metric:
+                continue
+            v = _values(buf, p.start, p.stop, dtype)
+            if dtype != "F16":
+                v = v.to(torch.float16)
+            if job.fp16 is not None:
+                job.fp16.update(memoryview(v.numpy()).cast("B"))
+            if job.metric:
+                job.metric_sum += float((torch.sigmoid(v.float()) - 0.5).sum(dtype=torch.float64))
+        i = k
+
+
+# --------------------------------------------------------------------------- the read pass
+
+
+class _Lane(threading.Thread):
+    """A consumer that sees every chunk, in order."""
+
+    def __init__(self, name: str, work: Callable[[_Chunk], None], done: Callable[[_Chunk], None], failed: list):
+        super().__init__(name=name, daemon=True)
+        self.inbox: queue.Queue = queue.Queue()
+        self._work = work
+        self._done = done
+        self._failed = failed
+
+    def run(self) -> None:
+        while True:
+            chunk = self.inbox.get()
+            if chunk is None:
+                return
+            if not self._failed:
+                try:
+                    self._work(chunk)
+                except BaseException as e:  # reported by the reading thread
+                    self._failed.append(e)
+            self._done(chunk)
+
+
+def hash_file(
+    path: str | os.PathLike,
+    report: ModelReport | None = None,
+    on_progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> FileHashes:
+    """Hash ``path`` in one sequential read. ``report`` (from ``inspect_file``) names the
+    architecture and the stored key of each component tensor; without it the file is inspected
+    here. ``on_progress(bytes_done, bytes_total)`` is called as the read advances; setting
+    ``cancel`` stops the read and raises ``HashCancelled``. Raises ``HashError`` when the file
+    cannot be read or changes while it is read. A file that is not safetensors still gets its
+    file hashes (SHA256, AutoV1), and no AutoV3 or component hashes."""
+    path = Path(path)
+    layout = _layout(path, report)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise HashError(path, f"cannot open: {e.strerror or e}") from None
+    try:
+        st0 = os.fstat(fd)
+        if layout.header is not None and st0.st_size != layout.header.file_size:
+            raise HashError(path, "file changed size while it was being hashed")
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        result = _read_pass(fd, path, st0.st_size, layout, on_progress, cancel, chunk_bytes)
+        st1 = os.stat(path)
+        if (st1.st_size, st1.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns):
+            raise HashError(path, "file changed while it was being hashed")
+        return result
+    finally:
+        os.close(fd)
+
+
+def _read_pass(
+    fd: int,
+    path: Path,
+    size: int,
+    layout: _Layout,
+    on_progress: ProgressFn | None,
+    cancel: threading.Event | None,
+    chunk_bytes: int,
+) -> FileHashes:
+    chunks = _plan_chunks(size, layout, chunk_bytes)
+    sha_file = hashlib.sha256()
+    sha_v1 = hashlib.sha256()
+    sha_v3 = hashlib.sha256()
+
+    def whole_file(c: _Chunk) -> None:
+        view = memoryview(c.buf.numpy())[: c.length]
+        sha_file.update(view)
+        lo = max(c.offset, AUTOV1_OFFSET)
+        hi = min(c.offset + c.length, AUTOV1_OFFSET + AUTOV1_LENGTH)
+        if lo < hi:
+            sha_v1.update(view[lo - c.offset : hi - c.offset])
+
+    def data_section(c: _Chunk) -> None:
+        if c.is_data:
+            sha_v3.update(memoryview(c.buf.numpy())[: c.length])
+
+    def tensors(c: _Chunk) -> None:
+        if c.pieces:
+            _process_tensor_pieces(c)
+
+    done_q: queue.Queue = queue.Queue()
+    lock = threading.Lock()
+
+    def finished(c: _Chunk) -> None:
+        with lock:
+            c.pending -= 1
+            last = c.pending == 0
+        if last:
+            done_q.put(c)
+
+    failed: list[BaseException] = []
+    works = [whole_file, tensors]
+    if layout.header is not None:
+        works.append(data_section)
+    lanes = [_Lane(f"astolfo-hash-{w.__name__}", w, finished, failed) for w in works]
+    for lane in lanes:
+        lane.start()
+
+    free = [torch.empty(chunk_bytes, dtype=torch.uint8) for _ in range(min(POOL_CHUNKS, max(1, len(chunks))))]
+    done_bytes = 0
+    in_flight = 0
+    last_report = 0.0
+
+    def collect(block: bool) -> None:
+        nonlocal done_bytes, in_flight, last_report
+        while True:
+            try:
+                c = done_q.get(timeout=0.1) if block else done_q.get_nowait()
+            except queue.Empty:
+                return
+            free.append(c.buf)
+            c.buf = None
+            in_flight -= 1
+            done_bytes += c.length
+            now = time.monotonic()
+            if on_progress is not None and (now - last_report >= 0.05 or done_bytes == size):
+                last_report = now
+                on_progress(done_bytes, size)
+            block = False
+
+    try:
+        if on_progress is not None:
+            on_progress(0, size)
+        for c in chunks:
+            while not free:
+                _check(path, cancel, failed)
+                collect(block=True)
+            _check(path, cancel, failed)
+            buf = free.pop()
+            _read_exact(fd, path, memoryview(buf.numpy())[: c.length], c.offset)
+            c.buf = buf
+            c.pending = len(lanes)
+            in_flight += 1
+            for lane in lanes:
+                lane.inbox.put(c)
+            collect(block=False)
+        while in_flight:
+            _check(path, cancel, failed)
+            collect(block=True)
+        _check(path, cancel, failed)
+    finally:
+        for lane in lanes:
+            lane.inbox.put(None)
+        for lane in lanes:
+            lane.join()
+    if on_progress is not None and done_bytes != size:
+        on_progress(done_bytes, size)
+    return FileHashes(
+        sha256=sha_file.hexdigest(),
+        autov1=sha_v1.hexdigest()[:8],
+        autov3=sha_v3.hexdigest() if layout.header is not None else None,
+        components=_finish_components(layout),
+        size=size,
+        arch=layout.arch.id if layout.arch else None,
+    )
+
+
+def _check(path: Path, cancel: threading.Event | None, failed: list[BaseException]) -> None:
+    if failed:
+        e = failed[0]
+        if isinstance(e, HashError):
+            raise e
+        raise HashError(path, f"hashing failed: {e.__class__.__name__}: {e}") from e
+    if cancel is not None and cancel.is_set():
+        raise HashCancelled(path)
+
+
+def _read_exact(fd: int, path: Path, view: memoryview, offset: int) -> None:
+    done = 0
+    total = len(view)
+    while done < total:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise HashError(path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
+        if n <= 0:
+            raise HashError(path, f"unexpected end of file at byte {offset + done} (file truncated while hashing?)")
+        done += n
+
+
+def _finish_components(layout: _Layout) -> dict[str, ComponentHashes]:
+    by_comp: dict[str, list[_TensorJob]] = {}
+    for job in layout.jobs:
+        by_comp.setdefault(job.cid, []).append(job)
+    out = {}
+    for cid, jobs in by_comp.items():
+        exact = combine_digests([(j.rel_key, j.info.dtype, j.info.shape, j.exact.digest()) for j in jobs])
+        fp16 = combine_digests(
+            [
+                (j.rel_key, "F16", j.info.shape, (j.fp16 if j.fp16 is not None else j.exact).digest())
+                for j in jobs
+                if j.in_fp16
+            ]
+        )
+        ref = layout.metric_refs.get(cid)
+        total = sum(j.metric_sum for j in jobs if j.metric) if ref else None
+        out[cid] = ComponentHashes(
+            exact=exact,
+            fp16=fp16,
+            metric=metric_string(total, ref) if ref and total is not None else None,
+            nan_count=sum(j.nan for j in jobs),
+            inf_count=sum(j.inf for j in jobs),
+            tensors=len(jobs),
+            metric_sum=total if total is not None and math.isfinite(total) else None,
+        )
+    order = list(layout.arch.components) if layout.arch else []
+    return {cid: out[cid] for cid in sorted(out, key=lambda c: order.index(c) if c in order else len(order))}
