@@ -42,6 +42,7 @@ import blake3
 import torch
 
 from .architectures import Architecture, get_architecture
+from .inspect import inspect_file
 from .report import CHECKPOINT, Finding, ModelReport, Severity
 from .safetensors_io import DTYPES, Header, SafetensorsError, TensorInfo, read_header
 
@@ -295,8 +296,8 @@ def _layout(path: Path, report: ModelReport | None) -> _Layout:
     except SafetensorsError:
         return _Layout(None, None, [], {})
     if report is None:
-        report = _inspect(path)
-    if report is None or report.kind != CHECKPOINT or not report.arch:
+        report = inspect_file(path)
+    if report.kind != CHECKPOINT or not report.arch:
         return _Layout(header, None, [], {})
     arch = get_architecture(report.arch)
     jobs: list[_TensorJob] = []
@@ -329,33 +330,6 @@ def _layout(path: Path, report: ModelReport | None) -> _Layout:
             job.fp16 = blake3.blake3()
     jobs.sort(key=lambda j: j.info.begin)
     return _Layout(header, arch, jobs, metric_refs)
-
-
-def _inspect(path: Path) -> ModelReport | None:
-    try:
-        from .inspect import inspect_file
-    except ImportError:
-        return _header_report(path)
-    return inspect_file(path)
-
-
-def _header_report(path: Path) -> ModelReport | None:
-    """Stand-in for ``inspect_file`` until it exists: the architecture whose schema names the
-    most keys of the file, and its keys as stored (no renamed-key handling)."""
-    from .architectures import architectures
-    from .report import PRESENT, ComponentStatus
-
-    header = read_header(path)
-    best = max(architectures().values(), key=lambda a: sum(k in a.tensors for k in header.tensors))
-    key_map = {k: k for k in header.tensors if k in best.tensors}
-    if not key_map:
-        return None
-    st = os.stat(path)
-    comps = {}
-    for cid, comp in best.components.items():
-        found = sum(1 for k in key_map if k.startswith(comp.prefix))
-        comps[cid] = ComponentStatus(cid, comp.label, PRESENT, found, len(comp.keys))
-    return ModelReport(path, "", st.st_size, st.st_mtime_ns, CHECKPOINT, best.id, components=comps, key_map=key_map)
 
 
 def _plan_chunks(file_size: int, layout: _Layout, chunk_bytes: int) -> list[_Chunk]:
