@@ -1,0 +1,117 @@
+"""The astolfo Textual app: the library (grid + details) on the opened folders, the merge
+dashboard, the jobs list and help. Every engine call goes through the engine's own functions.
+
+Errors from background workers all land in ``report_worker_error``: one notification for the
+user, one line with the traceback in the app log (under the state directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
+
+import platformdirs
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.worker import Worker
+
+from engine import jobs as engine_jobs
+from astolfo_tui.screens.help import HelpScreen
+from astolfo_tui.screens.jobs import JobsScreen
+from astolfo_tui.screens.library import LibraryScreen
+
+log = logging.getLogger("astolfo.tui")
+
+
+def _log_path() -> Path:
+    base = os.environ.get("ASTOLFO_STATE_DIR") or platformdirs.user_state_dir("astolfo")
+    return Path(base) / "astolfo-tui.log"
+
+
+class AstolfoApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "astolfo"
+    BINDINGS = [
+        Binding("question_mark,f1", "help", "Help", key_display="?", tooltip="Every key and what the grid's marks mean"),
+        Binding("j", "jobs", "Jobs", tooltip="Merge jobs, running and finished; reattach to one"),
+        Binding("q", "quit", "Quit", tooltip="Quit (running merges go on)"),
+    ]
+
+    def __init__(self, paths: Iterable[os.PathLike | str], reattach: bool = True) -> None:
+        super().__init__()
+        self.paths = [Path(p) for p in paths]
+        self.reattach = reattach
+        self.theme = "tokyo-night"
+
+    def on_mount(self) -> None:
+        self.push_screen(LibraryScreen(self.paths))
+        if self.reattach:
+            self.call_after_refresh(self._reattach_running)
+
+    def _reattach_running(self) -> None:
+        """A merge left running by an earlier session: open its dashboard again."""
+        try:
+            running = [j for j in engine_jobs.list_jobs() if j.is_active]
+        except Exception as e:  # an unreadable state dir must not stop the app
+            self.notify(f"Could not read the job list: {e}", severity="warning")
+            return
+        if running:
+            from astolfo_tui.screens.merge import MergeScreen
+
+            latest = max(running, key=lambda j: j.created.timestamp() if j.created else 0)
+            self.push_screen(MergeScreen(job=latest))
+            more = f" ({len(running)} running: press j for all)" if len(running) > 1 else ""
+            self.notify(f"Reattached to running merge job {latest.id}{more}.")
+
+    @property
+    def library(self) -> LibraryScreen | None:
+        for screen in self.screen_stack:
+            if isinstance(screen, LibraryScreen):
+                return screen
+        return None
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_jobs(self) -> None:
+        if not isinstance(self.screen, JobsScreen):
+            self.push_screen(JobsScreen())
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every action reachable by a key where the palette was opened, by name; then
+        Textual's own (theme, screenshot, quit...)."""
+        seen = set()
+        for key, active in screen.active_bindings.items():
+            b = active.binding
+            if not b.description or b.action in seen or b.system:
+                continue
+            seen.add(b.action)
+            node = active.node
+
+            async def run(action=b.action, node=node) -> None:
+                await self.run_action(action, node)
+
+            yield SystemCommand(b.description, f"{b.tooltip or b.description}  [{b.key_display or key}]", run)
+        yield from super().get_system_commands(screen)
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def report_worker_error(self, worker: Worker) -> None:
+        error = worker.error
+        self.notify(f"{worker.name or 'background task'} failed: {error}", title="Error", severity="error", timeout=10)
+        try:
+            path = _log_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"worker {worker.name!r} failed:\n")
+                f.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        except OSError:
+            pass
+        log.error("worker %s failed: %s", worker.name, error)

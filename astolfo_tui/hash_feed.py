@@ -1,0 +1,110 @@
+"""Feeds hash results to the grid as they arrive: cached files at once (no data read), then each
+remaining file as ``engine.catalog.Catalog.hash_file`` finishes it, with the relations
+(identical-component groups, "=sd") recomputed by the catalog's own functions each time.
+
+Runs in a worker thread; the callbacks hand results to the UI thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.catalog import Catalog, component_groups, same_as_reference
+from engine.hashing import FileHashes, HashCancelled, HashError
+from engine.report import UNREADABLE, ModelReport
+from astolfo_tui.widgets.selection_grid import HashView
+
+
+@dataclass
+class Results:
+    hashes: dict[str, FileHashes] = field(default_factory=dict)  # new this time
+    views: dict[str, HashView] = field(default_factory=dict)  # every hashed model (relations move)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def views_for(all_hashes: dict[str, FileHashes], references: list[FileHashes]) -> dict[str, HashView]:
+    """What the grid shows for each hashed model, relations included."""
+    groups: dict[str, dict[str, int]] = {}
+    numbers: dict[str, int] = {}
+    for g in component_groups(all_hashes, "exact"):
+        numbers[g.component] = numbers.get(g.component, 0) + 1
+        for mid in g.model_ids:
+            groups.setdefault(mid, {})[g.component] = numbers[g.component] - 1
+    sd = same_as_reference(all_hashes, references)
+    out = {}
+    for mid, fh in all_hashes.items():
+        out[mid] = HashView(
+            short={c: h.exact_short for c, h in fh.components.items()},
+            metric={c: h.metric for c, h in fh.components.items() if h.metric},
+            group=groups.get(mid, {}),
+            same_as_reference=bool(sd.get(mid)),
+        )
+    return out
+
+
+def feed(
+    reports: list[ModelReport],
+    on_result: Callable[[Results], None],
+    on_progress: Callable[[int, int, str], None],
+    cancel: threading.Event,
+    catalog: Catalog | None = None,
+) -> None:
+    own = catalog is None
+    catalog = catalog or Catalog()
+    try:
+        _feed(catalog, [r for r in reports if r.kind != UNREADABLE], on_result, on_progress, cancel)
+    finally:
+        if own:
+            catalog.close()
+
+
+def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
+    all_hashes: dict[str, FileHashes] = {}
+    total = len(reports)
+    cached = Results()
+    todo = []
+    for r in reports:
+        fh = catalog.get(r.path)
+        if fh is None:
+            todo.append(r)
+        else:
+            cached.hashes[r.model_id] = fh
+    all_hashes.update(cached.hashes)
+    references = catalog.reference_hashes()
+    cached.views = views_for(all_hashes, references)
+    on_progress(len(cached.hashes), total, "")
+    if cached.hashes:
+        on_result(cached)
+    done = len(cached.hashes)
+    started = time.monotonic()
+    read = 0
+    for r in todo:
+        if cancel.is_set():
+            return
+        base = read
+
+        def progress(n: int, _size: int, base: int = base) -> None:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            on_progress(done, total, f"{(base + n) / elapsed / 1e6:,.0f} MB/s")
+
+        result = Results()
+        try:
+            fh = catalog.hash_file(r.path, r, on_progress=progress, cancel=cancel)
+        except HashCancelled:
+            return
+        except HashError as e:
+            result.failed[r.model_id] = e.reason
+            result.views = {r.model_id: HashView(failed=e.reason)}
+        else:
+            result.hashes[r.model_id] = fh
+            all_hashes[r.model_id] = fh
+            if fh.sha256 in catalog.reference_sha256s():
+                references = catalog.reference_hashes()
+            result.views = views_for(all_hashes, references)
+        read += r.file_size
+        done += 1
+        on_progress(done, total, "")
+        on_result(result)

@@ -1,0 +1,158 @@
+"""Small modal dialogs: confirm, ask for a path, name a selection column, show the notation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static
+
+from astolfo_tui.selection_state import COMPONENT_IDS
+
+
+class ConfirmDialog(ModalScreen[bool]):
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"), Binding("y", "dismiss(True)", "Yes", show=False)]
+
+    def __init__(self, question: str, yes: str = "Yes", no: str = "No", danger: bool = True) -> None:
+        super().__init__(classes="dialog")
+        self.question, self.yes, self.no, self.danger = question, yes, no, danger
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box"):
+            yield Label(self.question, classes="dialog-title")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(self.yes, variant="error" if self.danger else "primary", id="yes")
+                yield Button(self.no, id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class PathDialog(ModalScreen[str | None]):
+    """Ask for a file path (save/load recipe, export notation)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, title: str, default: str, ok: str = "OK") -> None:
+        super().__init__(classes="dialog")
+        self.title_text, self.default, self.ok = title, default, ok
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box wide"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield Input(self.default, id="path")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(self.ok, variant="primary", id="ok")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        self._finish()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "ok":
+            self._finish()
+        else:
+            self.dismiss(None)
+
+    def _finish(self) -> None:
+        value = self.query_one(Input).value.strip()
+        self.dismiss(value or None)
+
+
+class ColumnDialog(ModalScreen[tuple[str, str] | None]):
+    """Name a selection column and choose the component its ticks take."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, title: str, name: str, component: str, rename: bool = False) -> None:
+        super().__init__(classes="dialog")
+        self.title_text, self.name_value, self.component, self.rename = title, name, component, rename
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield Input(self.name_value, placeholder="name, e.g. unet2", id="name")
+            if not self.rename:
+                yield Label("takes each model's", classes="dim")
+                yield Select([(c, c) for c in COMPONENT_IDS], value=self.component, allow_blank=False, id="component")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("OK", variant="primary", id="ok")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#name", Input).focus()
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        self._finish()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "ok":
+            self._finish()
+        else:
+            self.dismiss(None)
+
+    def _finish(self) -> None:
+        name = self.query_one("#name", Input).value.strip()
+        if not name or not all(ch.isalnum() or ch in "_-" for ch in name):
+            self.notify("A selection name is letters, digits, _ and - only.", severity="error")
+            return
+        component = self.component if self.rename else str(self.query_one("#component", Select).value)
+        self.dismiss((name, component))
+
+
+class NotationDialog(ModalScreen[None]):
+    """The selections in the article's notation, with copy (OSC 52) and save-to-file."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close"), Binding("y", "copy", "Copy")]
+
+    def __init__(self, text: str, default_path: Path) -> None:
+        super().__init__(classes="dialog")
+        self.text, self.default_path = text, default_path
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box wide"):
+            yield Label("Selections in the article's notation", classes="dialog-title")
+            yield Static(self.text.rstrip("\n") or "(no selections)", id="notation-text", markup=False)
+            yield Input(str(self.default_path), id="path")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Copy", variant="primary", id="copy")
+                yield Button("Save to file", id="save")
+                yield Button("Close", id="close")
+
+    def on_mount(self) -> None:
+        self.query_one("#copy", Button).focus()
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.text)
+        self.notify("Copied (OSC 52).")
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "copy":
+            self.action_copy()
+        elif event.button.id == "save":
+            path = Path(self.query_one("#path", Input).value.strip()).expanduser()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(self.text, "utf-8")
+            except OSError as e:
+                self.notify(f"Could not write {path}: {e.strerror or e}", severity="error")
+                return
+            self.notify(f"Saved {path}")
+        else:
+            self.dismiss(None)

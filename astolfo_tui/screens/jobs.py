@@ -1,0 +1,76 @@
+"""Every merge job on this machine, running and finished (``engine.jobs.list_jobs``); enter opens
+the dashboard on one, which reattaches to a running job."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from engine import jobs as engine_jobs
+from astolfo_tui.job_view import duration
+from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
+
+STATUS_STYLE = {"finished": OK, "failed": ERROR, "died": ERROR, "cancelled": WARN, "running": "#7dcfff", "starting": "#7dcfff"}
+
+
+class JobsScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "close", "Back", tooltip="Back to where you were"),
+        Binding("enter", "open_job", "Open", tooltip="Open the dashboard on the highlighted job (reattaches)"),
+        Binding("ctrl+r", "reload", "Reload", show=False, tooltip="Read the job list again"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(Text("Merge jobs — they run detached: quitting astolfo or losing SSH does not stop them.", style=DIM), id="jobs-note")
+        yield DataTable(cursor_type="row", zebra_stripes=True, id="jobs-table")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "astolfo — jobs"
+        table = self.query_one(DataTable)
+        for label, key in (("id", "id"), ("name", "name"), ("status", "status"), ("progress", "progress"),
+                           ("started", "started"), ("took", "took"), ("outputs", "outputs")):
+            table.add_column(label, key=key)
+        self.action_reload()
+        self.set_interval(1.0, self.action_reload)
+        table.focus()
+
+    def action_reload(self) -> None:
+        table = self.query_one(DataTable)
+        keep = table.cursor_row
+        table.clear()
+        self.jobs = {j.id: j for j in sorted(engine_jobs.list_jobs(), key=lambda j: j.created or 0, reverse=True)}
+        for job in self.jobs.values():
+            progress = "" if job.progress is None else f"{job.progress * 100:5.1f}%"
+            took = job.elapsed.total_seconds() if job.elapsed else None
+            table.add_row(
+                Text(job.id, style="bold"),
+                job.name,
+                Text(job.status, style=f"bold {STATUS_STYLE.get(job.status, '')}"),
+                progress,
+                job.started.astimezone().strftime("%Y-%m-%d %H:%M") if job.started else "",
+                duration(took),
+                ", ".join(p.name for p in job.outputs),
+                key=job.id,
+            )
+        if table.row_count:
+            table.move_cursor(row=min(keep, table.row_count - 1))
+
+    def action_open_job(self) -> None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return
+        job_id = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        from astolfo_tui.screens.merge import MergeScreen
+
+        self.app.push_screen(MergeScreen(job=self.jobs[job_id]))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open_job()
+
+    def action_close(self) -> None:
+        self.dismiss()

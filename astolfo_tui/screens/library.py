@@ -1,0 +1,393 @@
+"""The library: the selection grid over every model in the opened folders, the details of the
+highlighted model below it, and a status line with scan/hash progress and the active filters.
+
+Scanning (headers only) runs in a worker at once; hashing follows in another worker and the grid
+fills in model by model (cache hits first, at once).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, ProgressBar
+from textual.worker import Worker, WorkerState
+
+from engine.notation import format_notation
+from engine.recipe import load_recipe, save_recipe
+from engine.scan import scan
+from astolfo_tui import hash_feed
+from astolfo_tui.screens.dialogs import (
+    ColumnDialog,
+    ConfirmDialog,
+    NotationDialog,
+    PathDialog,
+)
+from astolfo_tui.screens.outputs import OutputsDialog
+from astolfo_tui.selection_state import SelectionState
+from astolfo_tui.widgets.details import DetailsPane
+from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN, SelectionGrid
+
+
+class LibraryScreen(Screen):
+    BINDINGS = [
+        Binding("slash", "search", "Search", tooltip="Filter rows by words in id, file name or architecture"),
+        Binding("escape", "clear_filters", "Clear filters", show=False, tooltip="Show every model again"),
+        Binding("a", "add_column", "Add sel.", show=False, tooltip="Add a selection column (e.g. a second UNet variant)"),
+        Binding("e", "rename_column", "Rename sel.", show=False, tooltip="Rename the selection column under the cursor"),
+        Binding("x", "remove_column", "Remove sel.", show=False, tooltip="Remove the selection column under the cursor"),
+        Binding("u", "edit_outputs", "Outputs", tooltip="Name the mix; choose output files, their sources, dtype and device"),
+        Binding("ctrl+s", "save_recipe", "Save", tooltip="Save the recipe TOML"),
+        Binding("ctrl+o", "load_recipe", "Load", show=False, tooltip="Load a recipe TOML"),
+        Binding("y", "copy_notation", "Copy notation", show=False, tooltip="Copy the selections in the article's notation (OSC 52: works over SSH)"),
+        Binding("w", "show_notation", "Notation", tooltip="Show the selections in the article's notation; save them to a file"),
+        Binding("m", "merge", "Merge", tooltip="Check the recipe and open the merge dashboard"),
+        Binding("d", "toggle_details", "Details", show=False, tooltip="Show or hide the details pane"),
+        Binding("ctrl+r", "rescan", "Rescan", show=False, tooltip="Scan the folders again"),
+    ]
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__()
+        self.paths = [Path(p) for p in paths]
+        self.state = SelectionState([], base_dir=_base_dir(self.paths))
+        self.recipe_path: Path | None = None
+        self.file_hashes: dict[str, object] = {}
+        self._hash_cancel = threading.Event()
+        self._scan_seconds = 0.0
+        self._hash_progress = (0, 0)  # files done, files total
+        self._hash_rate = ""
+        self._pending_recipe: Path | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="status-bar"):
+            yield Label("", id="status")
+            yield ProgressBar(id="hash-progress", show_eta=False, show_percentage=True)
+        yield Input(placeholder="search: words in id, file name, arch  (enter: back to grid, esc: clear)", id="search")
+        yield SelectionGrid(self.state, id="grid")
+        yield DetailsPane(id="details")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "astolfo"
+        self.sub_title = " ".join(str(p) for p in self.paths) or "no folder"
+        self.query_one("#hash-progress").display = False
+        self.query_one("#search").display = False
+        self.query_one(SelectionGrid).focus()
+        self.start_scan()
+
+    @property
+    def grid(self) -> SelectionGrid:
+        return self.query_one(SelectionGrid)
+
+    # -- scanning and hashing ----------------------------------------------------------------
+
+    def start_scan(self) -> None:
+        self._hash_cancel.set()
+        self._hash_cancel = threading.Event()
+        self._set_status(Text("scanning headers…", style=DIM))
+        self.run_scan()
+
+    @work(thread=True, exclusive=True, group="scan", exit_on_error=False)
+    def run_scan(self):
+        start = time.perf_counter()
+        reports = scan(self.paths)
+        self._scan_seconds = time.perf_counter() - start
+        return reports
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            self.app.report_worker_error(event.worker)
+            return
+        if event.worker.group == "scan" and event.state == WorkerState.SUCCESS:
+            self._scanned(event.worker.result)
+
+    def _scanned(self, reports) -> None:
+        old = self.state
+        self.state = SelectionState(reports, base_dir=_base_dir(self.paths), name=old.name)
+        if old.order:  # a rescan keeps the picks on models still there
+            for name, col in old.columns.items():
+                if name not in self.state.columns:
+                    self.state.add_column(name, col.component)
+                self.state.set_many(name, [m for m in old.ordered(name) if m in self.state.reports], True)
+        self.file_hashes = {}
+        self.grid.hashes = {}
+        self.grid.rebuild(self.state)
+        self._refresh_status()
+        self._show_details()
+        if self._pending_recipe is not None:
+            path, self._pending_recipe = self._pending_recipe, None
+            self._apply_recipe_file(path)
+        self.run_hashing(list(reports), self._hash_cancel)
+
+    @work(thread=True, exclusive=True, group="hash", exit_on_error=False)
+    def run_hashing(self, reports, cancel: threading.Event) -> None:
+        hash_feed.feed(
+            reports,
+            on_result=lambda results: self.app.call_from_thread(self._hashed, results),
+            on_progress=lambda done, total, rate: self.app.call_from_thread(self._hash_progressed, done, total, rate),
+            cancel=cancel,
+        )
+
+    def _hashed(self, results: hash_feed.Results) -> None:
+        self.file_hashes.update(results.hashes)
+        for mid, fh in results.hashes.items():
+            if mid in self.state.reports:
+                self.state.sha256[mid] = fh.sha256
+                self.state.nan_counts[mid] = {c: h.nan_count + h.inf_count for c, h in fh.components.items()}
+        self.grid.set_hashes({m: v for m, v in results.views.items() if m in self.state.reports})
+        if results.failed:
+            for mid, reason in results.failed.items():
+                self.notify(f"{mid}: hashing failed: {reason}", severity="error", timeout=8)
+        self._show_details()
+        self._refresh_status()
+
+    def _hash_progressed(self, done: int, total: int, rate: str) -> None:
+        self._hash_progress = (done, total)
+        self._hash_rate = rate
+        bar = self.query_one("#hash-progress", ProgressBar)
+        bar.display = done < total
+        bar.update(total=max(total, 1), progress=done)
+        self._refresh_status()
+
+    # -- status line -------------------------------------------------------------------------
+
+    def _set_status(self, text: Text) -> None:
+        self.query_one("#status", Label).update(text)
+
+    def _refresh_status(self) -> None:
+        s = self.state
+        t = Text()
+        t.append(f"{len(s.order)} models", style="bold")
+        problems = sum(1 for m in s.order if s.problems_in(m))
+        if problems:
+            t.append(f" · {problems} with problems", style=WARN)
+        if self._scan_seconds:
+            t.append(f" · scanned in {self._scan_seconds * 1000:.0f} ms", style=DIM)
+        done, total = self._hash_progress
+        if total and done < total:
+            t.append(f" · hashing {done}/{total} {self._hash_rate}", style="#7aa2f7")
+        elif total:
+            t.append(" · hashed", style=DIM)
+        vae = s.ordered("vae") if "vae" in s.columns else []
+        t.append("   ")
+        for name, col in s.columns.items():
+            if col.single:
+                t.append(f"{name}:{vae[0] if vae else '—'} ", style=OK if vae else ERROR)
+            else:
+                t.append(f"{name}={s.count(name)} ", style=OK if s.count(name) else DIM)
+        if self.grid.filter != "all":
+            t.append(f"  filter: {self.grid.filter}", style=f"bold {WARN}")
+        if self.grid.search:
+            t.append(f"  search: {self.grid.search!r}", style=f"bold {WARN}")
+        if self.grid.sort_column:
+            t.append(f"  sorted by {self.grid.sort_column.split(':')[-1]}{' ↓' if self.grid.sort_reverse else ' ↑'}", style=DIM)
+        if self.recipe_path:
+            t.append(f"  recipe: {self.recipe_path.name}", style=DIM)
+        self._set_status(t)
+
+    # -- grid events -------------------------------------------------------------------------
+
+    @on(SelectionGrid.Changed)
+    def _picks_changed(self) -> None:
+        self._refresh_status()
+        self._show_details()
+
+    @on(SelectionGrid.Refused)
+    def _refused(self, event: SelectionGrid.Refused) -> None:
+        self.notify(f"{event.model_id} cannot go in {event.column}: {event.reason}", title="Refused", severity="error", timeout=6)
+
+    @on(SelectionGrid.CellHighlighted)
+    def _highlighted(self) -> None:
+        self._show_details()
+
+    def _show_details(self) -> None:
+        mid = self.grid.current_model
+        report = self.state.reports.get(mid) if mid else None
+        selections = [n for n in self.state.columns if mid and self.state.is_ticked(n, mid)]
+        self.query_one(DetailsPane).show(report, self.file_hashes.get(mid) if mid else None, selections)
+
+    # -- search and filters ------------------------------------------------------------------
+
+    def action_search(self) -> None:
+        box = self.query_one("#search", Input)
+        box.display = True
+        box.focus()
+
+    @on(Input.Changed, "#search")
+    def _search_changed(self, event: Input.Changed) -> None:
+        self.grid.search = event.value.strip()
+        self.grid.refilter()
+        self._refresh_status()
+
+    @on(Input.Submitted, "#search")
+    def _search_done(self) -> None:
+        self.grid.focus()
+
+    def action_clear_filters(self) -> None:
+        box = self.query_one("#search", Input)
+        box.value = ""
+        box.display = False
+        self.grid.search = ""
+        self.grid.filter = "all"
+        self.grid.refilter()
+        self.grid.focus()
+        self._refresh_status()
+
+    def action_toggle_details(self) -> None:
+        pane = self.query_one(DetailsPane)
+        pane.display = not pane.display
+
+    def action_rescan(self) -> None:
+        self.start_scan()
+
+    # -- selection columns -------------------------------------------------------------------
+
+    def action_add_column(self) -> None:
+        def done(result) -> None:
+            if result:
+                name, component = result
+                try:
+                    self.state.add_column(name, component)
+                except ValueError as e:
+                    self.notify(str(e), severity="error")
+                    return
+                self.grid.rebuild()
+                self._refresh_status()
+
+        self.app.push_screen(ColumnDialog("Add a selection", "", "unet"), done)
+
+    def action_rename_column(self) -> None:
+        old = self.grid.current_selection
+        if old is None:
+            self.notify("Move the cursor to a selection column to rename it.", severity="warning")
+            return
+
+        def done(result) -> None:
+            if result and result[0] != old:
+                try:
+                    self.state.rename_column(old, result[0])
+                except ValueError as e:
+                    self.notify(str(e), severity="error")
+                    return
+                self.grid.rebuild()
+                self._refresh_status()
+
+        self.app.push_screen(ColumnDialog(f"Rename selection {old}", old, self.state.columns[old].component, rename=True), done)
+
+    def action_remove_column(self) -> None:
+        name = self.grid.current_selection
+        if name is None:
+            self.notify("Move the cursor to a selection column to remove it.", severity="warning")
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.state.remove_column(name)
+                self.grid.rebuild()
+                self._refresh_status()
+
+        count = self.state.count(name)
+        self.app.push_screen(ConfirmDialog(f"Remove selection {name!r} ({count} ticked)?", "Remove"), done)
+
+    def action_edit_outputs(self) -> None:
+        def done(changed: bool | None) -> None:
+            if changed:
+                self._refresh_status()
+
+        self.app.push_screen(OutputsDialog(self.state), done)
+
+    # -- recipes and notation ----------------------------------------------------------------
+
+    def default_recipe_path(self) -> Path:
+        return self.recipe_path or (self.state.base_dir / f"{self.state.name}.recipe.toml")
+
+    def action_save_recipe(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.save_recipe_to(Path(path).expanduser())
+
+        self.app.push_screen(PathDialog("Save recipe to", str(self.default_recipe_path()), "Save"), done)
+
+    def save_recipe_to(self, path: Path) -> bool:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_recipe(self.state.to_recipe(), path)
+        except Exception as e:  # RecipeError and OSError both carry a message naming the file
+            self.notify(f"Could not save {path}: {e}", severity="error", timeout=8)
+            return False
+        self.recipe_path = path
+        self.notify(f"Saved {path}")
+        self._refresh_status()
+        return True
+
+    def action_load_recipe(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.load_recipe_from(Path(path).expanduser())
+
+        self.app.push_screen(PathDialog("Load recipe from", str(self.default_recipe_path()), "Load"), done)
+
+    def load_recipe_from(self, path: Path) -> None:
+        """Apply a recipe; models it names outside the opened folders are added and scanned."""
+        try:
+            recipe = load_recipe(path)
+        except Exception as e:
+            self.notify(f"Could not load {path}: {e}", severity="error", timeout=8)
+            return
+        known = {r.path.resolve() for r in self.state.reports.values()}
+        outside = [e.path for e in recipe.models.values() if Path(e.path).resolve() not in known and Path(e.path).exists()]
+        if outside:
+            self.paths.extend(outside)
+            self._pending_recipe = path
+            self.start_scan()
+            return
+        self._apply_recipe_file(path, recipe)
+
+    def _apply_recipe_file(self, path: Path, recipe=None) -> None:
+        try:
+            recipe = recipe or load_recipe(path)
+        except Exception as e:
+            self.notify(f"Could not load {path}: {e}", severity="error", timeout=8)
+            return
+        missing = self.state.apply_recipe(recipe)
+        self.recipe_path = path
+        self.grid.rebuild(self.state)
+        self._refresh_status()
+        self._show_details()
+        if missing:
+            self.notify("\n".join(missing), title=f"Loaded {path.name}, but", severity="warning", timeout=10)
+        else:
+            self.notify(f"Loaded {path}")
+
+    def notation(self) -> str:
+        return format_notation(self.state.order, self.state.selections())
+
+    def action_copy_notation(self) -> None:
+        self.app.copy_to_clipboard(self.notation())
+        self.notify("Selections copied in the article's notation (OSC 52).")
+
+    def action_show_notation(self) -> None:
+        default = self.default_recipe_path().with_suffix("").with_suffix(".notation.txt")
+        self.app.push_screen(NotationDialog(self.notation(), default))
+
+    # -- merging -----------------------------------------------------------------------------
+
+    def action_merge(self) -> None:
+        from astolfo_tui.screens.merge import MergeScreen
+
+        self.app.push_screen(MergeScreen(library=self))
+
+
+def _base_dir(paths: list[Path]) -> Path:
+    for p in paths:
+        p = Path(p).expanduser()
+        return (p if p.is_dir() else p.parent).resolve()
+    return Path.cwd()

@@ -1,0 +1,383 @@
+"""The merge dashboard.
+
+Before launch: what will be merged (models per component per output), bytes to read and write,
+free disk, an estimated time, and every problem ``engine.plan.check_recipe`` finds. Launch saves
+the recipe and calls ``engine.jobs.start_job`` — the detached job that ``astolfo merge --detach``
+starts — so closing the app leaves it running. Then: overall and per-output progress, throughput
+with a sparkline, ETA, the current tensor, GPU and host memory, and the log tail, all folded from
+the job's event stream; cancel asks first.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Label, Log, ProgressBar, Sparkline, Static
+from textual.worker import Worker, WorkerState
+
+from engine import devices
+from engine import jobs as engine_jobs
+from engine.notation import short_id
+from engine.plan import build_plan, check_recipe
+from engine.report import Severity
+from astolfo_tui.job_view import JobView, duration
+from astolfo_tui.screens.dialogs import ConfirmDialog
+from astolfo_tui.widgets.memory_meter import MemoryMeter
+from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
+
+# Used for the estimate only; the dashboard shows the real rate once the merge runs.
+ASSUMED_READ_RATE = 1.0e9
+POLL_S = 0.25
+
+
+class MergeScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "close", "Back", tooltip="Back to the library (a running merge goes on)"),
+        Binding("l", "launch", "Launch", tooltip="Save the recipe and start the merge as a detached job"),
+        Binding("ctrl+c", "cancel_job", "Cancel merge", tooltip="Cancel the running merge (asks first; no output is left)"),
+        Binding("j", "jobs", "Jobs", tooltip="All jobs, running and finished"),
+    ]
+
+    def __init__(self, library=None, job: engine_jobs.Job | None = None) -> None:
+        super().__init__()
+        self.library = library
+        self.job = job
+        self.view = JobView()
+        self.offset = 0
+        self.problems: list = []
+        self.plan = None
+        self._poll_timer = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="plan-pane"):
+            yield Static(id="plan-summary")
+            yield Static(id="plan-outputs")
+            yield Static(id="plan-problems")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Launch merge", variant="success", id="launch")
+                yield Button("Back", id="back")
+        with Vertical(id="job-pane"):
+            yield Static(id="job-title")
+            with Horizontal(classes="progress-row"):
+                yield Label("overall", classes="progress-label")
+                yield ProgressBar(id="overall", show_eta=False)
+                yield Label("", id="overall-text", classes="progress-text")
+            yield Vertical(id="output-bars")
+            with Horizontal(id="throughput-row"):
+                yield Label("", id="rate-text")
+                yield Sparkline([], id="throughput")
+            yield Static(id="current-key")
+            yield MemoryMeter("GPU", id="gpu-meter")
+            yield MemoryMeter("RAM", id="ram-meter")
+            yield Log(id="job-log", max_lines=500)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Cancel merge", variant="error", id="cancel")
+                yield Button("Back", id="back2")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "astolfo — merge"
+        if self.job is not None:
+            self._attach(self.job)
+        else:
+            self.query_one("#job-pane").display = False
+            self._check()
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action == "launch":
+            return self.job is None and self.library is not None
+        if action == "cancel_job":
+            return self.job is not None and self.view.final is None
+        return True
+
+    # -- before launch -----------------------------------------------------------------------
+
+    def _check(self) -> None:
+        state = self.library.state
+        recipe = state.to_recipe()
+        reports = list(state.reports.values())
+        self.problems = check_recipe(recipe, reports)
+        errors = [p for p in self.problems if _is_error(p)]
+        self.plan = None
+        if not errors:
+            try:
+                self.plan = build_plan(recipe, reports)
+            except Exception as e:  # PlanError carries the problems; show them rather than fail
+                self.problems = list(getattr(e, "problems", [])) or [_Plain(str(e))]
+        self.query_one("#plan-summary", Static).update(self._summary(recipe))
+        self.query_one("#plan-outputs", Static).update(self._outputs_table(recipe))
+        self.query_one("#plan-problems", Static).update(self._problems_text())
+        self.query_one("#launch", Button).disabled = self.plan is None
+        self.refresh_bindings()
+
+    def _summary(self, recipe) -> Text:
+        t = Text()
+        t.append(f"{recipe.name}", style="bold #7aa2f7")
+        t.append(f"   {len(recipe.models)} models · {len(recipe.outputs)} outputs · dtype {recipe.dtype} · device {recipe.device}\n")
+        if self.plan is not None:
+            read, write = self.plan.bytes_to_read, self.plan.bytes_to_write
+            free = _free_disk(recipe.resolve(recipe.outputs[0].path)) if recipe.outputs else None
+            t.append("to read ", style=DIM)
+            t.append(f"{read / 1e9:,.2f} GB", style="bold")
+            t.append("   to write ", style=DIM)
+            t.append(f"{write / 1e9:,.2f} GB", style="bold")
+            if free is not None:
+                t.append("   free disk ", style=DIM)
+                t.append(f"{free / 1e9:,.1f} GB", style="bold" if free > write else f"bold {ERROR}")
+            t.append("   tensors ", style=DIM)
+            t.append(f"{_tensor_count(self.plan):,}", style="bold")
+            t.append("   estimated ", style=DIM)
+            t.append(duration(read / ASSUMED_READ_RATE), style="bold")
+            t.append(f" (reading at {ASSUMED_READ_RATE / 1e9:.0f} GB/s)", style=DIM)
+        else:
+            t.append("cannot merge yet: fix the problems below", style=f"bold {ERROR}")
+        return t
+
+    def _outputs_table(self, recipe) -> Table:
+        table = Table(title="what goes where", title_justify="left", title_style="bold", expand=True, box=None, padding=(0, 1))
+        table.add_column("output", style="bold", no_wrap=True, ratio=1)
+        table.add_column("component", no_wrap=True)
+        table.add_column("selection", no_wrap=True)
+        table.add_column("n", justify="right")
+        table.add_column("models", ratio=2)
+        for out in recipe.outputs:
+            first = True
+            for comp, sel in out.sources.items():
+                ids = recipe.select.get(sel, [])
+                table.add_row(
+                    str(out.path) if first else "",
+                    comp,
+                    sel,
+                    Text(str(len(ids)), style=OK if ids else f"bold {ERROR}"),
+                    Text(",".join(short_id(i) for i in ids) or "(none)", style="" if ids else ERROR),
+                )
+                first = False
+            table.add_row("", "", "", "", "")
+        return table
+
+    def _problems_text(self) -> Group | Text:
+        if not self.problems:
+            return Text("✓ the recipe checks out", style=f"bold {OK}")
+        t = Text()
+        for p in self.problems:
+            error = _is_error(p)
+            t.append("✗ " if error else "! ", style=f"bold {ERROR if error else WARN}")
+            t.append(f"{p.message}\n")
+        t.rstrip()
+        return Group(Text("problems", style="bold"), t)
+
+    def action_launch(self) -> None:
+        if self.job is not None or self.plan is None:
+            return
+        path = self.library.default_recipe_path()
+        if not self.library.save_recipe_to(path):
+            return
+        self.query_one("#launch", Button).disabled = True
+        self.start(path)
+
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    def start(self, recipe_path: Path):
+        return engine_jobs.start_job(recipe_path)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            if event.worker.group == "launch":
+                self.query_one("#launch", Button).disabled = False
+            self.app.report_worker_error(event.worker)
+        elif event.worker.group == "launch" and event.state == WorkerState.SUCCESS:
+            self.notify(f"Merge started as job {event.worker.result.id}; it goes on if you quit.")
+            self._attach(event.worker.result)
+
+    # -- a running or finished job -----------------------------------------------------------
+
+    def _attach(self, job: engine_jobs.Job) -> None:
+        self.job = job
+        self.view = JobView()
+        self.offset = 0
+        self.query_one("#plan-pane").display = False
+        self.query_one("#job-pane").display = True
+        self._poll()
+        self._poll_timer = self.set_interval(POLL_S, self._poll)
+        self.refresh_bindings()
+
+    def _poll(self) -> None:
+        events, self.offset = engine_jobs.follow_events(self.job, self.offset)
+        for e in events:
+            self.view.apply(e)
+        try:
+            self.job = engine_jobs.get_job(self.job.id)
+        except Exception:
+            pass
+        self._render_job(new_log=[line for line in self.view.log][-len(events):] if events else [])
+        if self.view.final is not None or not self.job.is_active:
+            if self._poll_timer is not None and not self.job.is_active:
+                self._poll_timer.stop()
+                self._poll_timer = None
+                self._finished()
+
+    def _finished(self) -> None:
+        """The job ended: its last events are read (one more poll) and the status is final."""
+        events, self.offset = engine_jobs.follow_events(self.job, self.offset)
+        for e in events:
+            self.view.apply(e)
+        self._render_job(new_log=list(self.view.log)[-len(events):] if events else [])
+        self.query_one("#cancel", Button).disabled = True
+        self.refresh_bindings()
+        if self.view.final is None and self.job.exit_reason:
+            self.query_one("#job-log", Log).write_line(f"job {self.job.status}: {self.job.exit_reason}")
+
+    def _render_job(self, new_log: list) -> None:
+        v, job = self.view, self.job
+        title = Text()
+        title.append(f"job {job.id}", style="bold #7aa2f7")
+        title.append(f"  {job.name}  ")
+        status = v.final or job.status
+        colour = {"finished": OK, "failed": ERROR, "cancelled": WARN, "died": ERROR}.get(status, "#7dcfff")
+        title.append(f" {status} ", style=f"bold #15161e on {colour}")
+        title.append(f"   {v.stage}" if v.final is None else "", style=DIM)
+        title.append(f"   on {v.device}" if v.device else "", style=DIM)
+        if v.final_message and v.final != "finished":
+            title.append(f"\n{v.final_message}", style=ERROR if v.final == "failed" else WARN)
+        elif v.final == "finished":
+            title.append(f"\n{v.final_message}", style=OK)
+        self.query_one("#job-title", Static).update(title)
+
+        overall = self.query_one("#overall", ProgressBar)
+        overall.update(total=max(v.bytes_total, 1), progress=v.bytes_total if v.final == "finished" else v.bytes_done)
+        self.query_one("#overall-text", Label).update(
+            f"{v.tensors_done:,}/{v.tensors_total:,} tensors  {v.bytes_done / 1e9:,.2f}/{v.bytes_total / 1e9:,.2f} GB"
+            f"  elapsed {duration(v.elapsed_s)}  ETA {duration(v.eta_s) if v.final is None else '—'}"
+        )
+        self._render_outputs()
+        rates = list(v.throughput)
+        self.query_one("#rate-text", Label).update(
+            Text.assemble(("throughput ", "bold"), (f"{v.gbps:,.2f} GB/s", "bold #7dcfff"),
+                          (f"  peak {max(rates):,.2f}" if rates else "", DIM))
+        )
+        self.query_one("#throughput", Sparkline).data = rates or [0.0]
+        key = Text.assemble(("tensor ", "bold"), (v.current_key or ("—" if v.final else "…"), DIM))
+        self.query_one("#current-key", Static).update(key)
+        self._render_memory()
+        log = self.query_one("#job-log", Log)
+        for _kind, line in new_log:
+            log.write_line(line)
+
+    def _render_outputs(self) -> None:
+        box = self.query_one("#output-bars", Vertical)
+        for i, (path, state) in enumerate(self.view.outputs.items()):
+            row_id = f"out-{i}"
+            rows = box.query(f"#{row_id}")
+            if not rows:
+                row = Horizontal(
+                    Label(Path(path).name, classes="progress-label"),
+                    ProgressBar(show_eta=False, id=f"{row_id}-bar"),
+                    Label("", id=f"{row_id}-text", classes="progress-text"),
+                    id=row_id,
+                    classes="progress-row",
+                )
+                box.mount(row)
+                self.call_after_refresh(self._render_outputs)
+                continue
+            bar = box.query_one(f"#{row_id}-bar", ProgressBar)
+            bar.update(total=max(state.bytes_total, 1), progress=state.bytes_total if state.done else state.bytes_done)
+            text = "written ✓" if state.done else f"{state.tensors_done:,}/{state.tensors_total:,} tensors"
+            box.query_one(f"#{row_id}-text", Label).update(text)
+
+    def _render_memory(self) -> None:
+        v = self.view
+        gpu = self.query_one("#gpu-meter", MemoryMeter)
+        snap = devices.gpu_snapshot(v.device) if v.device.startswith("cuda") else None
+        if v.device_mem_total:
+            gpu.show(v.device_mem_used, v.device_mem_total, v.device_mem_peak, snap.util if snap else None)
+        elif snap is not None:
+            gpu.show(snap.used, snap.total, None, snap.util)
+        else:
+            gpu.show(None, None, note="no GPU" + (f" (merging on {v.device})" if v.device else ""))
+        total, _available = devices.host_memory()
+        ram = self.query_one("#ram-meter", MemoryMeter)
+        if v.host_rss is not None and total:
+            ram.show(v.host_rss, total, v.host_rss_peak)
+        else:
+            ram.show(None, None, note="waiting for the job…" if v.final is None else "—")
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def action_cancel_job(self) -> None:
+        if self.job is None or self.view.final is not None:
+            return
+        job_id = self.job.id
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.cancel(job_id)
+
+        self.app.push_screen(ConfirmDialog(f"Cancel merge job {job_id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"), done)
+
+    @work(thread=True, group="cancel", exit_on_error=False)
+    def cancel(self, job_id: str) -> None:
+        engine_jobs.cancel_job(job_id)
+
+    def action_close(self) -> None:
+        self.dismiss()
+
+    def action_jobs(self) -> None:
+        self.app.action_jobs()
+
+    @on(Button.Pressed, "#launch")
+    def _launch_pressed(self) -> None:
+        self.action_launch()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel_job()
+
+    @on(Button.Pressed, "#back, #back2")
+    def _back_pressed(self) -> None:
+        self.action_close()
+
+    def on_unmount(self) -> None:
+        if self._poll_timer is not None:
+            self._poll_timer.stop()
+
+
+class _Plain:
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.severity = Severity.ERROR
+
+
+def _is_error(problem) -> bool:
+    sev = problem.severity
+    if isinstance(sev, str):
+        return sev.lower() == "error"
+    return sev >= Severity.ERROR
+
+
+def _free_disk(target: Path) -> int | None:
+    p = Path(target).parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _tensor_count(plan) -> int:
+    for name in ("tensor_count", "tensors_total", "n_tensors", "tensors"):
+        value = getattr(plan, name, None)
+        if isinstance(value, int):
+            return value
+        if value is not None and hasattr(value, "__len__"):
+            return len(value)
+    return 0

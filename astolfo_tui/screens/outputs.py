@@ -1,0 +1,117 @@
+"""The recipe editor: the mix's name, storage dtype and device, and the output files (path and,
+per component, which selection feeds it). Changes go into the SelectionState on Apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select
+
+from engine.recipe import OutputSpec
+from astolfo_tui.selection_state import SelectionState
+
+DTYPES = ("fp16", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class OutputRow(Horizontal):
+    """One output: its path and a source selection per component."""
+
+    def __init__(self, spec: OutputSpec, components: tuple[str, ...], choices: dict[str, list[str]]) -> None:
+        super().__init__(classes="output-row")
+        self.spec, self.components, self.choices = spec, components, choices
+
+    def compose(self) -> ComposeResult:
+        yield Input(str(self.spec.path), classes="output-path")
+        for comp in self.components:
+            options = [(f"{comp} ← {name}", name) for name in self.choices[comp]]
+            value = self.spec.sources.get(comp)
+            yield Select(
+                options,
+                value=value if value in self.choices[comp] else Select.NULL,
+                prompt=f"{comp}: none",
+                classes=f"source source-{comp}",
+                name=comp,
+            )
+        yield Button("✕", classes="remove-output", tooltip="Remove this output")
+
+    def read(self) -> OutputSpec:
+        sources = {}
+        for select in self.query(Select):
+            if select.value is not Select.NULL:
+                sources[select.name] = str(select.value)
+        path = Path(self.query_one(".output-path", Input).value.strip()).expanduser()
+        return OutputSpec(path=path, sources=sources, dtype=self.spec.dtype, title=self.spec.title)
+
+
+class OutputsDialog(ModalScreen[bool]):
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"), Binding("ctrl+s", "apply", "Apply")]
+
+    def __init__(self, state: SelectionState) -> None:
+        super().__init__(classes="dialog")
+        self.state = state
+        self.components = ("te", "unet", "vae") if state.arch == "sd15" else ("te0", "te1", "unet", "vae")
+        self.choices = {c: [n for n, col in state.columns.items() if col.component == c] for c in self.components}
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box widest", id="outputs-box"):
+            yield Label("Recipe: name, storage, outputs", classes="dialog-title")
+            with Horizontal(classes="form-row"):
+                yield Label("name", classes="form-label")
+                yield Input(self.state.name, id="recipe-name")
+                yield Label("dtype", classes="form-label")
+                yield Select([(d, d) for d in DTYPES], value=self.state.dtype, allow_blank=False, id="recipe-dtype")
+                yield Label("device", classes="form-label")
+                devices = list(DEVICES) + ([self.state.device] if self.state.device not in DEVICES else [])
+                yield Select([(d, d) for d in devices], value=self.state.device, allow_blank=False, id="recipe-device")
+            yield Label("outputs: file, and the selection that feeds each component", classes="dim")
+            with VerticalScroll(id="output-rows"):
+                for spec in self.state.outputs:
+                    yield OutputRow(spec, self.components, self.choices)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Apply", variant="primary", id="apply")
+                yield Button("Add output", id="add-output")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#recipe-name", Input).focus()
+
+    @on(Button.Pressed, "#add-output")
+    def _add(self) -> None:
+        name = self.query_one("#recipe-name", Input).value.strip() or self.state.name
+        n = len(self.query(OutputRow)) + 1
+        sources = {c: names[0] for c, names in self.choices.items() if names}
+        spec = OutputSpec(path=self.state.base_dir / f"{name}-{n}.safetensors", sources=sources)
+        self.query_one("#output-rows").mount(OutputRow(spec, self.components, self.choices))
+
+    @on(Button.Pressed, ".remove-output")
+    def _remove(self, event: Button.Pressed) -> None:
+        row = event.button.parent
+        if row is not None:
+            row.remove()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(False)
+
+    @on(Button.Pressed, "#apply")
+    def action_apply(self) -> None:
+        name = self.query_one("#recipe-name", Input).value.strip()
+        if not name:
+            self.notify("The mix needs a name.", severity="error")
+            return
+        outputs = [row.read() for row in self.query(OutputRow)]
+        paths = [str(o.path) for o in outputs]
+        if len(set(paths)) != len(paths):
+            self.notify("Two outputs have the same path.", severity="error")
+            return
+        self.state.name = name
+        self.state.dtype = str(self.query_one("#recipe-dtype", Select).value)
+        self.state.device = str(self.query_one("#recipe-device", Select).value)
+        self.state.outputs = outputs
+        self.dismiss(True)
