@@ -1,0 +1,261 @@
+"""``astolfo hash DIR... [--json] [--reference MODEL]``: file hashes users know (AutoV2, SHA256),
+per-component fingerprints, the model-toolkit metric, the "=sd" flag, models sharing a
+component, and NaN/Inf findings. Results are cached, so a second run reads no tensor data.
+
+Exit status: 0 when all is well, 1 when any file has NaN/Inf values or cannot be read or hashed,
+2 on usage errors (no paths, a path or reference that does not exist).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from engine.catalog import (
+    SDXL_BASE_SHA256,
+    Catalog,
+    CatalogError,
+    ComponentGroup,
+    component_groups,
+    same_as_reference,
+)
+from engine.hashing import FileHashes, nonfinite_findings
+from engine.inspect import inspect_file
+from engine.report import UNREADABLE, ModelReport
+from engine.scan import scan
+
+from ..cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+_COMPONENT_ORDER = ("unet", "te0", "te1", "te", "vae")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "hash",
+        help="file hashes, component fingerprints, shared components, NaN checks (cached)",
+        description="Hash every model file under the folders: SHA256/AutoV2 (as CivitAI and A1111 show "
+        "them), a fingerprint per component, the model-toolkit metric, whether the text encoders "
+        "are SDXL base's (=sd), which models share a component, and NaN/Inf values. Reads each "
+        "file once; results are cached, so unchanged files are not read again.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="DIR", help="folders (searched recursively) or files")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file (JSON lines)")
+    parser.add_argument(
+        "--reference",
+        metavar="MODEL",
+        action="append",
+        default=[],
+        help="mark a model (id or path) as a reference for =sd; remembered in the catalog "
+        "(SDXL base, by its SHA256, always is one)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    try:
+        reports = scan(args.paths)
+    except FileNotFoundError as e:
+        print(f"astolfo hash: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    references: list[ModelReport] = []
+    for name in args.reference:
+        ref = _find_reference(name, reports)
+        if ref is None:
+            print(f"astolfo hash: --reference {name}: no model with that id or path", file=sys.stderr)
+            return EXIT_USAGE
+        references.append(ref)
+    try:
+        catalog = Catalog()
+    except CatalogError as e:
+        print(f"astolfo hash: cannot open the hash catalog: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    with catalog:
+        if catalog.recovered_from is not None:
+            print(f"astolfo hash: the catalog was unreadable; moved to {catalog.recovered_from}", file=sys.stderr)
+        extra = [r for r in references if not any(r is m for m in reports)]
+        errors: dict[str, str] = {}
+        hashes = _hash_all(catalog, reports + extra, errors)
+        for ref in references:
+            if ref.model_id in hashes:
+                catalog.mark_reference(hashes[ref.model_id].sha256, ref.model_id or ref.path.name)
+        in_folder = {r.model_id: hashes[r.model_id] for r in reports if r.model_id in hashes}
+        known_refs = catalog.reference_hashes()
+    flags = same_as_reference(in_folder, known_refs)
+    groups, labels = _shared(in_folder)
+    if args.json:
+        _print_json(reports, hashes, errors, flags, labels)
+    else:
+        _print_table(reports, hashes, errors, flags, labels, groups, known_refs)
+    failed = bool(errors) or any(r.kind == UNREADABLE for r in reports)
+    failed = failed or any(nonfinite_findings(h) for h in in_folder.values())
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _find_reference(name: str, reports: list[ModelReport]) -> ModelReport | None:
+    for r in reports:
+        if r.model_id == name:
+            return r
+    for r in reports:
+        if r.model_id.casefold() == name.casefold():
+            return r
+    path = Path(name)
+    if not path.is_file():
+        return None
+    real = os.path.realpath(path)
+    for r in reports:
+        if os.path.realpath(r.path) == real:
+            return r
+    return inspect_file(path, "")
+
+
+def _hash_all(catalog: Catalog, reports: list[ModelReport], errors: dict[str, str]) -> dict[str, FileHashes]:
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("hashing", total=None)
+
+        def on_file(report: ModelReport, cached: bool) -> None:
+            if not cached:
+                progress.update(task, description=f"hashing {report.model_id or report.path.name}")
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        def on_error(report: ModelReport, message: str) -> None:
+            errors[report.model_id] = message
+            console.print(f"[red]cannot hash {report.path}: {message}")
+
+        return catalog.hash_reports(reports, on_progress=on_progress, on_error=on_error, on_file=on_file)
+
+
+def _shared(hashes: dict[str, FileHashes]) -> tuple[list[ComponentGroup], dict[str, list[str]]]:
+    """Groups of models with the same weights (fp16 hash) and, per model, its group labels:
+    "te0#1" where its bytes equal another member's, "≈te0#1" where only the values up to fp16
+    do (an fp32 copy of an fp16 model, a copy without position_ids)."""
+    groups = component_groups(hashes, "fp16")
+    labels: dict[str, list[str]] = {}
+    for g in groups:
+        exact = [hashes[m].components[g.component].exact for m in g.model_ids]
+        for m, digest in zip(g.model_ids, exact):
+            mark = "" if exact.count(digest) > 1 else "≈"
+            labels.setdefault(m, []).append(mark + g.label)
+    return groups, labels
+
+
+def _legend(g: ComponentGroup, hashes: dict[str, FileHashes]) -> str:
+    exact = [hashes[m].components[g.component].exact for m in g.model_ids]
+    same = [m for m, d in zip(g.model_ids, exact) if exact.count(d) > 1]
+    near = [m for m in g.model_ids if m not in same]
+    parts = []
+    if same:
+        parts.append(f"byte-identical in {', '.join(same)}")
+    if near:
+        parts.append(f"{'also ' if same else ''}identical up to fp16 in {', '.join(near)}")
+    return f"  {g.label}: {g.component} " + "; ".join(parts)
+
+
+def _metric(h: FileHashes) -> str:
+    te = h.components.get("te0") or h.components.get("te")
+    vae = h.components.get("vae")
+    if te is None and vae is None:
+        return ""
+    return f"{(te.metric if te else None) or '----'}/{(vae.metric if vae else None) or '----'}"
+
+
+def _flag(value: bool | None) -> Text:
+    if value is None:
+        return Text("-", style="dim")
+    return Text("yes", style="green") if value else Text("no")
+
+
+def _print_table(reports, hashes, errors, flags, labels, groups, known_refs) -> None:
+    console = Console()
+    cids = [c for c in _COMPONENT_ORDER if any(c in h.components for h in hashes.values())]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", style="bold", no_wrap=True)
+    table.add_column("AutoV2", no_wrap=True)
+    for cid in cids:
+        table.add_column(cid, no_wrap=True)
+    table.add_column("CLIP/VAE", no_wrap=True)
+    table.add_column("=sd", no_wrap=True)
+    table.add_column("shared", no_wrap=False)
+    table.add_column("findings", no_wrap=False)
+    bad = 0
+    for r in reports:
+        h = hashes.get(r.model_id)
+        if h is None:
+            msg = errors.get(r.model_id, "not hashed")
+            table.add_row(r.model_id, "-", *["" for _ in cids], "", "", "", Text(f"cannot hash: {msg}", style="red"))
+            bad += 1
+            continue
+        cells = [Text(h.components[c].exact_short) if c in h.components else Text("·", style="dim") for c in cids]
+        findings = Text()
+        for f in nonfinite_findings(h):
+            findings.append(("\n" if findings else "") + f.message, style="bold red")
+        if r.kind == UNREADABLE:
+            findings.append(("\n" if findings else "") + "not a readable safetensors file", style="red")
+        bad += bool(findings)
+        table.add_row(
+            r.model_id,
+            h.autov2,
+            *cells,
+            _metric(h),
+            _flag(flags.get(r.model_id)),
+            " ".join(labels.get(r.model_id, [])),
+            findings,
+        )
+    if reports:
+        console.print(table)
+    for g in groups:
+        console.print(_legend(g, hashes))
+    summary = f"{len(reports)} model file(s), {len(hashes)} hashed"
+    if bad:
+        summary += f", {bad} with problems"
+    console.print(summary, style="red" if bad else None)
+    if not known_refs:
+        console.print(
+            f"=sd: no reference model known yet: hash SDXL base (sha256 {SDXL_BASE_SHA256[:12]}…) "
+            "once, or pass --reference MODEL",
+            style="dim",
+        )
+
+
+def _print_json(reports, hashes, errors, flags, labels) -> None:
+    try:
+        for r in reports:
+            h = hashes.get(r.model_id)
+            findings = [f.to_dict() for f in nonfinite_findings(h)] if h else []
+            obj = {
+                "id": r.model_id,
+                "path": str(r.path),
+                "hashes": h.to_dict() if h else None,
+                "same_as_reference": flags.get(r.model_id),
+                "groups": labels.get(r.model_id, []),
+                "findings": findings,
+                "error": errors.get(r.model_id),
+            }
+            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
