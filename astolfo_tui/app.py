@@ -115,3 +115,24 @@ class AstolfoApp(App):
         except OSError:
             pass
         log.error("worker %s failed: %s", worker.name, error)
+
+
+def run_app(paths: Iterable[os.PathLike | str]) -> int:
+    """``astolfo [DIR...]``: open the app on ``paths``, or on the folders opened last time."""
+    import sys
+
+    from astolfo_tui.config import remember_folders, remembered_folders
+
+    chosen = [Path(p).expanduser() for p in paths]
+    if not chosen:
+        chosen = [p for p in remembered_folders() if p.exists()]
+        if not chosen:
+            print("usage: astolfo DIR...   (or `astolfo demo` for built-in demo models)", file=sys.stderr)
+            return 2
+    missing = [p for p in chosen if not p.exists()]
+    if missing:
+        print(f"astolfo: no such file or folder: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
+    remember_folders(chosen)
+    AstolfoApp(chosen).run()
+    return 0

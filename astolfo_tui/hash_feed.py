@@ -108,3 +108,20 @@ def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
         done += 1
         on_progress(done, total, "")
         on_result(result)
+
+
+def toggle_reference(sha256: str, label: str, all_hashes: dict[str, FileHashes], catalog: Catalog | None = None) -> tuple[bool, dict[str, HashView]]:
+    """Mark a file as an "=sd" reference in the catalog, or unmark it if it was; returns whether
+    it is marked now and the grid's views with the flag recomputed."""
+    own = catalog is None
+    catalog = catalog or Catalog()
+    try:
+        marked = sha256 in catalog.marked_references()
+        if marked:
+            catalog.unmark_reference(sha256)
+        else:
+            catalog.mark_reference(sha256, label)
+        return not marked, views_for(all_hashes, catalog.reference_hashes())
+    finally:
+        if own:
+            catalog.close()

@@ -49,6 +49,7 @@ class LibraryScreen(Screen):
         Binding("y", "copy_notation", "Copy notation", show=False, tooltip="Copy the selections in the article's notation (OSC 52: works over SSH)"),
         Binding("w", "show_notation", "Notation", tooltip="Show the selections in the article's notation; save them to a file"),
         Binding("m", "merge", "Merge", tooltip="Check the recipe and open the merge dashboard"),
+        Binding("equals_sign", "mark_reference", "Mark =sd", show=False, key_display="=", tooltip="Mark (or unmark) the highlighted model as a reference: models with its text encoders get =sd"),
         Binding("d", "toggle_details", "Details", show=False, tooltip="Show or hide the details pane"),
         Binding("ctrl+r", "rescan", "Rescan", show=False, tooltip="Scan the folders again"),
     ]
@@ -213,6 +214,23 @@ class LibraryScreen(Screen):
         report = self.state.reports.get(mid) if mid else None
         selections = [n for n in self.state.columns if mid and self.state.is_ticked(n, mid)]
         self.query_one(DetailsPane).show(report, self.file_hashes.get(mid) if mid else None, selections)
+
+    def action_mark_reference(self) -> None:
+        mid = self.grid.current_model
+        fh = self.file_hashes.get(mid) if mid else None
+        if fh is None:
+            self.notify("This model has no hashes yet (wait for hashing to reach it).", severity="warning")
+            return
+        self.mark_reference(mid, fh.sha256, self.state.reports[mid].file_name)
+
+    @work(thread=True, group="reference", exit_on_error=False)
+    def mark_reference(self, mid: str, sha256: str, label: str) -> None:
+        marked, views = hash_feed.toggle_reference(sha256, label, dict(self.file_hashes))
+        self.app.call_from_thread(self._references_changed, mid, marked, views)
+
+    def _references_changed(self, mid: str, marked: bool, views) -> None:
+        self.grid.set_hashes({m: v for m, v in views.items() if m in self.state.reports})
+        self.notify(f"{mid} is {'now' if marked else 'no longer'} a reference for =sd.")
 
     # -- search and filters ------------------------------------------------------------------
 

@@ -422,19 +422,19 @@ class SelectionGrid(DataTable):
             self.toggle(key[len(SEL):], event.cell_key.row_key.value)
 
     async def _on_click(self, event: events.Click) -> None:
-        """A click on any selection cell toggles it at once (DataTable alone wants two)."""
+        """A click on any selection cell toggles it at once (DataTable alone wants two clicks);
+        other clicks go on to DataTable's handler (cursor, header sort)."""
         meta = event.style.meta
         row, column = meta.get("row"), meta.get("column")
-        if row is not None and column is not None and row >= 0 and column >= 0 and not meta.get("out_of_bounds"):
-            coordinate = Coordinate(row, column)
-            if coordinate != self.cursor_coordinate:
-                key = self.ordered_columns[column].key.value or ""
-                if key.startswith(SEL):
-                    self.cursor_coordinate = coordinate
-                    self.toggle(key[len(SEL):], self.ordered_rows[row].key.value)
-                    event.stop()
-                    return
-        await super()._on_click(event)
+        if row is None or column is None or row < 0 or column < 0 or meta.get("out_of_bounds"):
+            return
+        key = self.ordered_columns[column].key.value or ""
+        if not key.startswith(SEL):
+            return
+        event.prevent_default()
+        event.stop()
+        self.cursor_coordinate = Coordinate(row, column)
+        self.toggle(key[len(SEL):], self.ordered_rows[row].key.value)
 
 
 def _display_name(report: ModelReport) -> str:
