@@ -1,0 +1,701 @@
+"""The merge: one pass over the sources, bounded memory, exact numbers, outputs that appear only
+when complete, progress as events, and resume after an interruption.
+
+``execute(plan)`` runs three kinds of threads around fixed buffers (see ``merge_layout``):
+
+- readers ``pread`` every source range of an item into a read buffer (``os.preadv`` releases
+  the GIL), a few items ahead, taking buffers strictly in item order so they cannot deadlock;
+- the calling thread computes each item (``merge_compute``: CPU or CUDA backend) into an output
+  buffer and emits events;
+- a writer appends results to each output's partial file (``merge_output``), and every
+  ``sync_bytes`` or ``sync_seconds`` fsyncs them and records durable progress for a resume.
+
+Each source tensor is read once per run, even when several outputs use it; outputs sharing a
+selection share its nodes. A NaN/Inf stops the merge naming model and key, or with
+``skip_nan`` restarts from the last durable point with that source left out of that key (the
+same machinery a resume uses). On cancel or error every partial file is removed; after a
+``kill -9`` the partials and their progress marks stay, and ``execute(plan, resume=True)``
+continues without recomputing the tensors already written, producing the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import events as ev
+from .devices import MemoryMonitor, describe, host_rss, host_rss_peak, resolve_device
+from .merge_compute import Bad, CpuBackend, CudaBackend
+from .merge_layout import build_items, step_of_tensors, step_writes
+from .merge_output import OutputStream, read_progress, remove_progress
+from .plan import MergePlan
+from .report import Severity
+from .safetensors_io import DTYPES, SafetensorsError
+
+FORMAT_VERSION = 1
+
+
+class MergeError(Exception):
+    """The merge cannot go on; the message names the file (or model and key) and the reason."""
+
+    def __init__(self, message: str, model_id: str | None = None, key: str | None = None):
+        self.model_id = model_id
+        self.key = key
+        super().__init__(message)
+
+
+class MergeCancelled(Exception):
+    """The merge was cancelled; no output file and no partial file were left."""
+
+
+@dataclass
+class Tuning:
+    """Buffer sizes and thread counts; the defaults suit both a 2-core laptop and a GPU box."""
+
+    buffer_bytes: int = 64 << 20  # one read buffer, and one output buffer
+    read_buffers: int = 4
+    out_buffers: int = 3
+    readers: int = 1
+    sub_elems: int = 1 << 20  # CPU: elements per cache-sized pass
+    sync_bytes: int = 256 << 20
+    sync_seconds: float = 5.0
+    progress_interval: float = 0.1  # at most ~10 progress events a second
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "Tuning":
+        if device.type == "cuda":
+            readers = max(2, min(8, (os.cpu_count() or 2) // 2))
+            return cls(buffer_bytes=128 << 20, read_buffers=readers + 3, out_buffers=4, readers=readers)
+        return cls()
+
+
+@dataclass
+class OutputResult:
+    path: str
+    bytes: int
+    tensors: int
+
+
+@dataclass
+class MergeResult:
+    outputs: list[OutputResult]
+    elapsed_s: float
+    bytes_read: int
+    bytes_written: int
+    device: str
+    resumed_tensors: int = 0
+    warnings: list[str] = field(default_factory=list)
+    host_rss_peak: int | None = None
+    device_mem_peak: int | None = None
+
+
+def execute(plan: MergePlan, on_event: Callable[[ev.Event], None] | None = None,
+            cancel: threading.Event | None = None, resume: bool = False,
+            tuning: Tuning | None = None) -> MergeResult:
+    """Merge ``plan``. Raises MergeCancelled when ``cancel`` is set (nothing left behind) and
+    MergeError when the merge cannot complete (nothing left behind either)."""
+    return _Run(plan, on_event, cancel or threading.Event(), tuning).run(resume)
+
+
+def discard_partial(plan: MergePlan) -> None:
+    """Remove what an interrupted merge of ``plan`` left beside its outputs for a resume."""
+    for out in plan.outputs:
+        remove_progress(out.path)
+
+
+class _Stop(Exception):
+    """Internal: readers and the writer stop when the merge does."""
+
+
+class _Restart(Exception):
+    """Internal: a source was skipped for NaN/Inf; continue from the last durable point."""
+
+
+class _Run:
+    def __init__(self, plan: MergePlan, on_event, cancel: threading.Event, tuning: Tuning | None):
+        self.plan = plan
+        self.on_event = on_event
+        self.cancel = cancel
+        self.device = torch.device("cpu")
+        self.tuning = tuning or Tuning()
+        self._tuning_given = tuning is not None
+        self.memory = MemoryMonitor(self.device)
+        self.excluded: dict[int, set[tuple[int, str]]] = {}
+        self.warnings: list[str] = []
+        self.streams: list[OutputStream] = []
+        self.fds: list[int] = []
+        self.bytes_read = 0
+        self.bytes_done = 0  # source bytes merged (skipped ones count as done on resume)
+        self.resumed_bytes = 0
+        self.t0 = time.monotonic()
+        self.t_merge = self.t0
+        self._last_progress = 0.0
+        self._rate: list[tuple[float, int]] = []
+        self.current_key: str | None = None
+        self.stage = "merging"
+
+    # ------------------------------------------------------------------ events
+
+    def emit(self, event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def warn(self, code: str, message: str, model_id=None, key=None, output=None) -> None:
+        self.warnings.append(message)
+        self.emit(ev.MergeWarning(code, message, model_id, key, output))
+
+    def progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < self.tuning.progress_interval:
+            return
+        self._last_progress = now
+        self._rate.append((now, self.bytes_read))
+        while len(self._rate) > 2 and now - self._rate[0][0] > 3.0:
+            self._rate.pop(0)
+        t_old, b_old = self._rate[0]
+        gbps = (self.bytes_read - b_old) / (now - t_old) / 1e9 if now > t_old else 0.0
+        total = self.plan.bytes_to_read
+        elapsed = now - self.t_merge
+        fresh = self.bytes_done - self.resumed_bytes
+        eta = (total - self.bytes_done) * elapsed / fresh if fresh > 0 and elapsed > 0.5 else None
+        mem = self.memory.sample()
+        self.emit(ev.Progress(
+            stage=self.stage,
+            tensors_done=sum(s.tensors_done for s in self.streams),
+            tensors_total=self.plan.tensor_count,
+            bytes_done=self.bytes_done, bytes_total=total,
+            bytes_written=sum(s.bytes_written for s in self.streams),
+            elapsed_s=round(now - self.t0, 3), gbps=round(gbps, 3),
+            eta_s=None if eta is None else round(eta, 1),
+            current_key=self.current_key, host_rss=host_rss(),
+            device_mem_used=mem.used, device_mem_total=mem.total, device_mem_peak=mem.peak,
+            outputs=[ev.OutputProgress(str(s.target), s.tensors_done, s.total,
+                                       min(s.bytes_written + len(s.header_bytes), s.total_bytes), s.total_bytes)
+                     for s in self.streams],
+        ))
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, resume: bool) -> MergeResult:
+        try:
+            try:
+                return self._run(resume)
+            finally:
+                self._close_fds()
+                self.memory.close()
+        except MergeCancelled:
+            self._abort()
+            self.emit(ev.Cancelled())
+            raise
+        except KeyboardInterrupt:
+            self._abort()
+            self.emit(ev.Cancelled("interrupted"))
+            raise MergeCancelled("interrupted") from None
+        except MergeError as e:
+            self._abort()
+            self.emit(ev.Failed(str(e), e.model_id, e.key))
+            raise
+        except Exception as e:
+            self._abort()
+            message = _describe_error(e)
+            self.emit(ev.Failed(message))
+            raise MergeError(message) from e
+
+    def _abort(self) -> None:
+        for s in self.streams:
+            try:
+                s.abort()
+            except OSError:
+                pass
+        self.streams = []
+
+    def _run(self, resume: bool) -> MergeResult:
+        from .provenance import build_metadata
+
+        plan = self.plan
+        try:
+            self.device = resolve_device(plan.device)
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+        if not self._tuning_given:
+            self.tuning = Tuning.for_device(self.device)
+        self.memory = MemoryMonitor(self.device)
+        hashes = self._hashes()
+        self._check_sources_unchanged()
+        for out in plan.outputs:
+            out.metadata = build_metadata(plan, out, hashes)
+        fingerprint = _fingerprint(plan)
+        for out in plan.outputs:
+            out.path.parent.mkdir(parents=True, exist_ok=True)
+            self.streams.append(OutputStream(out.path, out.tensors, out.metadata, fingerprint))
+        start = self._open_streams(resume, fingerprint)
+        self._open_fds()
+        self.resumed_bytes = sum(s.nbytes for step in plan.steps[:start] for s in step.sources)
+        resumed_tensors = sum(s.skip_below for s in self.streams)
+        self.bytes_done = self.resumed_bytes
+        self.emit(ev.Started(
+            outputs=[str(o.path) for o in plan.outputs], tensors_total=plan.tensor_count,
+            bytes_to_read=plan.bytes_to_read, bytes_to_write=sum(s.total_bytes for s in self.streams),
+            device=describe(self.device), sources=len(plan.files), resumed_tensors=resumed_tensors,
+        ))
+        for p in plan.problems:
+            if p.severity >= Severity.WARNING:
+                self.warn(p.code or "plan", p.message, p.model_id, None, p.output)
+        self.emit(ev.Stage("merging"))
+        self.t_merge = time.monotonic()
+        while True:
+            try:
+                self._pipeline(start)
+                break
+            except _Restart:
+                start = self._restart_point(reopen=True)
+        self.stage = "finishing"
+        self.emit(ev.Stage("finishing", "fsync and rename"))
+        self.progress(force=True)
+        results = []
+        for s in self.streams:
+            self._check_cancel()
+            path = s.commit()
+            results.append(OutputResult(str(path), s.total_bytes, s.total))
+            self.emit(ev.OutputDone(str(path), s.total_bytes, s.total))
+        self.streams = []
+        elapsed = time.monotonic() - self.t0
+        merge_time = max(time.monotonic() - self.t_merge, 1e-9)
+        written = sum(r.bytes for r in results)
+        peak = self.memory.sample().peak
+        self.emit(ev.Finished(
+            outputs=[r.path for r in results], elapsed_s=round(elapsed, 3), bytes_read=self.bytes_read,
+            bytes_written=written, gbps=round(self.bytes_read / merge_time / 1e9, 3),
+            warnings=len(self.warnings), host_rss_peak=host_rss_peak(), device_mem_peak=peak,
+        ))
+        return MergeResult(results, elapsed, self.bytes_read, written, describe(self.device), resumed_tensors,
+                           list(self.warnings), host_rss_peak(), peak)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise MergeCancelled("cancelled")
+
+    def _hashes(self) -> dict:
+        """Hashes of every source (provenance and pins): from the plan (catalog cache) or
+        computed now, before anything is written."""
+        from .provenance import compute_hashes, pin_matches
+
+        plan = self.plan
+        hashes = dict(plan.hashes)
+        todo = [f.report for f in plan.files if f.model_id not in hashes]
+        if todo:
+            self.stage = "hashing"
+            self.emit(ev.Stage("hashing", f"{len(todo)} source file(s) not in the hash cache"))
+            total = sum(r.file_size for r in todo)
+            start = time.monotonic()
+
+            def on_progress(done: int, _total: int) -> None:
+                now = time.monotonic()
+                if now - self._last_progress >= self.tuning.progress_interval:
+                    self._last_progress = now
+                    rate = done / (now - start) if now > start else 0
+                    self.emit(ev.Progress("hashing", 0, plan.tensor_count, done, total, 0, round(now - self.t0, 3),
+                                          round(rate / 1e9, 3), round((total - done) / rate, 1) if rate else None,
+                                          None, host_rss()))
+
+            from .hashing import HashCancelled, HashError
+
+            try:
+                hashes.update(compute_hashes(todo, on_progress, self.cancel))
+            except HashCancelled:
+                raise MergeCancelled("cancelled while hashing") from None
+            except HashError as e:
+                raise MergeError(str(e)) from None
+            self.stage = "merging"
+        for f in plan.files:
+            h = hashes.get(f.model_id)
+            if f.sha256_pin and h is not None and not pin_matches(f.sha256_pin, h.sha256):
+                raise MergeError(f"model {f.model_id}: {f.path} has SHA256 {h.sha256[:10]}..., the recipe pins "
+                                 f"{f.sha256_pin}: the file was replaced or renamed", f.model_id)
+        return hashes
+
+    def _check_sources_unchanged(self) -> None:
+        for f in self.plan.files:
+            try:
+                st = os.stat(f.path)
+            except OSError as e:
+                raise MergeError(f"{f.path}: cannot read: {e.strerror or e}", f.model_id) from None
+            if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+                raise MergeError(f"{f.path}: changed since the recipe was checked; check it again", f.model_id)
+
+    def _open_fds(self) -> None:
+        for f in self.plan.files:
+            try:
+                fd = os.open(f.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as e:
+                raise MergeError(f"{f.path}: cannot open: {e.strerror or e}", f.model_id) from None
+            self.fds.append(fd)
+            if hasattr(os, "posix_fadvise"):
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except OSError:
+                    pass
+
+    def _close_fds(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+    # ------------------------------------------------------------------ resume
+
+    def _open_streams(self, resume: bool, fingerprint: str) -> int:
+        """Open every output (fresh, or keeping durable tensors) and return the first step to run."""
+        for s in self.streams:
+            n = read_progress(s.target, fingerprint) if resume else None
+            if resume and n is None:
+                self.warn("resume_fresh", f"{s.target}: no progress from an earlier run of this recipe to resume; "
+                          "starting it afresh", output=str(s.target))
+            n = min(n or 0, s.total)
+            try:
+                s.open(resume_tensors=n)
+            except (ValueError, OSError) as e:
+                if not n:
+                    raise MergeError(f"{s.target}: cannot write: {getattr(e, 'strerror', None) or e}") from None
+                self.warn("resume_fresh", f"{s.target}: the partial file does not match its progress mark ({e}); "
+                          "starting it afresh", output=str(s.target))
+                s.open()
+        return self._restart_point(reopen=False)
+
+    def _restart_point(self, reopen: bool) -> int:
+        """The first step whose results some output still needs, given the whole tensors each
+        output has on disk; with ``reopen`` the streams are first closed and reopened at their
+        last whole tensor (dropping a half-written one and anything parked)."""
+        if reopen:
+            for s in self.streams:
+                n = s.tensors_done
+                s.close()
+                s.open(resume_tensors=n) if n else s.open()
+        steps = step_of_tensors(self.plan)
+        start = len(self.plan.steps)
+        for s, tensor_steps in zip(self.streams, steps):
+            rest = tensor_steps[s.skip_below:]
+            if rest:
+                start = min(start, min(rest))
+        return start
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def _pipeline(self, start: int) -> None:
+        plan, t = self.plan, self.tuning
+        items = build_items(plan, t.buffer_bytes, start)
+        if self.device.type == "cuda":
+            max_elems = max((seg.numel for it in items for seg in it.segments), default=1)
+            backend = CudaBackend(plan, self.device, t.buffer_bytes, max_elems)
+        else:
+            backend = CpuBackend(plan, t.sub_elems)
+        writes = step_writes(plan)
+        free_read: queue.Queue = queue.Queue()
+        for _ in range(max(2, t.read_buffers)):
+            free_read.put(backend.alloc(t.buffer_bytes))
+        free_out: queue.Queue = queue.Queue()
+        for _ in range(max(2, t.out_buffers)):
+            free_out.put(backend.alloc(t.buffer_bytes))
+        stop = threading.Event()
+        reader = _Readers(items, self.fds, plan, free_read, stop, t.readers)
+        writer = _Writer(self.streams, writes, free_out, stop, t)
+        reader.start()
+        writer.start()
+        pending = current = None
+        try:
+            for item in items:
+                buf = self._wait(lambda: reader.take(item.index, 0.1), reader, writer)
+                out = self._wait(lambda: _get(free_out, 0.1), reader, writer)
+                current = (item, backend.submit(item, buf, out, self.excluded), buf, out)
+                if pending is not None:
+                    self._finish(backend, pending, free_read, writer)
+                pending, current = current, None
+                self._check_cancel()
+            if pending is not None:
+                last, pending = pending, None
+                self._finish(backend, last, free_read, writer)
+            writer.finish()
+            self._wait(lambda: writer.done.wait(0.1) or None, reader, writer)
+            writer.raise_error()
+        except BaseException:
+            if current is not None:  # wait for in-flight device work before its buffers go
+                backend.finish(current[1])
+            raise
+        finally:
+            stop.set()
+            writer.close()
+            reader.join()
+            writer.join()
+
+    def _wait(self, attempt, reader, writer):
+        """Poll ``attempt`` (returns a value or None) while watching cancel, errors, progress."""
+        while True:
+            value = attempt()
+            if value is not None:
+                return value
+            self._check_cancel()
+            reader.raise_error()
+            writer.raise_error()
+            self.progress()
+
+    def _finish(self, backend, pending, free_read, writer) -> None:
+        item, handle, buf, out = pending
+        bads = backend.finish(handle)
+        free_read.put(buf)
+        if bads:
+            writer.give_back(out)
+            self._handle_bads(bads)
+            raise _Restart()
+        for seg in item.segments:
+            n = sum(s.nbytes for s in seg.sources)
+            self.bytes_read += n
+            self.bytes_done += n
+        if item.segments:
+            self.current_key = self.plan.steps[item.segments[-1].step].key
+        writer.submit(item, out)
+        self.progress()
+
+    def _handle_bads(self, bads: list[Bad]) -> None:
+        plan = self.plan
+        for bad in bads:
+            node = plan.nodes[bad.node]
+            key = node.key
+            if not bad.sources:
+                raise MergeError(f"{key}: every model of the selection holds NaN/Inf values here; nothing left to "
+                                 "average", key=key)
+            first = plan.files[bad.sources[0][0]]
+            if not self.plan.recipe.skip_nan:
+                names = ", ".join(f"{plan.files[f].model_id} ({plan.files[f].path.name})" for f, _ in bad.sources)
+                raise MergeError(f"NaN/Inf values in {key} of model {names}: stopped (skip_nan = true leaves that "
+                                 "model out of the keys where this happens)", first.model_id, key)
+            if node.kind != "mean" or len(node.sources) - len(self.excluded.get(bad.node, ())) <= len(bad.sources):
+                raise MergeError(f"NaN/Inf values in {key} of model {first.model_id} ({first.path.name}), the only "
+                                 "source of this tensor: cannot skip it", first.model_id, key)
+            for f, stored in bad.sources:
+                self.excluded.setdefault(bad.node, set()).add((f, stored))
+                mid = plan.files[f].model_id
+                self.warn("nan_skipped", f"model {mid}: {key} holds NaN/Inf values; left out of this key "
+                          "(skip_nan)", mid, key)
+
+
+def _get(q: queue.Queue, timeout: float):
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def _describe_error(e: Exception) -> str:
+    if isinstance(e, SafetensorsError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return f"{e.__class__.__name__}: {e}"
+
+
+def _fingerprint(plan: MergePlan) -> str:
+    """Identifies the bytes a run will produce: sources (path, size, mtime), nodes, steps and
+    every output header. A resume continues only a partial file with the same fingerprint."""
+    from .safetensors_io import build_header
+
+    h = hashlib.sha256()
+    doc = {
+        "format": FORMAT_VERSION,
+        "files": [[str(f.path), f.size, f.mtime_ns] for f in plan.files],
+        "nodes": [[n.kind, n.key, list(n.shape), n.acc, n.dtype, n.check_finite,
+                   [[s.file, s.key, s.dtype, s.offset, s.weight] for s in n.sources]] for n in plan.nodes],
+        "steps": [[s.key, s.nodes] for s in plan.steps],
+        "outputs": [[str(o.path), hashlib.sha256(build_header(o.tensors, o.metadata)).hexdigest(), o.nodes]
+                    for o in plan.outputs],
+    }
+    h.update(json.dumps(doc, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class _Readers:
+    """Reader threads: item i goes to thread i % n; buffers are taken in item order."""
+
+    def __init__(self, items, fds, plan, free, stop: threading.Event, n: int):
+        self.items = items
+        self.fds = fds
+        self.plan = plan
+        self.free = free
+        self.stop = stop
+        self.n = max(1, n)
+        self.lock = threading.Condition()
+        self.ticket = 0  # next item allowed to take a buffer
+        self.ready: dict[int, object] = {}
+        self.error: BaseException | None = None
+        self.threads = [threading.Thread(target=self._loop, args=(k,), name=f"merge-read-{k}", daemon=True)
+                        for k in range(self.n)]
+
+    def start(self) -> None:
+        for th in self.threads:
+            th.start()
+
+    def join(self) -> None:
+        with self.lock:
+            self.lock.notify_all()
+        for th in self.threads:
+            th.join()
+
+    def take(self, index: int, timeout: float):
+        with self.lock:
+            if index not in self.ready:
+                self.lock.wait(timeout)
+            return self.ready.pop(index, None)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self, k: int) -> None:
+        try:
+            for item in self.items[k::self.n]:
+                buf = self._buffer_for(item.index)
+                if buf is None:
+                    return
+                self._read(item, buf)
+                with self.lock:
+                    self.ready[item.index] = buf
+                    self.lock.notify_all()
+        except BaseException as e:  # handed to the merge thread
+            self.error = e
+            self.stop.set()
+            with self.lock:
+                self.lock.notify_all()
+
+    def _buffer_for(self, index: int):
+        with self.lock:
+            while self.ticket != index:
+                if self.stop.is_set():
+                    return None
+                self.lock.wait(0.1)
+        buf = None
+        while buf is None:
+            if self.stop.is_set():
+                return None
+            buf = _get(self.free, 0.1)
+        with self.lock:
+            self.ticket += 1
+            self.lock.notify_all()
+        return buf
+
+    def _read(self, item, buf: torch.Tensor) -> None:
+        view = memoryview(buf.numpy())
+        for seg in item.segments:
+            for s in seg.sources:
+                if self.stop.is_set():
+                    raise _Stop()
+                _pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
+                             self.plan.files[s.file].path)
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done, total = 0, len(view)
+    while done < total:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise SafetensorsError(path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
+        if n <= 0:
+            raise SafetensorsError(path, f"unexpected end of file at byte {offset + done} (file truncated?)")
+        done += n
+
+
+class _Writer:
+    """Writes item results to the output streams in order, checkpointing as it goes."""
+
+    def __init__(self, streams, writes, free_out, stop: threading.Event, tuning: Tuning):
+        self.streams = streams
+        self.writes = writes
+        self.free_out = free_out
+        self.stop = stop
+        self.tuning = tuning
+        self.queue: queue.Queue = queue.Queue()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="merge-write", daemon=True)
+        self._since_sync = 0
+        self._last_sync = time.monotonic()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, item, out: torch.Tensor) -> None:
+        self.queue.put((item, out))
+
+    def give_back(self, out: torch.Tensor) -> None:
+        self.free_out.put(out)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                entry = self.queue.get()
+                if entry is None:
+                    break
+                if self.stop.is_set() and self.error is None and not self.done.is_set():
+                    self.free_out.put(entry[1])
+                    continue
+                self._write(*entry)
+            if not self.stop.is_set():
+                for s in self.streams:
+                    s.checkpoint()
+        except BaseException as e:
+            self.error = e
+            self.stop.set()
+        finally:
+            self.done.set()
+
+    def _write(self, item, out: torch.Tensor) -> None:
+        view = memoryview(out.numpy())
+        for seg in item.segments:
+            last = seg.stop == self._numel(seg)
+            for w in self.writes[seg.step]:
+                ns = next(x for x in seg.nodes if x.node == w.node)
+                offset = ns.outs[w.dtype]
+                n = seg.numel * DTYPES[w.dtype].itemsize
+                self.streams[w.output].put(w.tensor, view[offset: offset + n], last)
+                self._since_sync += n
+        self.free_out.put(out)
+        now = time.monotonic()
+        if self._since_sync >= self.tuning.sync_bytes or now - self._last_sync >= self.tuning.sync_seconds:
+            for s in self.streams:
+                s.checkpoint()
+            self._since_sync = 0
+            self._last_sync = now
+
+    def _numel(self, seg) -> int:
+        w = self.writes[seg.step][0] if self.writes[seg.step] else None
+        if w is None:
+            return seg.stop
+        plan = self.streams[w.output].writer.plans[w.tensor]
+        return plan.nbytes // DTYPES[plan.dtype].itemsize

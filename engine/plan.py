@@ -1,0 +1,532 @@
+"""From a recipe to a merge plan: every problem found at once, then what to compute and write.
+
+``check_recipe`` reports every problem of a recipe (unknown ids, unreadable files, missing or
+broken components, shapes that differ inside a selection, outputs that would overwrite an input
+or do not fit on the disk, pinned hashes that do not match) as a list of ``Problem`` values.
+``build_plan`` does the same checks and, when nothing is an error, returns a ``MergePlan``:
+
+- **nodes**: one per distinct tensor to compute. A node is the weighted mean of one key over
+  the models of a selection that have it (``mean``), one model's tensor (``copy``: one-model
+  selections, buffers, keys outside every component), or ``arange`` (``position_ids``, never
+  averaged). Outputs that use the same selection for a component share its nodes, so the mean is
+  computed once.
+- **steps**: nodes grouped by output key, in the order the outputs write them. A step reads
+  each source tensor it needs once and feeds every node that uses it.
+- **outputs**: per file, its tensors in safetensors' canonical order and the node of each.
+
+The merge itself (``engine.merge.execute``) only follows the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .architectures import Architecture, get_architecture
+from .report import CHECKPOINT, ModelReport, Severity
+from .safetensors_io import DTYPES, TensorInfo, TensorPlan, canonical_order, read_header
+from .recipe import Recipe
+
+OUTPUT_DTYPE = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+
+MEAN, COPY, ARANGE = "mean", "copy", "arange"
+
+# Source dtypes whose sums are exact in fp32 accumulators (see Node.acc).
+_FP32_EXACT_SOURCES = {"F16": 11, "F8_E4M3": 4, "F8_E5M2": 3}
+
+
+@dataclass
+class Problem:
+    severity: Severity
+    message: str
+    model_id: str | None = None
+    output: str | None = None
+    code: str = ""
+
+    def to_dict(self) -> dict:
+        return {"severity": self.severity.label, "code": self.code, "message": self.message,
+                "model_id": self.model_id, "output": self.output}
+
+
+class PlanError(Exception):
+    """The recipe cannot be merged; ``problems`` lists every problem (errors and warnings)."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        errors = [p for p in problems if p.severity >= Severity.ERROR]
+        lines = "\n".join(f"  - {p.message}" for p in errors)
+        super().__init__(f"the recipe cannot be merged ({len(errors)} problem{'s' * (len(errors) != 1)}):\n{lines}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stored tensor a node reads."""
+
+    file: int  # index into MergePlan.files
+    key: str  # key as stored in that file
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    weight: float = 1.0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass
+class Node:
+    id: int
+    kind: str  # MEAN | COPY | ARANGE
+    key: str  # output key
+    shape: tuple[int, ...]
+    sources: tuple[Source, ...]
+    check_finite: bool  # stop (or skip, with skip_nan) on NaN/Inf in a source
+    acc: str = "F32"  # accumulator dtype of a mean: F32 when sums are exact in it, else F64
+    dtype: str | None = None  # fixed output dtype (copies of buffers, arange); None: the output's
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def total_weight(self) -> float:
+        return math.fsum(s.weight for s in self.sources)
+
+
+@dataclass
+class Step:
+    key: str
+    nodes: list[int]
+    sources: list[Source]  # distinct stored tensors the step reads
+
+
+@dataclass
+class SourceFile:
+    model_id: str
+    path: Path
+    size: int
+    mtime_ns: int
+    report: ModelReport
+    sha256_pin: str | None = None
+
+
+@dataclass
+class OutputPlan:
+    index: int
+    path: Path  # absolute
+    dtype: str  # safetensors dtype of merged weights: F16 | BF16 | F32
+    title: str
+    sources: dict[str, str]  # component id -> selection
+    tensors: list[TensorPlan]  # write order
+    nodes: list[int]  # node id of each tensor
+    metadata: dict[str, str] = field(default_factory=dict)  # filled by the merge (needs hashes)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    arch: Architecture
+    device: str
+    files: list[SourceFile]
+    nodes: list[Node]
+    steps: list[Step]
+    outputs: list[OutputPlan]
+    problems: list[Problem]  # warnings and notes (a plan has no errors)
+    hashes: dict = field(default_factory=dict)  # model id -> FileHashes known without reading
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(o.tensors) for o in self.outputs)
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(s.nbytes for step in self.steps for s in step.sources)
+
+    @property
+    def bytes_to_write(self) -> int:
+        """Tensor data of every output (headers add a few hundred KB)."""
+        return sum(o.data_bytes for o in self.outputs)
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity >= Severity.WARNING]
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check_recipe(recipe: Recipe, reports=None) -> list[Problem]:
+    """Every problem of ``recipe`` at once (errors, warnings and notes); [] when all is well."""
+    return _Planner(recipe, reports).run(build=False)[0]
+
+
+def build_plan(recipe: Recipe, reports=None) -> MergePlan:
+    """The merge plan of ``recipe``; raises PlanError listing every problem when any is an error.
+
+    ``reports``: ModelReports the caller already has (a dict by model id or any iterable);
+    they are used for files they describe unchanged, the rest are inspected here."""
+    problems, plan = _Planner(recipe, reports).run(build=True)
+    if plan is None:
+        raise PlanError(problems)
+    return plan
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, reports):
+        self.recipe = recipe
+        self.given = _index_reports(reports)
+        self.problems: list[Problem] = []
+        self.reports: dict[str, ModelReport] = {}
+
+    def add(self, severity: Severity, message: str, model_id=None, output=None, code="") -> None:
+        self.problems.append(Problem(severity, message, model_id, output, code))
+
+    def error(self, message: str, model_id=None, output=None, code="") -> None:
+        self.add(Severity.ERROR, message, model_id, output, code)
+
+    def warn(self, message: str, model_id=None, output=None, code="") -> None:
+        self.add(Severity.WARNING, message, model_id, output, code)
+
+    def note(self, message: str, model_id=None, output=None, code="") -> None:
+        self.add(Severity.OK, message, model_id, output, code)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(p.severity >= Severity.ERROR for p in self.problems)
+
+    def run(self, build: bool) -> tuple[list[Problem], MergePlan | None]:
+        from . import plan_checks
+
+        r = self.recipe
+        plan_checks.check_settings(self, r)
+        used = self.used_models()
+        self.inspect(used)
+        arch = plan_checks.check_models(self, r, used)
+        hashes = plan_checks.check_hashes(self, r, used)
+        plan_checks.check_outputs(self, r)
+        plan = None
+        if arch is not None and not any(p.code in plan_checks.STRUCTURAL for p in self.problems):
+            plan = _Builder(self, arch, hashes).build()
+            plan_checks.check_disk(self, plan)
+        if self.has_errors or not build:
+            return self.problems, None
+        plan.problems = list(self.problems)
+        return self.problems, plan
+
+    def used_models(self) -> list[str]:
+        """Model ids that feed some output, in [models] order."""
+        r = self.recipe
+        wanted = set()
+        for out in r.outputs:
+            for sel in out.sources.values():
+                wanted.update(r.select.get(sel, ()))
+        return [m for m in r.models if m in wanted]
+
+    def inspect(self, model_ids: Iterable[str]) -> None:
+        from .inspect import inspect_file
+
+        for mid in model_ids:
+            path = self.recipe.model_path(mid)
+            report = self.given.get(_path_key(path))
+            if report is None or not _fresh(report, path):
+                report = inspect_file(path, mid)
+            self.reports[mid] = report
+
+
+def _index_reports(reports) -> dict[str, ModelReport]:
+    if reports is None:
+        return {}
+    values = reports.values() if isinstance(reports, Mapping) else reports
+    return {_path_key(r.path): r for r in values}
+
+
+def _path_key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _fresh(report: ModelReport, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (report.file_size, report.mtime_ns)
+
+
+# --------------------------------------------------------------------------- building
+
+
+class _Builder:
+    """Turns a checked recipe into nodes, steps and outputs (adding the shape and missing-key
+    problems it finds on the way)."""
+
+    def __init__(self, planner: _Planner, arch: Architecture, hashes: dict):
+        self.p = planner
+        self.r = planner.recipe
+        self.arch = arch
+        self.hashes = hashes
+        self.files: list[SourceFile] = []
+        self.file_index: dict[str, int] = {}
+        self.headers: dict[str, dict[str, TensorInfo]] = {}
+        self.data_start: dict[str, int] = {}
+        self.nodes: list[Node] = []
+        self.node_ids: dict[tuple, int] = {}
+        self.reported: set[tuple] = set()
+
+    def build(self) -> MergePlan:
+        for mid in self.p.used_models():
+            self.open(mid)
+        outputs = [self.output(i, spec) for i, spec in enumerate(self.r.outputs)]
+        steps = self.steps(outputs)
+        return MergePlan(
+            recipe=self.r, arch=self.arch, device=self.r.device, files=self.files, nodes=self.nodes,
+            steps=steps, outputs=outputs, problems=[], hashes=self.hashes,
+        )
+
+    def open(self, mid: str) -> None:
+        report = self.p.reports[mid]
+        if report.kind != CHECKPOINT:
+            return
+        try:
+            header = read_header(report.path)
+        except Exception as e:  # changed since inspection; check_models reported readable
+            self.p.error(f"model {mid}: {report.path}: cannot read the header: {e}", mid, code="unreadable")
+            return
+        self.file_index[mid] = len(self.files)
+        self.files.append(SourceFile(mid, Path(os.path.abspath(report.path)), header.file_size,
+                                     report.mtime_ns, report, self.r.models[mid].sha256))
+        self.headers[mid] = header.tensors
+        self.data_start[mid] = header.data_start
+
+    def source(self, mid: str, stored: str) -> Source:
+        info = self.headers[mid][stored]
+        return Source(self.file_index[mid], stored, info.dtype, tuple(info.shape),
+                      self.data_start[mid] + info.begin, self.r.weight(mid))
+
+    def node(self, kind: str, key: str, sources: list[Source], check: bool, dtype: str | None = None) -> int:
+        ident = (kind, key, dtype, tuple((s.file, s.key, s.weight) for s in sources))
+        nid = self.node_ids.get(ident)
+        if nid is None:
+            shape = sources[0].shape if sources else self.arch.tensors[key].shape
+            acc = _accumulator(sources) if kind == MEAN else "F32"
+            nid = len(self.nodes)
+            self.nodes.append(Node(nid, kind, key, shape, tuple(sources), check, acc, dtype))
+            self.node_ids[ident] = nid
+        return nid
+
+    # ------------------------------------------------------------------ outputs
+
+    def output(self, index: int, spec) -> OutputPlan:
+        r = self.r
+        dtype = OUTPUT_DTYPE[r.output_dtype(spec)]
+        path = Path(os.path.abspath(r.output_path(spec)))
+        label = str(spec.path)
+        entries: dict[str, tuple[str, int]] = {}  # key -> (dtype, node)
+        for cid, sel in spec.sources.items():
+            models = [m for m in r.select[sel] if m in self.file_index]
+            for key, nid in self.component(cid, sel, models, label):
+                node = self.nodes[nid]
+                entries[key] = (node.dtype or dtype, nid)
+        for key, nid in self.outside(spec, label, entries):
+            entries[key] = (self.nodes[nid].dtype or dtype, nid)
+        plans = canonical_order(TensorPlan(k, d, self.nodes[n].shape) for k, (d, n) in entries.items())
+        title = spec.title or Path(spec.path).stem
+        return OutputPlan(index, path, dtype, title, dict(spec.sources), plans,
+                          [entries[t.key][1] for t in plans])
+
+    def component(self, cid: str, sel: str, models: list[str], label: str):
+        arch = self.arch
+        comp = arch.components[cid]
+        extras = self.extra_keys_under(cid, models)
+        missing: dict[str, list[str]] = {}
+        for key in list(comp.keys) + extras:
+            stored = [(m, self.stored_key(m, key)) for m in models]
+            present = [(m, s) for m, s in stored if s is not None]
+            if key == arch.position_ids_key:
+                yield key, self.arange(key, present)
+                continue
+            if key in arch.tensors:
+                for m, s in stored:
+                    if s is None:
+                        missing.setdefault(m, []).append(key)
+            if not present:
+                self.report_once(("absent", sel, key), Severity.WARNING,
+                                 f"{key} is in no model of selection {sel!r}: {label} will not have it",
+                                 output=label, code="key_absent")
+                continue
+            sources = [self.source(m, s) for m, s in present]
+            if not self.same_shapes(sel, key, present, sources):
+                continue
+            kind = MEAN if len(sources) > 1 else COPY
+            yield key, self.node(kind, key, sources, check=True)
+        if extras:
+            self.report_once(("extras", sel, cid), Severity.OK,
+                             f"selection {sel!r}: {len(extras)} {cid} tensors that {arch.name} does not have "
+                             f"(e.g. {extras[0]}) are kept, averaged over the models that have them",
+                             output=label, code="extra_kept")
+        for m, keys_missing in missing.items():
+            severity = Severity.ERROR if self.r.strict else Severity.WARNING
+            example = ", ".join(keys_missing[:2]) + (", ..." if len(keys_missing) > 2 else "")
+            action = ("strict = true refuses this" if self.r.strict
+                      else "those keys are averaged over the models of the selection that have them")
+            self.report_once(("missing", sel, cid, m), severity,
+                             f"model {m} lacks {len(keys_missing)} {cid} keys of selection {sel!r} ({example}); {action}",
+                             model_id=m, code="key_missing")
+
+    def stored_key(self, mid: str, key: str) -> str | None:
+        report = self.p.reports[mid]
+        if key in self.arch.tensors:
+            return report.key_map.get(key)
+        # a key the architecture lacks: matched by its stored name, prefix renamings undone
+        for variant in (key, *_extra_variants(key)):
+            if variant in self.headers[mid] and _normal_extra_name(self.arch, variant) == key:
+                return variant
+        return None
+
+    def extra_keys_under(self, cid: str, models: list[str]) -> list[str]:
+        """Keys under component ``cid``'s prefix that the architecture lacks (kept, not dropped)."""
+        comp = self.arch.components[cid]
+        seen: dict[str, None] = {}
+        for m in models:
+            for stored in self.p.reports[m].extra_keys:
+                name = _normal_extra_name(self.arch, stored)
+                if comp.owns(name) and not _is_fp8_scale(name):
+                    seen.setdefault(name, None)
+        return sorted(seen)
+
+    def same_shapes(self, sel: str, key: str, present, sources: list[Source]) -> bool:
+        first = sources[0].shape
+        for (m, _), s in zip(present, sources):
+            if s.shape != first:
+                self.report_once(("shape", sel, present[0][0], m), Severity.ERROR,
+                                 f"selection {sel!r}: {key} is {list(first)} in {present[0][0]} but "
+                                 f"{list(s.shape)} in {m} (models of different architectures or sizes)",
+                                 model_id=m, code="shape_mismatch")
+                return False
+        return True
+
+    def arange(self, key: str, present) -> int:
+        """position_ids: arange(77) in the dtype of the first model that stores it (never averaged)."""
+        reference = self.arch.tensors[key]
+        dtype = self.headers[present[0][0]][present[0][1]].dtype if present else reference.dtype
+        return self.node(ARANGE, key, [], check=False, dtype=dtype)
+
+    def outside(self, spec, label: str, entries: dict):
+        """Tensors outside every component: from the first model of the unet selection that has
+        them (schedule buffers and the like), copied unchanged. EMA copies of the UNet belong to
+        that one model, not to the mix, and are left out with a note."""
+        sel = spec.sources.get("unet") or next(iter(spec.sources.values()), None)
+        models = [m for m in self.r.select.get(sel, []) if m in self.file_index]
+        if not models:
+            return
+        names: dict[str, tuple[str, str]] = {}
+        for key in self.arch.tensors:
+            if self.arch.component_of(key) is None:
+                for m in models:
+                    stored = self.p.reports[m].key_map.get(key)
+                    if stored is not None:
+                        names.setdefault(key, (m, stored))
+                        break
+        dropped: dict[str, int] = {}
+        for m in models:
+            for stored in self.p.reports[m].extra_keys:
+                name = _normal_extra_name(self.arch, stored)
+                if self.arch.component_of(name) is not None or name in names:
+                    continue
+                if name.startswith("model_ema.") or _is_fp8_scale(name):
+                    dropped[m] = dropped.get(m, 0) + 1
+                    continue
+                if m == models[0]:
+                    names[name] = (m, stored)
+        for m, n in dropped.items():
+            self.report_once(("ema", m), Severity.OK,
+                             f"model {m}: {n} EMA/fp8-scale tensors outside every component are not carried "
+                             "into the mix (they describe that one model, not the average)", model_id=m,
+                             code="extra_dropped")
+        for name, (m, stored) in names.items():
+            if name in entries:
+                self.report_once(("collide", name), Severity.WARNING,
+                                 f"model {m}: extra tensor {stored!r} has the name of a merged tensor; left out",
+                                 model_id=m, output=label, code="extra_collision")
+                continue
+            source = self.source(m, stored)
+            yield name, self.node(COPY, name, [source], check=False, dtype=source.dtype)
+
+    def report_once(self, ident: tuple, severity: Severity, message: str, model_id=None, output=None, code="") -> None:
+        if ident not in self.reported:
+            self.reported.add(ident)
+            self.p.add(severity, message, model_id, output, code)
+
+    # ------------------------------------------------------------------ steps
+
+    def steps(self, outputs: list[OutputPlan]) -> list[Step]:
+        """Nodes grouped by output key, ordered by the earliest position any output writes the
+        key at, so each output's writes come (almost always) in its own order."""
+        position: dict[tuple, int] = {}
+        members: dict[tuple, list[int]] = {}
+        for out in outputs:
+            for pos, (t, nid) in enumerate(zip(out.tensors, out.nodes)):
+                group = (t.key, self.nodes[nid].shape)
+                position[group] = min(position.get(group, pos), pos)
+                if nid not in members.setdefault(group, []):
+                    members[group].append(nid)
+        steps = []
+        for group in sorted(members, key=lambda g: (position[g], g[0], g[1])):
+            seen: dict[tuple[int, str], Source] = {}
+            for nid in members[group]:
+                for s in self.nodes[nid].sources:
+                    seen.setdefault((s.file, s.key), s)
+            steps.append(Step(group[0], members[group], list(seen.values())))
+        return steps
+
+
+def _accumulator(sources: list[Source]) -> str:
+    """F32 when every product and sum of the mean is exact in fp32 (fp16/fp8 sources with weights
+    of few significant bits: the result is then the correctly rounded mean), F64 otherwise."""
+    bits = [_FP32_EXACT_SOURCES.get(s.dtype) for s in sources]
+    if any(b is None for b in bits):
+        return "F64"
+    spare = 24 - max(bits)
+    for s in sources:
+        if not _few_bits(s.weight, spare):
+            return "F64"
+    total = math.fsum(s.weight for s in sources)
+    return "F32" if _few_bits(total, spare) else "F64"
+
+
+def _few_bits(x: float, bits: int) -> bool:
+    if not math.isfinite(x) or x <= 0:
+        return False
+    mantissa, _ = math.frexp(x)
+    scaled = mantissa * (1 << bits)
+    return scaled == int(scaled)
+
+
+def _normal_extra_name(arch: Architecture, stored: str) -> str:
+    """Undo an extra/missing ``model.`` prefix on a key the architecture does not know."""
+    if stored.startswith("model.") and arch.component_of(stored) is None and arch.component_of(stored[6:]):
+        return stored[6:]
+    if stored.startswith("diffusion_model."):
+        return "model." + stored
+    return stored
+
+
+def _extra_variants(name: str) -> list[str]:
+    out = ["model." + name]
+    if name.startswith("model.diffusion_model."):
+        out.append(name[len("model."):])
+    return out
+
+
+def _is_fp8_scale(key: str) -> bool:
+    return key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input"))
