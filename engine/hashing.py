@@ -224,6 +224,16 @@ def nonfinite_findings(hashes: FileHashes) -> list[Finding]:
     return out
 
 
+def add_nonfinite_findings(report: ModelReport, hashes: FileHashes) -> None:
+    """Merge ``nonfinite_findings`` into ``report``'s components (each finding once, however
+    often this is called), so the grid and the merge planner see NaN/Inf like any other error."""
+    for finding in nonfinite_findings(hashes):
+        comp = report.components.get(finding.component)
+        target = comp.findings if comp is not None else report.findings
+        if finding not in target:
+            target.append(finding)
+
+
 def relative_key(cid: str, prefix: str, canonical_key: str) -> str:
     """The key a component hash uses: the canonical key without the component prefix."""
     rel = canonical_key[len(prefix):]
@@ -385,43 +395,68 @@ def _values(buf: torch.Tensor, start: int, stop: int, dtype: str) -> torch.Tenso
     return raw.view(DTYPES[dtype].torch_dtype)
 
 
-def _process_tensor_pieces(chunk: _Chunk) -> None:
-    buf = chunk.buf
-    mv = memoryview(buf.numpy())
-    pieces = chunk.pieces
-    i = 0
-    while i < len(pieces):
-        # a run of contiguous float pieces of one dtype gets one NaN/Inf check
-        dtype = pieces[i].job.info.dtype
-        k = i + 1
-        while k < len(pieces) and pieces[k].job.info.dtype == dtype and pieces[k].start == pieces[k - 1].stop:
-            k += 1
-        run = pieces[i:k]
-        if DTYPES[dtype].is_float and run[-1].stop > run[0].start:
-            vals = _values(buf, run[0].start, run[-1].stop, dtype)
-            if dtype not in _NONFINITE_DIRECT:
-                vals = vals.to(torch.float16)
-            lo, hi = torch.aminmax(vals)
-            if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
-                for p in run:
-                    v = _values(buf, p.start, p.stop, dtype)
-                    if dtype not in _NONFINITE_DIRECT:
-                        v = v.to(torch.float16)
-                    p.job.nan += int(torch.isnan(v).sum())
-                    p.job.inf += int(torch.isinf(v).sum())
+class _TensorWork:
+    """Per-tensor work on each chunk: digests, NaN/Inf counts, fp16 conversion, metric sums.
+
+    Conversions go into scratch buffers reused from chunk to chunk: a fresh tensor per piece
+    costs more in page faults than the arithmetic on it."""
+
+    def __init__(self) -> None:
+        self._f32 = torch.empty(0, dtype=torch.float32)
+        self._f16 = torch.empty(0, dtype=torch.float16)
+
+    def _scratch(self, which: str, n: int) -> torch.Tensor:
+        t = getattr(self, which)
+        if t.numel() < n:
+            t = torch.empty(n, dtype=t.dtype)
+            setattr(self, which, t)
+        return t[:n]
+
+    def __call__(self, chunk: _Chunk) -> None:
+        buf = chunk.buf
+        mv = memoryview(buf.numpy())
+        pieces = chunk.pieces
+        i = 0
+        while i < len(pieces):
+            # a run of contiguous pieces of one dtype gets one NaN/Inf check
+            dtype = pieces[i].job.info.dtype
+            k = i + 1
+            while k < len(pieces) and pieces[k].job.info.dtype == dtype and pieces[k].start == pieces[k - 1].stop:
+                k += 1
+            run = pieces[i:k]
+            if DTYPES[dtype].is_float:
+                self._count_nonfinite(buf, run, dtype)
+            for p in run:
+                job = p.job
+                job.exact.update(mv[p.start : p.stop])
+                if job.fp16 is None and not job.metric:
+                    continue
+                v = _values(buf, p.start, p.stop, dtype)
+                if dtype != "F16":
+                    v = self._scratch("_f16", v.numel()).copy_(v)
+                if job.fp16 is not None:
+                    job.fp16.update(memoryview(v.numpy()).cast("B"))
+                if job.metric:
+                    x = self._scratch("_f32", v.numel()).copy_(v)
+                    torch.sigmoid(x, out=x)
+                    job.metric_sum += float(x.sub_(0.5).sum())
+            i = k
+
+    def _count_nonfinite(self, buf: torch.Tensor, run: list[_Piece], dtype: str) -> None:
+        if run[-1].stop <= run[0].start:
+            return
+        vals = _values(buf, run[0].start, run[-1].stop, dtype)
+        if dtype not in _NONFINITE_DIRECT:
+            vals = self._scratch("_f16", vals.numel()).copy_(vals)
+        lo, hi = torch.aminmax(vals)
+        if math.isfinite(lo.item()) and math.isfinite(hi.item()):
+            return
         for p in run:
-            job = p.job
-            job.exact.update(mv[p.start : p.stop])
-            if job.fp16 is None and not job.metric:
-                continue
             v = _values(buf, p.start, p.stop, dtype)
-            if dtype != "F16":
+            if dtype not in _NONFINITE_DIRECT:
                 v = v.to(torch.float16)
-            if job.fp16 is not None:
-                job.fp16.update(memoryview(v.numpy()).cast("B"))
-            if job.metric:
-                job.metric_sum += float((torch.sigmoid(v.float()) - 0.5).sum(dtype=torch.float64))
-        i = k
+            p.job.nan += int(torch.isnan(v).sum())
+            p.job.inf += int(torch.isinf(v).sum())
 
 
 # --------------------------------------------------------------------------- the read pass
@@ -438,6 +473,9 @@ class _Lane(threading.Thread):
         self._failed = failed
 
     def run(self) -> None:
+        # This thread's torch ops stay on it: the other lanes keep the remaining cores busy,
+        # and OpenMP workers spinning beside them would only steal their time.
+        torch.set_num_threads(1)
         while True:
             chunk = self.inbox.get()
             if chunk is None:
@@ -510,9 +548,11 @@ def _read_pass(
         if c.is_data:
             sha_v3.update(memoryview(c.buf.numpy())[: c.length])
 
+    tensor_work = _TensorWork()
+
     def tensors(c: _Chunk) -> None:
         if c.pieces:
-            _process_tensor_pieces(c)
+            tensor_work(c)
 
     done_q: queue.Queue = queue.Queue()
     lock = threading.Lock()

@@ -21,6 +21,7 @@ from engine.hashing import (
     VAE_METRIC,
     HashCancelled,
     HashError,
+    add_nonfinite_findings,
     hash_file,
     metric_string,
     nonfinite_findings,
@@ -273,6 +274,19 @@ def test_nan_counted_in_other_dtypes(tmp_path, dtype):
     path = write_checkpoint(tmp_path / "nan.safetensors", SynthSpec(arch="sd15", scale=64, dtype=dtype, nan_in=("vae",)))
     expected = sum(int(torch.isnan(t).sum()) for k, t in _tensors(path).items() if k.startswith("first_stage_model."))
     assert hash_file(path).components["vae"].nan_count == expected > 0
+
+
+def test_nonfinite_findings_merge_into_the_report_once(tmp_path):
+    path = write_checkpoint(tmp_path / "nan.safetensors", SynthSpec(seed=2, nan_in=("vae",)))
+    report = inspect_file(path, "m1")
+    assert report.components["vae"].mergeable
+    h = hash_file(path, report)
+    add_nonfinite_findings(report, h)
+    add_nonfinite_findings(report, h)
+    assert [f.code for f in report.components["vae"].findings].count("nonfinite_values") == 1
+    assert not report.components["vae"].mergeable
+    assert "NaN" in report.components["vae"].problem
+    assert report.components["unet"].mergeable
 
 
 def test_clean_file_has_no_findings(tmp_path):
