@@ -51,6 +51,7 @@ HASH_VERSION = 1
 
 CHUNK_BYTES = 8 << 20
 POOL_CHUNKS = 6
+PREFETCH_CHUNKS = 4  # how far ahead of the read the kernel is asked to fetch
 SHORT_HEX = 8
 AUTOV1_OFFSET, AUTOV1_LENGTH = 0x100000, 0x10000
 _COMPONENT_TAG = b"astolfo-component-v1\0"
@@ -531,6 +532,7 @@ def _read_pass(
     cancel: threading.Event | None,
     chunk_bytes: int,
 ) -> FileHashes:
+    chunk_bytes = max(chunk_bytes, 64)
     chunks = _plan_chunks(size, layout, chunk_bytes)
     sha_file = hashlib.sha256()
     sha_v1 = hashlib.sha256()
@@ -597,7 +599,9 @@ def _read_pass(
     try:
         if on_progress is not None:
             on_progress(0, size)
-        for c in chunks:
+        for i, c in enumerate(chunks):
+            if i + PREFETCH_CHUNKS < len(chunks):
+                _prefetch(fd, chunks[i + PREFETCH_CHUNKS])
             while not free:
                 _check(path, cancel, failed)
                 collect(block=True)
@@ -639,6 +643,16 @@ def _check(path: Path, cancel: threading.Event | None, failed: list[BaseExceptio
         raise HashError(path, f"hashing failed: {e.__class__.__name__}: {e}") from e
     if cancel is not None and cancel.is_set():
         raise HashCancelled(path)
+
+
+def _prefetch(fd: int, chunk: _Chunk) -> None:
+    """Ask the kernel to start reading a later chunk now, so a cold read never waits on the disk
+    while the hash threads are idle."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, chunk.offset, chunk.length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
 
 
 def _read_exact(fd: int, path: Path, view: memoryview, offset: int) -> None:
