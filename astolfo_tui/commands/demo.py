@@ -1,0 +1,41 @@
+"""``astolfo demo [--dir DIR]``: build a folder of small synthetic SDXL models (clean ones, one
+of each common breakage, a LoRA, a truncated download) and open the app on it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import platformdirs
+
+from engine.demo import make_demo_folder
+
+from ..launch import launch_app
+
+
+def default_demo_dir() -> Path:
+    """``<user data dir>/demo``; ``ASTOLFO_DATA_DIR`` replaces the user data dir."""
+    base = os.environ.get("ASTOLFO_DATA_DIR") or platformdirs.user_data_dir("astolfo")
+    return Path(base) / "demo"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="create built-in demo models and open the app on them",
+        description="Create a folder of small synthetic SDXL checkpoints (about 100 MB) and open the app on it.",
+    )
+    parser.add_argument("--dir", type=Path, default=None, help=f"where to put them (default: {default_demo_dir()})")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    folder = args.dir or default_demo_dir()
+    print(f"demo models in {folder}", file=sys.stderr)
+    try:
+        make_demo_folder(folder)
+    except OSError as e:
+        print(f"astolfo demo: cannot create demo models in {folder}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return launch_app([folder])

@@ -1,0 +1,53 @@
+"""Where ``astolfo DIR...`` and ``astolfo demo`` end up: the Textual app on those folders.
+
+Without a terminal to draw on (output piped or redirected, CI) or without the app module, the
+scan table is printed instead, so both commands still show what the app would open.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from engine.scan import scan
+
+from .scan_table import render_scan, scan_summary
+
+
+def _app_module():
+    try:
+        return importlib.import_module("astolfo_tui.app")
+    except ModuleNotFoundError as e:
+        if e.name != "astolfo_tui.app":
+            raise
+        return None
+
+
+def launch_app(paths: Sequence[str | Path]) -> int:
+    """Open the app on ``paths``; returns the process exit status."""
+    app = _app_module() if sys.stdin.isatty() and sys.stdout.isatty() else None
+    if app is not None:
+        return int(app.run_app([Path(p) for p in paths]) or 0)
+    return print_scan(paths)
+
+
+def print_scan(paths: Sequence[str | Path]) -> int:
+    """The fallback view: the scan table of ``paths``. Broken models are expected here (the demo
+    has some on purpose), so only a usage problem gives a non-zero status."""
+    if not paths:
+        print("usage: astolfo DIR...   (or `astolfo demo` for built-in demo models)", file=sys.stderr)
+        return 2
+    try:
+        reports = scan(paths)
+    except FileNotFoundError as e:
+        print(f"astolfo: {e}", file=sys.stderr)
+        return 2
+    console = Console()
+    if reports:
+        render_scan(console, reports)
+    console.print(scan_summary(reports, [str(p) for p in paths]))
+    return 0
