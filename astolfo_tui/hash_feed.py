@@ -63,6 +63,15 @@ def feed(
 
 def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
     all_hashes: dict[str, FileHashes] = {}
+    shown: dict[str, HashView] = {}
+
+    def changed(views: dict[str, HashView]) -> dict[str, HashView]:
+        """Only views that differ from what the grid already shows: one finished file must
+        not redraw every row (a new group member changes a few rows, not all)."""
+        out = {m: v for m, v in views.items() if shown.get(m) != v}
+        shown.update(out)
+        return out
+
     total = len(reports)
     cached = Results()
     todo = []
@@ -74,7 +83,7 @@ def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
             cached.hashes[r.model_id] = fh
     all_hashes.update(cached.hashes)
     references = catalog.reference_hashes()
-    cached.views = views_for(all_hashes, references)
+    cached.views = changed(views_for(all_hashes, references))
     on_progress(len(cached.hashes), total, "")
     if cached.hashes:
         on_result(cached)
@@ -103,7 +112,7 @@ def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
             all_hashes[r.model_id] = fh
             if fh.sha256 in catalog.reference_sha256s():
                 references = catalog.reference_hashes()
-            result.views = views_for(all_hashes, references)
+            result.views = changed(views_for(all_hashes, references))
         read += r.file_size
         done += 1
         on_progress(done, total, "")

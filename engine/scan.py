@@ -12,7 +12,7 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .inspect import MODEL_SUFFIXES, inspect_file
 from .report import ModelReport
@@ -113,7 +113,18 @@ def assign_ids(paths: list[Path]) -> list[str]:
     return ids
 
 
-def scan(paths: Iterable[str | os.PathLike]) -> list[ModelReport]:
-    """Inspect every model file under ``paths`` (headers only), in natural order, with ids."""
+def scan(
+    paths: Iterable[str | os.PathLike],
+    on_report: Callable[[ModelReport], None] | None = None,
+) -> list[ModelReport]:
+    """Inspect every model file under ``paths`` (headers only), in natural order, with ids.
+    ``on_report`` gets each report as soon as it is made, so a screen can fill in while a big
+    folder is still being read."""
     files = find_model_files(paths)
-    return [inspect_file(path, model_id) for path, model_id in zip(files, assign_ids(files))]
+    reports = []
+    for path, model_id in zip(files, assign_ids(files)):
+        report = inspect_file(path, model_id)
+        reports.append(report)
+        if on_report is not None:
+            on_report(report)
+    return reports

@@ -31,20 +31,20 @@ class DetailsPane(Horizontal):
         with VerticalScroll(id="details-hashes"):
             yield Static(id="details-hash-body")
 
-    def show(self, report: ModelReport | None, hashes=None, selections: list[str] | None = None) -> None:
+    def show(self, report: ModelReport | None, hashes=None) -> None:
         body = self.query_one("#details-body", Static)
         hash_body = self.query_one("#details-hash-body", Static)
         if report is None:
             body.update(Text("No model.", style=DIM))
             hash_body.update("")
             return
-        body.update(render_details(report, hashes, selections or []))
+        body.update(render_details(report, hashes))
         hash_body.update(render_hashes(report, hashes))
 
 
-def render_details(report: ModelReport, hashes, selections: list[str]) -> RenderableType:
+def render_details(report: ModelReport, hashes) -> RenderableType:
     """``hashes`` is the engine's FileHashes for this file, or None while hashing is pending."""
-    parts: list[RenderableType] = [_title(report, selections), _components_table(report, hashes)]
+    parts: list[RenderableType] = [_title(report), _components_table(report, hashes)]
     findings = _findings(report, hashes)
     if findings.plain:
         parts.append(findings)
@@ -75,7 +75,7 @@ def render_hashes(report: ModelReport, hashes) -> RenderableType:
     return t
 
 
-def _title(report: ModelReport, selections: list[str]) -> Text:
+def _title(report: ModelReport) -> Text:
     t = Text()
     t.append(report.model_id, style="bold #7aa2f7")
     t.append("  ")
@@ -87,9 +87,6 @@ def _title(report: ModelReport, selections: list[str]) -> Text:
         t.append("   " + " ".join(f"{d}×{n}" for d, n in sorted(report.dtypes.items(), key=lambda x: -x[1])), style=DIM)
     t.append("\n")
     t.append(str(report.path), style=DIM)
-    if selections:
-        t.append("\nin: ", style=DIM)
-        t.append(", ".join(selections), style=f"bold {OK}")
     return t
 
 

@@ -1,0 +1,154 @@
+"""How fast the app opens and reacts with a big folder: 200 (or --models N) small synthetic SDXL
+checkpoints (real key set, shapes shrunk by 256), the real app under ``run_test``.
+
+Measured side by side in one run:
+- scan: ``engine.scan.scan`` of the folder (headers only);
+- open: app start until every row is in the grid (scan included, hashing not waited for);
+- toggle: one space press until the cell and the header total are updated (``update_cell``),
+  against rebuilding the whole table for the same change (what a naive grid would do);
+- column: ``c`` on a 200-row column.
+
+Prints a table and writes the "## tui" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import synth  # noqa: E402
+from engine.scan import scan  # noqa: E402
+
+SECTION = "## tui"
+
+
+def make_folder(folder: Path, n: int) -> None:
+    for i in range(n):
+        path = folder / f"_x{i + 1:03d}-model.safetensors"
+        if not path.exists():
+            synth.write_checkpoint(path, synth.SynthSpec(scale=256, seed=i + 1))
+
+
+async def measure(folder: Path, n: int, repeats: int) -> dict[str, list[float]]:
+    from textual.coordinate import Coordinate
+
+    from astolfo_tui.app import AstolfoApp
+    from astolfo_tui.widgets.selection_grid import SEL, SelectionGrid
+
+    out: dict[str, list[float]] = {k: [] for k in ("first", "open", "build", "noop", "toggle", "update_cell", "rebuild", "column")}
+    for _ in range(repeats):
+        app = AstolfoApp([folder], reattach=False)
+        start = time.perf_counter()
+        async with app.run_test(size=(160, 48)) as pilot:
+            while not (app.library and app.library.query_one(SelectionGrid).row_count > 0):
+                await asyncio.sleep(0.002)
+            out["first"].append(time.perf_counter() - start)
+            while not (app.library and app.library.query_one(SelectionGrid).row_count == n):
+                await asyncio.sleep(0.002)
+            out["open"].append(time.perf_counter() - start)
+            grid = app.library.query_one(SelectionGrid)
+            t = time.perf_counter()
+            grid.rebuild()
+            out["build"].append(time.perf_counter() - t)
+            while not (app.library._hash_progress[1] and app.library._hash_progress[0] >= app.library._hash_progress[1]):
+                await asyncio.sleep(0.01)  # toggles are timed with hashing finished
+            await pilot.pause(0.2)
+            grid.cursor_coordinate = Coordinate(0, grid.get_column_index(SEL + "te0"))
+            await pilot.pause(0.2)
+            for key, name in (("z", "noop"), ("space", "toggle")):
+                for i in range(10):
+                    t = time.perf_counter()
+                    await pilot.press(key)
+                    out[name].append(time.perf_counter() - t)
+            for i in range(10):
+                t = time.perf_counter()
+                grid.toggle("te0", grid.state.order[1])
+                out["update_cell"].append(time.perf_counter() - t)
+            for i in range(3):
+                t = time.perf_counter()
+                grid.state.toggle("te0", grid.state.order[1])
+                grid.rebuild()
+                out["rebuild"].append(time.perf_counter() - t)
+            grid.cursor_coordinate = Coordinate(0, grid.get_column_index(SEL + "unet"))
+            await pilot.pause(0.2)
+            for i in range(4):
+                t = time.perf_counter()
+                await pilot.press("c")
+                out["column"].append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "astolfo-bench-tui")
+    args = parser.parse_args()
+    folder = args.dir / str(args.models)
+    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, args.models)
+    with tempfile.TemporaryDirectory() as tmp:  # private cache/state/config: never the user's
+        for var in ("ASTOLFO_CACHE_DIR", "ASTOLFO_STATE_DIR", "ASTOLFO_CONFIG_DIR"):
+            os.environ[var] = str(Path(tmp) / var.lower())
+        scans = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            scan([folder])
+            scans.append(time.perf_counter() - t)
+        timings = asyncio.run(measure(folder, args.models, args.repeats))
+    timings["scan"] = scans
+    med = {k: statistics.median(v) * 1000 for k, v in timings.items()}
+    rows = [
+        ("scan (headers only, engine.scan)", med["scan"], "the engine's share of opening"),
+        ("app start until the first rows show", med["first"], "rows stream in while the scan goes on"),
+        ("app start until every row is in the grid", med["open"], "includes the whole scan"),
+        (f"build the grid from {args.models} reports", med["build"], "the app's own share of opening"),
+        ("key press that does nothing (Pilot's own waits)", med["noop"], "baseline for the next two rows"),
+        ("space: toggle one cell, screen redrawn", med["toggle"], ""),
+        (f"c: toggle a whole column ({args.models} cells), screen redrawn", med["column"], ""),
+        ("toggle call alone (update_cell + header total)", med["update_cell"], ""),
+        ("same change by rebuilding the table", med["rebuild"], f"{med['rebuild'] / med['update_cell']:.0f}x the update_cell path"),
+    ]
+    machine = f"{platform.node() or 'this machine'}: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    lines = [
+        SECTION,
+        "",
+        f"`python bench/bench_tui.py --models {args.models}` — {args.models} synthetic SDXL files (full key set, 1/256 shapes), "
+        f"the real app under Textual's run_test at 160x48, median of {args.repeats} opens / 10 key presses / 4 column toggles. "
+        f"Machine: {machine}.",
+        "",
+        "| what | ms | note |",
+        "|---|---:|---|",
+        *[f"| {what} | {ms:,.1f} | {note} |" for what, ms, note in rows],
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_section(ROOT / "docs" / "benchmarks.md", text)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this bench's section of docs/benchmarks.md, leaving the others alone."""
+    old = path.read_text("utf-8") if path.exists() else "# Benchmarks\n\n"
+    start = old.find(SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new.rstrip("\n") + "\n", "utf-8")
+
+
+if __name__ == "__main__":
+    main()
