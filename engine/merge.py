@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,6 +66,7 @@ class Tuning:
     read_buffers: int = 4
     out_buffers: int = 3
     readers: int = 1
+    workers: int = 0  # CPU compute threads; 0: one per core
     sub_elems: int = 1 << 20  # CPU: elements per cache-sized pass
     sync_bytes: int = 256 << 20
     sync_seconds: float = 5.0
@@ -100,10 +102,15 @@ class MergeResult:
 
 def execute(plan: MergePlan, on_event: Callable[[ev.Event], None] | None = None,
             cancel: threading.Event | None = None, resume: bool = False,
-            tuning: Tuning | None = None) -> MergeResult:
+            tuning: Tuning | None = None, read_limit: float | None = None) -> MergeResult:
     """Merge ``plan``. Raises MergeCancelled when ``cancel`` is set (nothing left behind) and
-    MergeError when the merge cannot complete (nothing left behind either)."""
-    return _Run(plan, on_event, cancel or threading.Event(), tuning).run(resume)
+    MergeError when the merge cannot complete (nothing left behind either).
+
+    ``read_limit``: at most this many bytes per second read from the sources (None: as fast as
+    the disk goes), for shared disks and network storage that a full-speed merge would hog."""
+    run = _Run(plan, on_event, cancel or threading.Event(), tuning)
+    run.read_limit = read_limit
+    return run.run(resume)
 
 
 def discard_partial(plan: MergePlan) -> None:
@@ -142,6 +149,7 @@ class _Run:
         self._rate: list[tuple[float, int]] = []
         self.current_key: str | None = None
         self.stage = "merging"
+        self.read_limit: float | None = None  # bytes/s; see execute
 
     # ------------------------------------------------------------------ events
 
@@ -399,44 +407,47 @@ class _Run:
             max_elems = max((seg.numel for it in items for seg in it.segments), default=1)
             backend = CudaBackend(plan, self.device, t.buffer_bytes, max_elems)
         else:
-            backend = CpuBackend(plan, t.sub_elems)
+            backend = CpuBackend(plan, t.sub_elems, t.workers)
         writes = step_writes(plan)
         free_read: queue.Queue = queue.Queue()
-        for _ in range(max(2, t.read_buffers)):
+        for _ in range(max(2, t.read_buffers) + backend.depth - 1):
             free_read.put(backend.alloc(t.buffer_bytes))
         free_out: queue.Queue = queue.Queue()
-        for _ in range(max(2, t.out_buffers)):
+        for _ in range(max(2, t.out_buffers) + backend.depth - 1):
             free_out.put(backend.alloc(t.buffer_bytes))
         stop = threading.Event()
         reader = _Readers(items, self.fds, plan, free_read, stop, t.readers)
+        reader.throttle = _ReadThrottle(self.read_limit) if self.read_limit else None
         writer = _Writer(self.streams, writes, free_out, stop, t)
         reader.start()
         writer.start()
-        pending = current = None
+        inflight: deque = deque()
         try:
             for item in items:
                 buf = self._wait(lambda: reader.take(item.index, 0.1), reader, writer)
                 out = self._wait(lambda: _get(free_out, 0.1), reader, writer)
-                current = (item, backend.submit(item, buf, out, self.excluded), buf, out)
-                if pending is not None:
-                    self._finish(backend, pending, free_read, writer)
-                pending, current = current, None
+                inflight.append((item, backend.submit(item, buf, out, self.excluded), buf, out))
+                while len(inflight) >= backend.depth:
+                    self._finish(backend, inflight.popleft(), free_read, writer)
                 self._check_cancel()
-            if pending is not None:
-                last, pending = pending, None
-                self._finish(backend, last, free_read, writer)
+            while inflight:
+                self._finish(backend, inflight.popleft(), free_read, writer)
             writer.finish()
             self._wait(lambda: writer.done.wait(0.1) or None, reader, writer)
             writer.raise_error()
         except BaseException:
-            if current is not None:  # wait for in-flight device work before its buffers go
-                backend.finish(current[1])
+            for entry in inflight:  # let in-flight work end before its buffers go
+                try:
+                    backend.finish(entry[1])
+                except Exception:
+                    pass
             raise
         finally:
             stop.set()
             writer.close()
             reader.join()
             writer.join()
+            backend.close()
 
     def _wait(self, attempt, reader, writer):
         """Poll ``attempt`` (returns a value or None) while watching cancel, errors, progress."""
@@ -514,7 +525,7 @@ def _fingerprint(plan: MergePlan) -> str:
     doc = {
         "format": FORMAT_VERSION,
         "files": [[str(f.path), f.size, f.mtime_ns] for f in plan.files],
-        "nodes": [[n.kind, n.key, list(n.shape), n.acc, n.dtype, n.check_finite,
+        "nodes": [[n.kind, n.key, list(n.shape), n.acc, n.dtype, n.check_finite, list(n.factors),
                    [[s.file, s.key, s.dtype, s.offset, s.weight] for s in n.sources]] for n in plan.nodes],
         "steps": [[s.key, s.nodes] for s in plan.steps],
         "outputs": [[str(o.path), hashlib.sha256(build_header(o.tensors, o.metadata)).hexdigest(), o.nodes]
@@ -527,8 +538,29 @@ def _fingerprint(plan: MergePlan) -> str:
 # --------------------------------------------------------------------------- threads
 
 
+class _ReadThrottle:
+    """Paces reads to ``rate`` bytes per second over all reader threads (``execute``'s
+    ``read_limit``); waits in short sleeps so a cancel still stops the merge at once."""
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self.lock = threading.Lock()
+        self.next_start = time.monotonic()
+
+    def wait_for(self, nbytes: int, stop: threading.Event) -> None:
+        with self.lock:
+            start = max(self.next_start, time.monotonic())
+            self.next_start = start + nbytes / self.rate
+        while (delay := start - time.monotonic()) > 0:
+            if stop.is_set():
+                raise _Stop()
+            time.sleep(min(delay, 0.05))
+
+
 class _Readers:
     """Reader threads: item i goes to thread i % n; buffers are taken in item order."""
+
+    throttle: "_ReadThrottle | None" = None
 
     def __init__(self, items, fds, plan, free, stop: threading.Event, n: int):
         self.items = items
@@ -602,6 +634,8 @@ class _Readers:
             for s in seg.sources:
                 if self.stop.is_set():
                     raise _Stop()
+                if self.throttle is not None:
+                    self.throttle.wait_for(s.nbytes, self.stop)
                 _pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
                              self.plan.files[s.file].path)
 

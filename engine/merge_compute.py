@@ -2,20 +2,20 @@
 
 ``Kernel`` holds the exact-mean recipe used on every device:
 
-- accumulate in fp32 when every product and sum is exact there (fp16/fp8 sources, weights with
-  few significant bits: see ``engine.plan._accumulator``), else in fp64;
-- convert each source into a preallocated accumulator-dtype buffer and add it (on the CPU a
-  mixed-dtype ``add_`` is ~10x slower than copy-then-add);
+- weights scaled to exact integers and sums kept in fp64, where they are exact (see
+  ``engine.plan.exact_factors`` for why fp32 is not enough for a correctly rounded mean);
+- convert each source into a preallocated buffer and add it (on the CPU a mixed-dtype ``add_``
+  is ~10x slower than copy-then-add, and fp16 -> fp64 is fastest through fp32);
 - divide once by the total weight (a true division: on CUDA by a device tensor, because torch
   turns division by a host scalar into multiplication by its reciprocal, which rounds twice);
-- narrow fp64 results to fp16/bf16 through fp32 with round-to-odd, so the value is rounded
-  once, correctly, instead of twice.
+- narrow fp64 results to fp16/bf16 by rounding to odd at fp32 precision first, so the value is
+  rounded once, correctly, instead of twice.
 
 A NaN or Inf in any source makes the sum non-finite; the kernel returns that flag (a 0-dim
 tensor, so the GPU need not synchronise) and the backend then finds which source it was.
 
-``CpuBackend`` walks each slice in sub-chunks that stay in cache, with torch's intra-op threads
-on all cores. ``CudaBackend`` copies an item's read buffer (pinned host memory) to the GPU on a
+``CpuBackend`` computes items on worker threads (one per core, one torch thread each), walking
+each slice in sub-chunks that stay in cache. ``CudaBackend`` copies an item's read buffer (pinned host memory) to the GPU on a
 copy stream, computes on a compute stream, copies the results back to a pinned output buffer
 and lets the caller collect them one item later, so transfers, compute and file I/O overlap.
 """
@@ -23,6 +23,9 @@ and lets the caller collect them one item later, so transfers, compute and file 
 from __future__ import annotations
 
 import math
+import os
+import queue
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -116,23 +119,29 @@ class Kernel:
 
     def narrow(self, src: torch.Tensor, out: torch.Tensor) -> None:
         if src.dtype == torch.float64 and out.dtype in _NARROW:
-            out.copy_(self.round_to_odd_f32(src))
+            out.copy_(self.round_to_odd(src))  # exact in fp32, then one rounding to 16 bits
         else:
             out.copy_(src)
 
-    def round_to_odd_f32(self, src: torch.Tensor) -> torch.Tensor:
-        """fp64 -> fp32 rounded to odd: exact values stay, inexact ones take the odd one of the
-        two neighbouring floats, so a later rounding to <= 22 bits is the correct rounding."""
+    def round_to_odd(self, src: torch.Tensor) -> torch.Tensor:
+        """fp64 values cut to fp32's 24 significant bits, rounded to odd: the kept part, with its
+        last bit set when anything was cut. A later rounding to <= 22 bits is then the correct
+        rounding of ``src`` (torch rounds fp64 to fp16 through fp32: twice, and wrongly at
+        near-ties). Integer ops on the fp64 bits, in place, no allocation."""
         n = src.numel()
-        f = self.buf("odd32", torch.float32, n)
-        f.copy_(src)
-        back = self.buf("odd64", torch.float64, n)
-        back.copy_(f)
-        fix = (back != src) & ((f.view(torch.int32) & 1) == 0)
-        if bool(fix.any()):
-            toward = torch.where(back < src, float("inf"), float("-inf")).to(torch.float32)
-            f.copy_(torch.where(fix, torch.nextafter(f, toward), f))
-        return f
+        bits = src.view(torch.int64)
+        low = self.buf("odd_low", torch.int64, n)
+        kept = self.buf("odd_kept", torch.int64, n)
+        torch.bitwise_and(bits, _CUT_MASK, out=low)
+        low.add_(_CUT_MASK).bitwise_and_(_KEEP_LSB)  # the kept lsb, set iff something was cut
+        torch.bitwise_and(bits, ~_CUT_MASK, out=kept)
+        kept.bitwise_or_(low)
+        return kept.view(torch.float64)
+
+
+# fp64 has 52 fraction bits, fp32 23: round-to-odd works on the 29 bits below fp32's precision.
+_CUT_MASK = (1 << 29) - 1
+_KEEP_LSB = 1 << 29
 
 
 def arange_values(dtype: str, numel: int) -> torch.Tensor:
@@ -144,66 +153,115 @@ def _view(buf: torch.Tensor, offset: int, nbytes: int, dtype: str) -> torch.Tens
 
 
 def _node_parts(plan: MergePlan, seg: Segment, ns, excluded: dict[int, set]):
+    """The node, its sources' slices not excluded (skip_nan) and their multipliers."""
     node = plan.nodes[ns.node]
-    slices = [seg.sources[i] for i in ns.sources]
     skip = excluded.get(ns.node, ())
-    kept = [s for s in slices if (s.file, s.key) not in skip]
-    return node, kept
+    kept, factors = [], []
+    for i, f in zip(ns.sources, node.factors):
+        s = seg.sources[i]
+        if (s.file, s.key) not in skip:
+            kept.append(s)
+            factors.append(f)
+    return node, kept, factors
 
 
 # --------------------------------------------------------------------------- CPU
 
 
+class _Job:
+    def __init__(self, item: Item, read_buf, out_buf, excluded):
+        self.item, self.read_buf, self.out_buf, self.excluded = item, read_buf, out_buf, excluded
+        self.done = threading.Event()
+        self.bads: list[Bad] = []
+        self.error: BaseException | None = None
+
+
 class CpuBackend:
-    """Computes each item at once on the calling thread (torch uses every core inside ops)."""
+    """Items computed by worker threads, one item per worker at a time, each worker with one
+    torch thread. Parallel items instead of torch's intra-op threads: OpenMP's barriers stall
+    when another thread (our reader or writer, or another program) holds a core, which made
+    each op ~30x slower on a busy 2-core machine."""
 
     name = "cpu"
 
-    def __init__(self, plan: MergePlan, sub_elems: int = 1 << 20):
+    def __init__(self, plan: MergePlan, sub_elems: int = 1 << 20, workers: int = 0):
         self.plan = plan
         self.sub = max(1, sub_elems)
-        self.kernel = Kernel(torch.device("cpu"), self.sub)
         self.device = torch.device("cpu")
+        self.depth = workers or cpu_count()
+        self._jobs: queue.Queue = queue.Queue()
+        self._threads = [threading.Thread(target=self._work, name=f"merge-cpu-{i}", daemon=True)
+                         for i in range(self.depth)]
+        for th in self._threads:
+            th.start()
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def submit(self, item: Item, read_buf: torch.Tensor, out_buf: torch.Tensor, excluded: dict[int, set]):
-        bads: list[Bad] = []
-        for seg in item.segments:
-            for ns in seg.nodes:
-                bad = self._node(seg, ns, read_buf, out_buf, excluded)
-                if bad is not None:
-                    bads.append(bad)
-        return bads
+    def submit(self, item: Item, read_buf: torch.Tensor, out_buf: torch.Tensor, excluded: dict[int, set]) -> _Job:
+        job = _Job(item, read_buf, out_buf, excluded)
+        self._jobs.put(job)
+        return job
 
-    def finish(self, handle) -> list[Bad]:
-        return handle
+    def finish(self, job: _Job) -> list[Bad]:
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.bads
 
-    def _node(self, seg: Segment, ns, read_buf, out_buf, excluded) -> Bad | None:
-        node, kept = _node_parts(self.plan, seg, ns, excluded)
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for th in self._threads:
+            th.join()
+
+    def _work(self) -> None:
+        torch.set_num_threads(1)  # this thread only (an OpenMP per-thread setting)
+        kernel = Kernel(self.device, self.sub)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                for seg in job.item.segments:
+                    for ns in seg.nodes:
+                        bad = self._node(kernel, seg, ns, job)
+                        if bad is not None:
+                            job.bads.append(bad)
+            except BaseException as e:  # handed to the merge thread by finish()
+                job.error = e
+            finally:
+                job.done.set()
+
+    def _node(self, k: Kernel, seg: Segment, ns, job: _Job) -> Bad | None:
+        node, kept, factors = _node_parts(self.plan, seg, ns, job.excluded)
         n = seg.numel
-        outs = {d: _view(out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()}
+        outs = {d: _view(job.out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()}
         if node.kind == ARANGE:
             for out in outs.values():
                 out.copy_(arange_values(node.dtype, n))
             return None
         if not kept:
             return Bad(seg, ns.node, [])
-        views = [_view(read_buf, s.buf_offset, s.nbytes, s.dtype) for s in kept]
-        weights = [s.weight for s in kept]
-        k = self.kernel
+        views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in kept]
         for a in range(0, n, self.sub):
             b = min(n, a + self.sub)
             parts = [o[a:b] for o in outs.values()]
             if node.kind == COPY:
                 finite = k.copy(views[0][a:b], parts, node.check_finite)
             else:
-                finite = k.mean([v[a:b] for v in views], weights, node.acc, parts)
+                finite = k.mean([v[a:b] for v in views], factors, node.acc, parts)
             if finite is not None and not bool(finite):
                 culprits = [(s.file, s.key) for s, v in zip(kept, views) if not k.finite(v[a:b])]
                 return Bad(seg, ns.node, culprits)
         return None
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- CUDA
@@ -223,6 +281,7 @@ class CudaBackend:
     reuses an item's host buffers only after ``finish`` (which waits for its copies)."""
 
     name = "cuda"
+    depth = 2
 
     def __init__(self, plan: MergePlan, device: torch.device, buffer_bytes: int, max_elems: int):
         self.plan = plan
@@ -260,7 +319,7 @@ class CudaBackend:
         return pending
 
     def _node(self, seg: Segment, ns, din, dout, excluded):
-        node, kept = _node_parts(self.plan, seg, ns, excluded)
+        node, kept, factors = _node_parts(self.plan, seg, ns, excluded)
         n = seg.numel
         outs = [_view(dout, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()]
         if node.kind == ARANGE:
@@ -272,7 +331,7 @@ class CudaBackend:
         views = [_view(din, s.buf_offset, s.nbytes, s.dtype) for s in kept]
         if node.kind == COPY:
             return self.kernel.copy(views[0], outs, node.check_finite)
-        return self.kernel.mean(views, [s.weight for s in kept], node.acc, outs)
+        return self.kernel.mean(views, factors, node.acc, outs)
 
     def finish(self, pending: _Pending) -> list[Bad]:
         pending.done.synchronize()
@@ -283,7 +342,7 @@ class CudaBackend:
         for (seg, ns, _), ok in zip(pending.flags, values):
             if ok:
                 continue
-            node, kept = _node_parts(self.plan, seg, ns, pending.excluded)
+            node, kept, _ = _node_parts(self.plan, seg, ns, pending.excluded)
             culprits = []
             with torch.cuda.stream(self.compute_stream):
                 for s in kept:
@@ -291,3 +350,6 @@ class CudaBackend:
                         culprits.append((s.file, s.key))
             bads.append(Bad(seg, ns.node, culprits))
         return bads
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -34,8 +35,8 @@ OUTPUT_DTYPE = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 
 MEAN, COPY, ARANGE = "mean", "copy", "arange"
 
-# Source dtypes whose sums are exact in fp32 accumulators (see Node.acc).
-_FP32_EXACT_SOURCES = {"F16": 11, "F8_E4M3": 4, "F8_E5M2": 3}
+# Significant bits of each float source dtype (what a product with a weight must keep exact).
+_SOURCE_BITS = {"F16": 11, "BF16": 8, "F32": 24, "F64": 53, "F8_E4M3": 4, "F8_E5M2": 3}
 
 
 @dataclass
@@ -85,16 +86,13 @@ class Node:
     shape: tuple[int, ...]
     sources: tuple[Source, ...]
     check_finite: bool  # stop (or skip, with skip_nan) on NaN/Inf in a source
-    acc: str = "F32"  # accumulator dtype of a mean: F32 when sums are exact in it, else F64
+    acc: str = "F64"  # accumulator dtype of a mean (see exact_factors)
     dtype: str | None = None  # fixed output dtype (copies of buffers, arange); None: the output's
+    factors: tuple[float, ...] = ()  # multiplier of each source in the sum (see exact_factors)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def total_weight(self) -> float:
-        return math.fsum(s.weight for s in self.sources)
 
 
 @dataclass
@@ -318,9 +316,9 @@ class _Builder:
         nid = self.node_ids.get(ident)
         if nid is None:
             shape = sources[0].shape if sources else self.arch.tensors[key].shape
-            acc = _accumulator(sources) if kind == MEAN else "F32"
+            acc, factors = exact_factors(sources) if kind == MEAN else ("F32", (1.0,) * len(sources))
             nid = len(self.nodes)
-            self.nodes.append(Node(nid, kind, key, shape, tuple(sources), check, acc, dtype))
+            self.nodes.append(Node(nid, kind, key, shape, tuple(sources), check, acc, dtype, factors))
             self.node_ids[ident] = nid
         return nid
 
@@ -490,26 +488,27 @@ class _Builder:
         return steps
 
 
-def _accumulator(sources: list[Source]) -> str:
-    """F32 when every product and sum of the mean is exact in fp32 (fp16/fp8 sources with weights
-    of few significant bits: the result is then the correctly rounded mean), F64 otherwise."""
-    bits = [_FP32_EXACT_SOURCES.get(s.dtype) for s in sources]
-    if any(b is None for b in bits):
-        return "F64"
-    spare = 24 - max(bits)
-    for s in sources:
-        if not _few_bits(s.weight, spare):
-            return "F64"
-    total = math.fsum(s.weight for s in sources)
-    return "F32" if _few_bits(total, spare) else "F64"
+def exact_factors(sources: list[Source]) -> tuple[str, tuple[float, ...]]:
+    """Accumulator dtype and per-source multipliers of a weighted mean.
+
+    Weights are taken as the decimals the user wrote (0.3 is 3/10, not the binary double nearest
+    it) and scaled to the smallest integers with the same ratios (0.3, 1.7, 5 -> 3, 17, 50): the
+    mean is the same and every product is exact. Sums are kept in fp64, where they are exact for
+    any realistic inputs; fp32 is not enough: a source value 2^13 times smaller than another in
+    the same element is partly lost, and where the mean sits on an fp16 tie (common: 3a + 17b +
+    50c hits one in ~1e-4 of elements) that lost part decides the rounding. Weights with too many
+    digits for exact products keep their binary values."""
+    weights = [Fraction(repr(s.weight)) for s in sources]
+    scale = math.lcm(*(w.denominator for w in weights))
+    ints = [int(w * scale) for w in weights]
+    widest = max(_SOURCE_BITS.get(s.dtype, 53) for s in sources)
+    if all(_significant_bits(k) <= 53 - widest for k in ints) and sum(ints) < 2**53:
+        return "F64", tuple(float(k) for k in ints)
+    return "F64", tuple(s.weight for s in sources)
 
 
-def _few_bits(x: float, bits: int) -> bool:
-    if not math.isfinite(x) or x <= 0:
-        return False
-    mantissa, _ = math.frexp(x)
-    scaled = mantissa * (1 << bits)
-    return scaled == int(scaled)
+def _significant_bits(k: int) -> int:
+    return (k >> ((k & -k).bit_length() - 1)).bit_length() if k else 0
 
 
 def _normal_extra_name(arch: Architecture, stored: str) -> str:

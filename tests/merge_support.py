@@ -1,0 +1,94 @@
+"""Helpers for the recipe, plan and merge tests: small synthetic checkpoints, recipe text, and
+an fp64 reference mean computed independently of the engine (safetensors' own loader, plain
+torch arithmetic)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from engine.synth import SynthSpec, write_checkpoint
+
+SCALE = 64  # ~2 MB per SDXL file: every key, small shapes
+
+
+def make_models(folder: Path, count: int = 3, scale: int = SCALE, **spec) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"m{i}.safetensors"
+        write_checkpoint(path, SynthSpec(seed=i + 1, scale=scale, **spec))
+        paths.append(path)
+    return paths
+
+
+def recipe_text(models: dict[str, str], select: dict[str, list[str]], outputs: list[dict], weights=None,
+                **settings) -> str:
+    lines = [f'name = "{settings.pop("name", "test-mix")}"']
+    for k, v in settings.items():
+        lines.append(f"{k} = {_toml(v)}")
+    lines.append("[models]")
+    lines += [f'{mid} = "{path}"' for mid, path in models.items()]
+    lines.append("[select]")
+    lines += [f"{name} = {_toml(ids)}" for name, ids in select.items()]
+    if weights:
+        lines.append("[weights]")
+        lines += [f"{mid} = {w!r}" for mid, w in weights.items()]
+    for out in outputs:
+        lines.append("[[output]]")
+        lines += [f"{k} = {_toml(v)}" for k, v in out.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def sdxl_output(path: str, sel: str = "all", **over) -> dict:
+    out = {"path": path, "unet": sel, "te0": sel, "te1": sel, "vae": sel}
+    out.update(over)
+    return out
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def reference_mean(tensors: list[torch.Tensor], weights: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """The weighted mean in fp64, rounded once to ``dtype``."""
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        acc += t.to(torch.float64) * w
+    return round_exact(acc / sum(weights), dtype)
+
+
+def round_exact(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp64 ``x`` correctly rounded (to nearest, ties to even) to ``dtype``. torch converts
+    fp64 to fp16/bf16 through fp32 (rounding twice), so for 16-bit types the result is chosen
+    among the neighbours of torch's answer by exact fp64 distance."""
+    if dtype in (torch.float32, torch.float64):
+        return x.to(dtype)
+    flat = x.reshape(-1)
+    first = flat.to(dtype)
+    bits = first.view(torch.int16).to(torch.int32)
+    cands = torch.stack([first, (bits - 1).to(torch.int16).view(dtype), (bits + 1).to(torch.int16).view(dtype)])
+    cand_bits = torch.stack([bits, bits - 1, bits + 1])
+    dist = (cands.to(torch.float64) - flat).abs().nan_to_num(float("inf"))
+    best = dist.min(0).values
+    is_min = dist == best
+    even = is_min & (cand_bits % 2 == 0)
+    pick = torch.where(even.any(0), even.to(torch.int8).argmax(0), is_min.to(torch.int8).argmax(0))
+    return cands.gather(0, pick.unsqueeze(0)).reshape(x.shape)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
