@@ -88,3 +88,14 @@ def test_table(folder, capsys, monkeypatch):
     assert "te0#1: te0 byte-identical in m01, m03; also identical up to fp16 in m02" in out
     assert "unet#1: unet identical up to fp16 in m01, m02" in out
     assert "vae has" in out and "NaN" in out
+
+
+def test_narrow_terminal_keeps_every_hash_whole(folder, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["hash", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for name in ("m1", "m2", "m3"):
+        h = hash_file(folder / f"{name}.safetensors")
+        assert h.autov2 in out
+        assert all(c.exact_short in out for c in h.components.values())

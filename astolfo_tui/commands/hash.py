@@ -190,45 +190,42 @@ def _flag(value: bool | None) -> Text:
 
 
 def _print_table(reports, hashes, errors, flags, labels, groups, known_refs) -> None:
+    """The table, then the shared-component legend, then the problems, one line each. Where one
+    table would not fit the terminal, component hashes get a table of their own."""
     console = Console()
     cids = [c for c in _COMPONENT_ORDER if any(c in h.components for h in hashes.values())]
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("id", style="bold", no_wrap=True)
-    table.add_column("AutoV2", no_wrap=True)
-    for cid in cids:
-        table.add_column(cid, no_wrap=True)
-    table.add_column("CLIP/VAE", no_wrap=True)
-    table.add_column("=sd", no_wrap=True)
-    table.add_column("shared", no_wrap=False)
-    table.add_column("findings", no_wrap=False)
-    bad = 0
+    id_width = max((len(r.model_id) for r in reports), default=2)
+    shared_width = max((len(" ".join(v)) for v in labels.values()), default=6)
+    one_table = id_width + 10 + 8 * len(cids) + 9 + 3 + shared_width + 2 * (len(cids) + 6) <= console.width
+    main = _table(id_width, ["AutoV2", *(cids if one_table else []), "CLIP/VAE", "=sd", "shared"])
+    side = None if one_table else _table(id_width, cids)
+    problems: list[tuple[str, str]] = []
     for r in reports:
         h = hashes.get(r.model_id)
-        if h is None:
-            msg = errors.get(r.model_id, "not hashed")
-            table.add_row(r.model_id, "-", *["" for _ in cids], "", "", "", Text(f"cannot hash: {msg}", style="red"))
-            bad += 1
-            continue
-        cells = [Text(h.components[c].exact_short) if c in h.components else Text("·", style="dim") for c in cids]
-        findings = Text()
-        for f in nonfinite_findings(h):
-            findings.append(("\n" if findings else "") + f.message, style="bold red")
         if r.kind == UNREADABLE:
-            findings.append(("\n" if findings else "") + "not a readable safetensors file", style="red")
-        bad += bool(findings)
-        table.add_row(
-            r.model_id,
-            h.autov2,
-            *cells,
-            _metric(h),
-            _flag(flags.get(r.model_id)),
-            " ".join(labels.get(r.model_id, [])),
-            findings,
-        )
+            problems.append((r.model_id, "not a readable safetensors file (file hashes only)"))
+        if h is None:
+            problems.append((r.model_id, f"cannot hash: {errors.get(r.model_id, 'not hashed')}"))
+            main.add_row(r.model_id, Text("-", style="red"))
+            continue
+        problems.extend((r.model_id, f.message) for f in nonfinite_findings(h))
+        cells = [Text(h.components[c].exact_short) if c in h.components else Text("·", style="dim") for c in cids]
+        flag, metric, shared = _flag(flags.get(r.model_id)), _metric(h), " ".join(labels.get(r.model_id, []))
+        if one_table:
+            main.add_row(r.model_id, h.autov2, *cells, metric, flag, shared)
+        else:
+            main.add_row(r.model_id, h.autov2, metric, flag, shared)
+            if h.components:
+                side.add_row(r.model_id, *cells)
     if reports:
-        console.print(table)
+        console.print(main)
+    if side is not None and side.row_count:
+        console.print(side)
     for g in groups:
         console.print(_legend(g, hashes))
+    for model_id, message in problems:
+        console.print(Text(f"  {model_id}: {message}", style="bold red"))
+    bad = len({m for m, _ in problems})
     summary = f"{len(reports)} model file(s), {len(hashes)} hashed"
     if bad:
         summary += f", {bad} with problems"
@@ -239,6 +236,14 @@ def _print_table(reports, hashes, errors, flags, labels, groups, known_refs) -> 
             "once, or pass --reference MODEL",
             style="dim",
         )
+
+
+def _table(id_width: int, columns: list[str]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("id", style="bold", no_wrap=True, min_width=id_width)
+    for name in columns:
+        table.add_column(name, no_wrap=name != "shared", overflow="fold" if name == "shared" else "ellipsis")
+    return table
 
 
 def _print_json(reports, hashes, errors, flags, labels) -> None:
