@@ -138,7 +138,8 @@ class Outcome:
     result: object = None
 
 
-def run_merge(job_dir: Path, resume: bool, on_event, cancel: threading.Event, log: IO[str]) -> Outcome:
+def run_merge(job_dir: Path, resume: bool, on_event, cancel: threading.Event, log: IO[str],
+              read_limit: float | None = None) -> Outcome:
     """Merge the job's recipe; every way it can end becomes an Outcome (nothing escapes)."""
     from .jobs import load_job_recipe
     from .merge import MergeCancelled, MergeError, execute
@@ -154,7 +155,7 @@ def run_merge(job_dir: Path, resume: bool, on_event, cancel: threading.Event, lo
     except (RecipeError, OSError, JobError) as e:
         return Outcome(FAILED, EXIT_FAILED, f"cannot read the job's recipe: {e}")
     try:
-        result = execute(plan, on_event=on_event, cancel=cancel, resume=resume)
+        result = execute(plan, on_event=on_event, cancel=cancel, resume=resume, read_limit=read_limit)
     except MergeCancelled:
         return Outcome(CANCELLED, EXIT_CANCELLED, "cancelled; partial output removed")
     except MergeError as e:
@@ -209,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         cancel.set()
 
     events = EventLog(job_dir / store.EVENTS, log)
+    read_limit = (data.get("options") or {}).get("read_limit")
     box: list[Outcome] = []
     worker = threading.Thread(
-        target=lambda: box.append(run_merge(job_dir, args.resume, events, cancel, log)), name="merge"
+        target=lambda: box.append(run_merge(job_dir, args.resume, events, cancel, log, read_limit)), name="merge"
     )
     worker.start()
     while worker.is_alive():

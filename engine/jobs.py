@@ -40,7 +40,6 @@ from .job_store import (
     OutputBusy,
     ProcessIdentity,
 )
-from .plan import build_plan
 from .recipe import Recipe, load_recipe, parse_recipe
 
 __all__ = [
@@ -78,6 +77,7 @@ class Job:
     exit_code: int | None
     exit_reason: str | None
     progress: float | None  # 0..1 from the latest progress event, None before the first
+    events_start: int  # byte offset in events.jsonl where the latest run (a resume) begins
     extra: dict = field(default_factory=dict, repr=False)  # job.json as read
 
     @property
@@ -146,6 +146,7 @@ def _job_from_json(job_dir: Path, data: dict) -> Job:
         exit_code=data.get("exit_code"),
         exit_reason=data.get("exit_reason"),
         progress=latest_progress(job_dir / store.EVENTS),
+        events_start=int(data.get("events_offset") or 0),
         extra=data,
     )
 
@@ -220,7 +221,8 @@ def read_event_lines(path: Path, offset: int = 0) -> tuple[list[dict], int]:
 
 def follow_events(job: Job, offset: int = 0) -> tuple[list, int]:
     """The events appended to ``job``'s events.jsonl since ``offset`` (as event objects) and the
-    offset to pass next time. Poll it: it never blocks."""
+    offset to pass next time. Poll it: it never blocks. Start at ``job.events_start`` to see
+    only the latest run of a resumed job, at 0 for its whole history."""
     dicts, new_offset = read_event_lines(job.events_path, offset)
     events = []
     for d in dicts:
@@ -312,16 +314,27 @@ def _launch(job_id: str, job_dir: Path, fds: list[int], resume: bool) -> Job:
     return load_job(job_dir)
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _resolved_outputs(recipe: Recipe) -> list[Path]:
-    return [Path(store.output_key(o.path)) for o in recipe.outputs]
+    return [Path(store.output_key(recipe.output_path(o))) for o in recipe.outputs]
 
 
-def start_job(recipe_path: str | os.PathLike) -> Job:
+def start_job(recipe_path: str | os.PathLike, read_limit: float | None = None) -> Job:
     """Validate ``recipe_path`` and start merging it in a detached process; returns at once.
+    ``read_limit``: bytes per second the merge may read (``engine.merge.execute``), kept for a
+    resume too.
 
     Raises RecipeError / PlanError (with every problem) for a recipe that cannot be merged, and
     OutputBusy when a live job already writes one of its outputs: in those cases no job is made.
     """
+    from .plan import build_plan  # here: listing jobs needs no torch
+
     recipe_path = Path(os.path.abspath(recipe_path))
     recipe = load_recipe(recipe_path)
     build_plan(recipe)
@@ -351,6 +364,8 @@ def start_job(recipe_path: str | os.PathLike) -> Job:
                 "attempts": 1,
                 "exit_code": None,
                 "exit_reason": None,
+                "options": {"read_limit": read_limit},
+                "events_offset": 0,
             },
         )
         fds = store.acquire_locks(job_id, job_dir, outputs)
@@ -375,6 +390,8 @@ def resume_job(ref: str) -> Job:
             f"job {job.id} was cancelled and its partial output removed; start it again with"
             f" `astolfo merge {job.recipe} --detach`"
         )
+    from .plan import build_plan
+
     recipe = load_job_recipe(job)
     build_plan(recipe)
     # Locks first: if another runner (a concurrent resume) has the job, nothing is rewritten.
@@ -390,6 +407,7 @@ def resume_job(ref: str) -> Job:
             attempts=job.attempts + 1,
             exit_code=None,
             exit_reason=None,
+            events_offset=_file_size(job.events_path),
         )
     except BaseException:
         store.release_locks(fds)
@@ -445,10 +463,15 @@ def _signal(ident: ProcessIdentity, sig: int) -> None:
 
 
 def _discard_partial_output(job: Job) -> None:
-    """Remove what an interrupted merge of ``job`` left beside its outputs for a resume."""
-    from .merge import discard_partial
+    """Remove what an interrupted merge of ``job`` left beside its outputs for a resume (the
+    partial file, its progress mark, and a mark's temporary file cut off mid-write). Needs no
+    plan, so it works when the job's models are gone."""
+    from .merge_output import remove_progress, sidecar_path
 
-    discard_partial(build_plan(load_job_recipe(job)))
+    for output in job.outputs:
+        remove_progress(output)
+        sidecar_tmp = sidecar_path(output)
+        sidecar_tmp.with_name(sidecar_tmp.name + ".tmp").unlink(missing_ok=True)
 
 
 def wait_for_job(ref: str, timeout_s: float | None = None, poll_s: float = 0.1) -> Job:
