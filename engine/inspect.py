@@ -17,6 +17,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import attrgetter
 from pathlib import Path
 
 import humanize
@@ -39,6 +40,8 @@ from .report import (
     Severity,
 )
 from .safetensors_io import DTYPES, Header, SafetensorsError, TensorReader, paused_gc, read_header
+
+_DTYPE_OF = attrgetter("dtype")
 
 SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
@@ -169,13 +172,14 @@ def _inspect_header(report: ModelReport, header: Header) -> None:
     tensors = header.tensors
     report.metadata = dict(header.metadata)
     report.metadata_summary = summarize_metadata(header.metadata)
-    report.dtypes = dict(Counter(t.dtype for t in tensors.values()))
+    report.dtypes = dict(Counter(map(_DTYPE_OF, tensors.values())))
     if not tensors:
         report.findings.append(Finding(ERROR, "no_tensors", "the file holds no tensors"))
         return
 
-    lora_keys, lora_name = _lora_keys(tensors)
     match = _best_match(tensors)
+    # A checkpoint whose keys mostly matched cannot be a LoRA: skip the search then.
+    lora_keys, lora_name = _lora_keys(tensors) if match is None or len(match.key_map) * 2 < len(tensors) else ([], "")
     if len(lora_keys) * 2 > len(tensors) or (match is None and lora_keys):
         report.kind = LORA
         report.findings.append(
@@ -257,7 +261,8 @@ def match_keys(arch: Architecture, stored_keys) -> KeyMatch:
             match.renames[(rule, comp)] += 1
     for cid in arch.components:
         expected = _expected_keys(arch.id, cid)
-        match.fractions[cid] = sum(1 for k in expected if k in match.key_map) / len(expected) if expected else 0.0
+        found = len(match.key_map.keys() & expected)
+        match.fractions[cid] = found / len(expected) if expected else 0.0
     return match
 
 
@@ -297,11 +302,11 @@ def _best_match(tensors) -> KeyMatch | None:
 
 
 @lru_cache(maxsize=None)
-def _expected_keys(arch_id: str, comp_id: str) -> tuple[str, ...]:
+def _expected_keys(arch_id: str, comp_id: str) -> frozenset[str]:
     """A component's weight keys: what must be there for it to be complete. position_ids is
     left out (many good files lack it, and merges write arange(77) anyway)."""
     arch = architectures()[arch_id]
-    return tuple(
+    return frozenset(
         k for k in arch.components[comp_id].keys if k != arch.position_ids_key and k not in arch.buffers
     )
 
@@ -393,12 +398,12 @@ def _component_status(
 ) -> ComponentStatus:
     arch, tensors = match.arch, header.tensors
     expected = _expected_keys(arch.id, comp.id)
-    found = [k for k in expected if k in match.key_map]
-    mapped = [k for k in comp.keys if k in match.key_map]
+    n_found = len(match.key_map.keys() & expected)
+    mapped = [k for k in comp.keys if k in match.key_map]  # reference order
     infos = [tensors[match.key_map[k]] for k in mapped]
-    if not found:
+    if not n_found:
         state = ABSENT
-    elif len(found) == len(expected):
+    elif n_found == len(expected):
         state = PRESENT
     else:
         state = PARTIAL
@@ -406,10 +411,10 @@ def _component_status(
         id=comp.id,
         label=comp.label,
         state=state,
-        keys_found=len(found),
+        keys_found=n_found,
         keys_expected=len(expected),
-        nbytes=sum(i.nbytes for i in infos),
-        dtypes=dict(Counter(i.dtype for i in infos)),
+        nbytes=sum(i.end - i.begin for i in infos),
+        dtypes=dict(Counter(map(_DTYPE_OF, infos))),
     )
     add = status.findings.append
     if state == ABSENT:
@@ -421,7 +426,7 @@ def _component_status(
         add(Finding(ERROR, "component_missing", f"no {comp.label} in this file ({where})", comp.id))
         return status
     if state == PARTIAL:
-        add(_missing_keys_finding(comp, [k for k in expected if k not in match.key_map], len(expected)))
+        add(_missing_keys_finding(comp, [k for k in comp.keys if k in expected and k not in match.key_map], len(expected)))
 
     shapes = _expected_shapes(arch.id, report.scale)
     wrong = [(k, i.shape, shapes[k]) for k, i in zip(mapped, infos) if i.shape != shapes[k]]
@@ -482,7 +487,7 @@ def _last_layer_keys(comp: Component) -> set[str]:
 
 def _dtype_findings(status: ComponentStatus, comp: Component, arch: Architecture, scaled_fp8: bool, pairs) -> None:
     """``pairs``: (canonical key, stored TensorInfo) for the component's weights."""
-    fp8 = sorted({i.dtype for _, i in pairs if i.dtype.startswith("F8_")})
+    fp8 = sorted(d for d in status.dtypes if d.startswith("F8_"))
     if fp8 and scaled_fp8:
         status.findings.append(
             Finding(
@@ -503,6 +508,8 @@ def _dtype_findings(status: ComponentStatus, comp: Component, arch: Architecture
                 comp.id,
             )
         )
+    if all(DTYPES[d].is_float for d in status.dtypes):
+        return
     ints = [i for k, i in pairs if not i.is_float and DTYPES[arch.tensors[k].dtype].is_float]
     if ints:
         status.findings.append(
@@ -677,9 +684,9 @@ def _file_findings(report: ModelReport, header: Header, match: KeyMatch, scaled_
                 "read under their standard names",
             )
         )
-    floats = Counter(
-        header.tensors[s].dtype for s in match.key_map.values() if header.tensors[s].is_float
-    )
+    floats = Counter()
+    for comp in report.components.values():
+        floats.update({d: n for d, n in comp.dtypes.items() if DTYPES[d].is_float})
     main = max(floats, key=floats.get) if floats else None
     if main and main != arch.float_dtype and not main.startswith("F8_"):
         add(
