@@ -52,6 +52,7 @@ class JobView:
     warnings: int = 0
     final: str | None = None  # finished | failed | cancelled
     final_message: str = ""
+    log_total: int = 0  # lines ever logged (the deque keeps the last LOG_LINES)
 
     @property
     def fraction(self) -> float:
@@ -64,6 +65,15 @@ class JobView:
         if handler is not None:
             handler(event)
 
+    def _log(self, kind: str, text: str) -> None:
+        self.log.append((kind, text))
+        self.log_total += 1
+
+    def lines_since(self, seen: int) -> list[tuple[str, str]]:
+        """Log lines after the first ``seen`` ever logged (as many as are still kept)."""
+        new = self.log_total - seen
+        return list(self.log)[-new:] if new > 0 else []
+
     def _on_started(self, e: ev.Started) -> None:
         self.device = e.device
         self.tensors_total = e.tensors_total
@@ -71,12 +81,12 @@ class JobView:
         for path in e.outputs:
             self.outputs.setdefault(path, OutputState(path))
         resumed = f", resuming after {e.resumed_tensors} tensors already written" if e.resumed_tensors else ""
-        self.log.append(("info", f"started on {e.device}: {e.sources} source files, {e.tensors_total} tensors, "
-                                 f"{e.bytes_to_read / 1e9:,.2f} GB to read{resumed}"))
+        self._log("info", f"started on {e.device}: {e.sources} source files, {e.tensors_total} tensors, "
+                          f"{e.bytes_to_read / 1e9:,.2f} GB to read{resumed}")
 
     def _on_stage(self, e: ev.Stage) -> None:
         self.stage = e.stage
-        self.log.append(("info", f"{e.stage}{': ' + e.message if e.message else ''}"))
+        self._log("info", f"{e.stage}{': ' + e.message if e.message else ''}")
 
     def _on_progress(self, e: ev.Progress) -> None:
         self.stage = e.stage
@@ -101,12 +111,12 @@ class JobView:
     def _on_warning(self, e: ev.MergeWarning) -> None:
         self.warnings += 1
         where = " ".join(x for x in (e.model_id, e.key) if x)
-        self.log.append(("warning", f"{e.message}{' (' + where + ')' if where else ''}"))
+        self._log("warning", f"{e.message}{' (' + where + ')' if where else ''}")
 
     def _on_output_done(self, e: ev.OutputDone) -> None:
         state = self.outputs.setdefault(e.path, OutputState(e.path))
         state.done = True
-        self.log.append(("ok", f"written {e.path} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors)"))
+        self._log("ok", f"written {e.path} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors)")
 
     def _on_finished(self, e: ev.Finished) -> None:
         self.final = "finished"
@@ -119,18 +129,18 @@ class JobView:
             self.host_rss_peak = e.host_rss_peak
         self.final_message = (f"finished in {e.elapsed_s:,.1f} s: read {e.bytes_read / 1e9:,.2f} GB at "
                               f"{e.gbps:,.2f} GB/s, {e.warnings} warning(s)")
-        self.log.append(("ok", self.final_message))
+        self._log("ok", self.final_message)
 
     def _on_failed(self, e: ev.Failed) -> None:
         self.final = "failed"
         where = " ".join(x for x in (e.model_id, e.key) if x)
         self.final_message = f"failed: {e.message}{' (' + where + ')' if where else ''}"
-        self.log.append(("error", self.final_message))
+        self._log("error", self.final_message)
 
     def _on_cancelled(self, e: ev.Cancelled) -> None:
         self.final = "cancelled"
         self.final_message = e.message or "cancelled"
-        self.log.append(("warning", self.final_message))
+        self._log("warning", self.final_message)
 
 
 def duration(seconds: float | None) -> str:

@@ -153,3 +153,74 @@ def _nvml_memory(pynvml, handle) -> tuple[int | None, int | None]:
         return int(info.used), int(info.total)
     except Exception:
         return None, None
+
+
+# --------------------------------------------------------------------------- dashboards
+
+
+@dataclass
+class GpuSnapshot:
+    """A card as NVML sees it now (all processes): for a dashboard watching a merge that runs in
+    another process (a detached job)."""
+
+    index: int
+    name: str
+    used: int | None
+    total: int | None
+    util: int | None  # percent busy over the driver's last sample period
+
+
+_nvml_state: dict = {}
+
+
+def _nvml():
+    """pynvml, initialised once per process; None without the package or a driver."""
+    if "module" not in _nvml_state:
+        _nvml_state["module"] = None
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            _nvml_state["module"] = pynvml
+        except Exception:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded, ...
+            pass
+    return _nvml_state["module"]
+
+
+def gpu_snapshot(device: str = "cuda:0") -> GpuSnapshot | None:
+    """Memory used/total and utilisation of the card named like ``cuda:1`` or
+    ``cuda:1 (NVIDIA H100 ...)`` (the form progress events carry), from NVML; None where there
+    is no NVML, no driver or no such card. Creates no CUDA context."""
+    match = re.match(r"^cuda(?::(\d+))?", device or "")
+    if not match:
+        return None
+    pynvml = _nvml()
+    if pynvml is None:
+        return None
+    index = int(match.group(1) or 0)
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(handle)
+        used, total = _nvml_memory(pynvml, handle)
+        try:
+            util = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:
+            util = None
+    except Exception:
+        return None
+    return GpuSnapshot(index, name.decode() if isinstance(name, bytes) else str(name), used, total, util)
+
+
+def host_memory() -> tuple[int | None, int | None]:
+    """This machine's RAM: (total, available) in bytes from /proc/meminfo; (None, None) where
+    unknown."""
+    fields = {}
+    try:
+        with open("/proc/meminfo", "r", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    return fields.get("MemTotal"), fields.get("MemAvailable")

@@ -21,13 +21,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Label, Log, ProgressBar, Sparkline, Static
+from textual.widgets import Button, Footer, Header, Label, ProgressBar, RichLog, Sparkline, Static
 from textual.worker import Worker, WorkerState
 
 from engine import devices
 from engine import jobs as engine_jobs
 from engine.notation import short_id
-from engine.plan import build_plan, check_recipe
+from engine.plan import Problem, build_plan, check_recipe
 from engine.report import Severity
 from astolfo_tui.job_view import JobView, duration
 from astolfo_tui.screens.dialogs import ConfirmDialog
@@ -37,6 +37,7 @@ from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
 # Used for the estimate only; the dashboard shows the real rate once the merge runs.
 ASSUMED_READ_RATE = 1.0e9
 POLL_S = 0.25
+LOG_STYLE = {"info": "", "ok": OK, "warning": WARN, "error": f"bold {ERROR}"}
 
 
 class MergeScreen(Screen):
@@ -52,10 +53,11 @@ class MergeScreen(Screen):
         self.library = library
         self.job = job
         self.view = JobView()
-        self.offset = 0
+        self.events_offset = 0
         self.problems: list = []
         self.plan = None
         self._poll_timer = None
+        self._log_written = 0
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -69,7 +71,7 @@ class MergeScreen(Screen):
         with Vertical(id="job-pane"):
             yield Static(id="job-title")
             with Horizontal(classes="progress-row"):
-                yield Label("overall", classes="progress-label")
+                yield Label("overall", id="overall-label", classes="progress-label")
                 yield ProgressBar(id="overall", show_eta=False)
                 yield Label("", id="overall-text", classes="progress-text")
             yield Vertical(id="output-bars")
@@ -79,7 +81,7 @@ class MergeScreen(Screen):
             yield Static(id="current-key")
             yield MemoryMeter("GPU", id="gpu-meter")
             yield MemoryMeter("RAM", id="ram-meter")
-            yield Log(id="job-log", max_lines=500)
+            yield RichLog(id="job-log", max_lines=500, wrap=True, markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Cancel merge", variant="error", id="cancel")
                 yield Button("Back", id="back2")
@@ -88,7 +90,7 @@ class MergeScreen(Screen):
     def on_mount(self) -> None:
         self.title = "astolfo — merge"
         if self.job is not None:
-            self._attach(self.job)
+            self.attach_job(self.job)
         else:
             self.query_one("#job-pane").display = False
             self._check()
@@ -113,7 +115,7 @@ class MergeScreen(Screen):
             try:
                 self.plan = build_plan(recipe, reports)
             except Exception as e:  # PlanError carries the problems; show them rather than fail
-                self.problems = list(getattr(e, "problems", [])) or [_Plain(str(e))]
+                self.problems = list(getattr(e, "problems", [])) or [Problem(Severity.ERROR, str(e))]
         self.query_one("#plan-summary", Static).update(self._summary(recipe))
         self.query_one("#plan-outputs", Static).update(self._outputs_table(recipe))
         self.query_one("#plan-problems", Static).update(self._problems_text())
@@ -135,7 +137,7 @@ class MergeScreen(Screen):
                 t.append("   free disk ", style=DIM)
                 t.append(f"{free / 1e9:,.1f} GB", style="bold" if free > write else f"bold {ERROR}")
             t.append("   tensors ", style=DIM)
-            t.append(f"{_tensor_count(self.plan):,}", style="bold")
+            t.append(f"{self.plan.tensor_count:,}", style="bold")
             t.append("   estimated ", style=DIM)
             t.append(duration(read / ASSUMED_READ_RATE), style="bold")
             t.append(f" (reading at {ASSUMED_READ_RATE / 1e9:.0f} GB/s)", style=DIM)
@@ -166,15 +168,20 @@ class MergeScreen(Screen):
         return table
 
     def _problems_text(self) -> Group | Text:
-        if not self.problems:
-            return Text("✓ the recipe checks out", style=f"bold {OK}")
+        if not any(p.severity >= Severity.WARNING for p in self.problems):
+            head = Text("✓ the recipe checks out", style=f"bold {OK}")
+        else:
+            errors = sum(1 for p in self.problems if _is_error(p))
+            head = Text(f"{errors} error(s): fix them to merge" if errors else "warnings: the merge can go ahead",
+                        style=f"bold {ERROR if errors else WARN}")
         t = Text()
-        for p in self.problems:
-            error = _is_error(p)
-            t.append("✗ " if error else "! ", style=f"bold {ERROR if error else WARN}")
-            t.append(f"{p.message}\n")
+        glyph = {Severity.ERROR: ("✗ ", ERROR), Severity.WARNING: ("! ", WARN), Severity.OK: ("· ", DIM)}
+        for p in sorted(self.problems, key=lambda p: -p.severity):
+            mark, colour = glyph[p.severity]
+            t.append(mark, style=f"bold {colour}")
+            t.append(f"{p.message}\n", style="" if p.severity else DIM)
         t.rstrip()
-        return Group(Text("problems", style="bold"), t)
+        return Group(head, t) if self.problems else head
 
     def action_launch(self) -> None:
         if self.job is not None or self.plan is None:
@@ -183,10 +190,10 @@ class MergeScreen(Screen):
         if not self.library.save_recipe_to(path):
             return
         self.query_one("#launch", Button).disabled = True
-        self.start(path)
+        self.start_job(path)
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
-    def start(self, recipe_path: Path):
+    def start_job(self, recipe_path: Path):
         return engine_jobs.start_job(recipe_path)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
@@ -196,14 +203,15 @@ class MergeScreen(Screen):
             self.app.report_worker_error(event.worker)
         elif event.worker.group == "launch" and event.state == WorkerState.SUCCESS:
             self.notify(f"Merge started as job {event.worker.result.id}; it goes on if you quit.")
-            self._attach(event.worker.result)
+            self.attach_job(event.worker.result)
 
     # -- a running or finished job -----------------------------------------------------------
 
-    def _attach(self, job: engine_jobs.Job) -> None:
+    def attach_job(self, job: engine_jobs.Job) -> None:
         self.job = job
         self.view = JobView()
-        self.offset = 0
+        self.events_offset = 0
+        self._log_written = 0
         self.query_one("#plan-pane").display = False
         self.query_one("#job-pane").display = True
         self._poll()
@@ -211,14 +219,14 @@ class MergeScreen(Screen):
         self.refresh_bindings()
 
     def _poll(self) -> None:
-        events, self.offset = engine_jobs.follow_events(self.job, self.offset)
+        events, self.events_offset = engine_jobs.follow_events(self.job, self.events_offset)
         for e in events:
             self.view.apply(e)
         try:
             self.job = engine_jobs.get_job(self.job.id)
         except Exception:
             pass
-        self._render_job(new_log=[line for line in self.view.log][-len(events):] if events else [])
+        self._render_job()
         if self.view.final is not None or not self.job.is_active:
             if self._poll_timer is not None and not self.job.is_active:
                 self._poll_timer.stop()
@@ -227,16 +235,16 @@ class MergeScreen(Screen):
 
     def _finished(self) -> None:
         """The job ended: its last events are read (one more poll) and the status is final."""
-        events, self.offset = engine_jobs.follow_events(self.job, self.offset)
+        events, self.events_offset = engine_jobs.follow_events(self.job, self.events_offset)
         for e in events:
             self.view.apply(e)
-        self._render_job(new_log=list(self.view.log)[-len(events):] if events else [])
+        self._render_job()
         self.query_one("#cancel", Button).disabled = True
         self.refresh_bindings()
         if self.view.final is None and self.job.exit_reason:
-            self.query_one("#job-log", Log).write_line(f"job {self.job.status}: {self.job.exit_reason}")
+            self.query_one("#job-log", RichLog).write(Text(f"job {self.job.status}: {self.job.exit_reason}", style=ERROR))
 
-    def _render_job(self, new_log: list) -> None:
+    def _render_job(self) -> None:
         v, job = self.view, self.job
         title = Text()
         title.append(f"job {job.id}", style="bold #7aa2f7")
@@ -252,6 +260,8 @@ class MergeScreen(Screen):
             title.append(f"\n{v.final_message}", style=OK)
         self.query_one("#job-title", Static).update(title)
 
+        stage = {"hashing": "hashing sources", "merging": "merging", "finishing": "fsync + rename"}.get(v.stage, "overall")
+        self.query_one("#overall-label", Label).update("overall" if v.final else stage)
         overall = self.query_one("#overall", ProgressBar)
         overall.update(total=max(v.bytes_total, 1), progress=v.bytes_total if v.final == "finished" else v.bytes_done)
         self.query_one("#overall-text", Label).update(
@@ -264,13 +274,14 @@ class MergeScreen(Screen):
             Text.assemble(("throughput ", "bold"), (f"{v.gbps:,.2f} GB/s", "bold #7dcfff"),
                           (f"  peak {max(rates):,.2f}" if rates else "", DIM))
         )
-        self.query_one("#throughput", Sparkline).data = rates or [0.0]
+        self.query_one("#throughput", Sparkline).data = rates if any(rates) else []
         key = Text.assemble(("tensor ", "bold"), (v.current_key or ("—" if v.final else "…"), DIM))
         self.query_one("#current-key", Static).update(key)
         self._render_memory()
-        log = self.query_one("#job-log", Log)
-        for _kind, line in new_log:
-            log.write_line(line)
+        log = self.query_one("#job-log", RichLog)
+        for kind, line in v.lines_since(self._log_written):
+            log.write(Text(line, style=LOG_STYLE.get(kind, "")))
+        self._log_written = v.log_total
 
     def _render_outputs(self) -> None:
         box = self.query_one("#output-bars", Vertical)
@@ -302,7 +313,7 @@ class MergeScreen(Screen):
         elif snap is not None:
             gpu.show(snap.used, snap.total, None, snap.util)
         else:
-            gpu.show(None, None, note="no GPU" + (f" (merging on {v.device})" if v.device else ""))
+            gpu.show(None, None, note="no GPU" + (f" — merging on {v.device}" if v.device else ""))
         total, _available = devices.host_memory()
         ram = self.query_one("#ram-meter", MemoryMeter)
         if v.host_rss is not None and total:
@@ -350,17 +361,8 @@ class MergeScreen(Screen):
             self._poll_timer.stop()
 
 
-class _Plain:
-    def __init__(self, message: str) -> None:
-        self.message = message
-        self.severity = Severity.ERROR
-
-
-def _is_error(problem) -> bool:
-    sev = problem.severity
-    if isinstance(sev, str):
-        return sev.lower() == "error"
-    return sev >= Severity.ERROR
+def _is_error(problem: Problem) -> bool:
+    return problem.severity >= Severity.ERROR
 
 
 def _free_disk(target: Path) -> int | None:
@@ -371,13 +373,3 @@ def _free_disk(target: Path) -> int | None:
         return shutil.disk_usage(p).free
     except OSError:
         return None
-
-
-def _tensor_count(plan) -> int:
-    for name in ("tensor_count", "tensors_total", "n_tensors", "tensors"):
-        value = getattr(plan, name, None)
-        if isinstance(value, int):
-            return value
-        if value is not None and hasattr(value, "__len__"):
-            return len(value)
-    return 0

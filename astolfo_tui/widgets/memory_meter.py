@@ -9,12 +9,13 @@ BAR = 24
 FULL, PARTS = "█", " ▏▎▍▌▋▊▉"
 
 
-def bar(fraction: float, width: int = BAR) -> str:
+def bar(fraction: float, width: int = BAR) -> tuple[str, str]:
+    """The filled part (in eighths of a cell) and the empty rest of a ``width``-cell bar."""
     fraction = max(0.0, min(1.0, fraction))
     eighths = round(fraction * width * 8)
     full, part = divmod(eighths, 8)
-    out = FULL * full + (PARTS[part] if part and full < width else "")
-    return out.ljust(width, "░")
+    filled = FULL * full + (PARTS[part] if part and full < width else "")
+    return filled, " " * (width - len(filled))
 
 
 def gb(n: int | None) -> str:
@@ -44,9 +45,10 @@ class MemoryMeter(Static):
             return
         fraction = used / total
         colour = "#9ece6a" if fraction < 0.75 else ("#e0af68" if fraction < 0.9 else "#f7768e")
-        t.append("▕")
-        t.append(bar(fraction), style=colour)
-        t.append("▏ ")
+        filled, empty = bar(fraction)
+        t.append(filled, style=f"{colour} on #292e42")
+        t.append(empty, style="on #292e42")
+        t.append("  ")
         t.append(f"{gb(used)} / {gb(total)} GB", style="bold")
         if peak is not None:
             t.append(f"  peak {gb(peak)} GB", style="#7aa2f7")
