@@ -378,7 +378,7 @@ def _describe_checkpoint(report: ModelReport, header: Header, match: KeyMatch) -
     report.extra_keys = list(match.unmatched)
     report.extra_bytes = _nbytes(tensors, match.unmatched)
     _describe_extras(report, tensors, [k for k in match.unmatched if _component_by_prefix(arch, k) is None])
-    _file_findings(report, header, match, scaled_fp8)
+    _file_findings(report, header, match)
 
 
 def _scale(arch: Architecture, header: Header, match: KeyMatch) -> int:
@@ -629,16 +629,16 @@ def _is_fp8_scale(key: str) -> bool:
 
 
 def _describe_extras(report: ModelReport, tensors, outside: list[str]) -> None:
-    groups: dict[str, list[str]] = {"ema": [], "ddpm": [], "fp8": [], "junk": []}
+    """Findings for the keys outside every component, by kind. fp8 scale factors are left to
+    the scaled_fp8 finding."""
+    groups: dict[str, list[str]] = {"ema": [], "ddpm": [], "junk": []}
     for key in outside:
         bare = key[len("model.") :] if key.startswith("model.") else key
         if bare.startswith("model_ema."):
             groups["ema"].append(key)
         elif bare in DDPM_BUFFERS:
             groups["ddpm"].append(key)
-        elif _is_fp8_scale(key):
-            groups["fp8"].append(key)
-        else:
+        elif not _is_fp8_scale(key):
             groups["junk"].append(key)
     add = report.findings.append
     if groups["ema"]:
@@ -671,7 +671,7 @@ def _describe_extras(report: ModelReport, tensors, outside: list[str]) -> None:
         )
 
 
-def _file_findings(report: ModelReport, header: Header, match: KeyMatch, scaled_fp8: bool) -> None:
+def _file_findings(report: ModelReport, header: Header, match: KeyMatch) -> None:
     arch = match.arch
     add = report.findings.append
     extra_prefix = sum(n for (rule, _), n in match.renames.items() if rule == "extra_model_prefix")
