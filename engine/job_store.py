@@ -34,6 +34,7 @@ import os
 import secrets
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +63,18 @@ class JobError(Exception):
 
 
 class OutputBusy(JobError):
-    """Another live job is writing this output."""
+    """Another live merge is writing this output: job ``holder``, or a merge that is not a job
+    (a foreground ``astolfo merge``) described by ``owner``."""
 
-    def __init__(self, output: Path, holder: str | None):
+    def __init__(self, output: Path, holder: str | None, owner: str | None = None):
         self.output = output
         self.holder = holder
-        who = f"job {holder}" if holder else "another job"
-        super().__init__(
-            f"{output}: {who} is already writing this output"
-            + (f" (see `astolfo attach {holder}`, or `astolfo cancel {holder}`)" if holder else "")
-        )
+        self.owner = owner
+        if holder:
+            who = f"job {holder} is already writing this output (see `astolfo attach {holder}`, or `astolfo cancel {holder}`)"
+        else:
+            who = f"{owner or 'another merge'} is already writing this output"
+        super().__init__(f"{output}: {who}")
 
 
 def state_dir() -> Path:
@@ -262,17 +265,27 @@ def _try_flock(path: Path) -> int | None:
     return fd
 
 
-def _holder_of(path: Path) -> str | None:
+def _holder_of(path: Path) -> tuple[str | None, str | None]:
+    """(job id, owner description) recorded in a held lock file."""
     try:
-        return json.loads(path.read_text("utf-8")).get("job") or None
+        data = json.loads(path.read_text("utf-8"))
+        return data.get("job") or None, data.get("owner") or None
     except (OSError, ValueError, AttributeError):
-        return None
+        return None, None
 
 
-def _record_holder(fd: int, job_id: str, what: str) -> None:
-    text = json.dumps({"job": job_id, "path": what, "pid": os.getpid()}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, text, 0)
+def _lock_outputs(outputs: list[Path], record: dict, fds: list[int]) -> None:
+    """Add a held lock per output to ``fds``; OutputBusy at the first one someone else holds."""
+    locks_dir().mkdir(parents=True, exist_ok=True)
+    for output in outputs:
+        path = _lock_file(output)
+        fd = _try_flock(path)
+        if fd is None:
+            raise OutputBusy(Path(output_key(output)), *_holder_of(path))
+        fds.append(fd)
+        text = json.dumps({**record, "path": output_key(output), "pid": os.getpid()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
 
 
 def acquire_locks(job_id: str, job_dir: Path, outputs: list[Path]) -> list[int]:
@@ -281,20 +294,13 @@ def acquire_locks(job_id: str, job_dir: Path, outputs: list[Path]) -> list[int]:
     Returns the fds holding the locks: whoever keeps them open holds the locks, so a launcher
     passes them to the runner it spawns and closes its own copies. Raises OutputBusy naming the
     job that holds an output, or JobError when the job is already being run."""
-    locks_dir().mkdir(parents=True, exist_ok=True)
     fds: list[int] = []
     try:
         fd = _try_flock(job_dir / RUNNER_LOCK)
         if fd is None:
             raise JobError(f"job {job_id} is already running (its runner holds {job_dir / RUNNER_LOCK})")
         fds.append(fd)
-        for output in outputs:
-            path = _lock_file(output)
-            fd = _try_flock(path)
-            if fd is None:
-                raise OutputBusy(Path(output_key(output)), _holder_of(path))
-            _record_holder(fd, job_id, output_key(output))
-            fds.append(fd)
+        _lock_outputs(outputs, {"job": job_id}, fds)
     except BaseException:
         release_locks(fds)
         raise
@@ -309,13 +315,28 @@ def release_locks(fds: list[int]) -> None:
             pass
 
 
+@contextmanager
+def output_locks(outputs: list[Path], owner: str):
+    """Hold the outputs' locks for a merge that is not a job (a foreground ``astolfo merge``),
+    so that it and jobs never write one output at once. ``owner`` says who, for the message
+    another writer gets. Raises OutputBusy."""
+    fds: list[int] = []
+    try:
+        _lock_outputs(outputs, {"owner": owner}, fds)
+        yield
+    finally:
+        release_locks(fds)
+
+
 def output_holder(output: Path) -> str | None:
-    """The id of the live job writing ``output``, or None when nobody holds it."""
+    """Who writes ``output`` now (a job id, or the description of a merge that is not a job),
+    or None when nobody does."""
     path = _lock_file(output)
     if not path.exists():
         return None
     fd = _try_flock(path)
     if fd is None:
-        return _holder_of(path) or "?"
+        job_id, owner = _holder_of(path)
+        return job_id or owner or "another merge"
     os.close(fd)
     return None

@@ -44,13 +44,14 @@ from .recipe import Recipe, load_recipe, parse_recipe
 
 __all__ = [
     "Job", "JobError", "OutputBusy", "start_job", "resume_job", "cancel_job", "list_jobs",
-    "get_job", "follow_events", "wait_for_job", "load_job_recipe", "output_holder",
+    "get_job", "follow_events", "wait_for_job", "load_job_recipe", "output_holder", "output_locks",
     "STARTING", "RUNNING", "FINISHED", "FAILED", "CANCELLED", "DIED", "UNKNOWN",
 ]
 
 UNKNOWN = "unknown"  # recorded as running on another host: this machine cannot check it
 
 output_holder = store.output_holder
+output_locks = store.output_locks
 
 # A job recorded "starting" with no pid yet is a launcher that crashed after making the folder.
 _STARTING_GRACE_S = 60.0
@@ -145,7 +146,7 @@ def _job_from_json(job_dir: Path, data: dict) -> Job:
         attempts=int(data.get("attempts") or 1),
         exit_code=data.get("exit_code"),
         exit_reason=data.get("exit_reason"),
-        progress=latest_progress(job_dir / store.EVENTS),
+        progress=1.0 if data.get("status") == FINISHED else latest_progress(job_dir / store.EVENTS),
         events_start=int(data.get("events_offset") or 0),
         extra=data,
     )
@@ -233,7 +234,7 @@ def follow_events(job: Job, offset: int = 0) -> tuple[list, int]:
     return events, new_offset
 
 
-_TAIL_BYTES = 256 * 1024
+_TAIL_BYTES = 64 * 1024  # a few hundred events: the latest progress event is always among them
 
 
 def latest_progress(events_path: Path) -> float | None:
@@ -339,10 +340,8 @@ def start_job(recipe_path: str | os.PathLike, read_limit: float | None = None) -
     recipe = load_recipe(recipe_path)
     build_plan(recipe)
     outputs = _resolved_outputs(recipe)
-    for output in outputs:
-        holder = store.output_holder(output)
-        if holder is not None:
-            raise OutputBusy(output, holder)
+    with store.output_locks(outputs, "a job being started"):
+        pass  # refused here, before a job folder exists; _launch takes the locks for good
 
     job_id, job_dir = store.create_job_dir()
     try:

@@ -30,6 +30,7 @@ from engine.jobs import (
     follow_events,
     get_job,
     list_jobs,
+    output_locks,
     read_event_lines,
     resume_job,
     start_job,
@@ -238,11 +239,25 @@ def test_a_second_job_for_the_same_output_is_refused(tmp_path, models):
         cli = astolfo("merge", str(second_recipe), "--detach")
         assert cli.returncode == 1
         assert first.id in cli.stderr and "already writing" in cli.stderr
+        foreground = astolfo("merge", str(second_recipe))
+        assert foreground.returncode == 1
+        assert first.id in foreground.stdout + foreground.stderr  # a foreground merge is refused too
         assert [j.id for j in list_jobs()] == [first.id]  # the refused ones left no job behind
     finally:
         cancel_job(first.id)
     assert get_job(first.id).status == CANCELLED
     assert leftovers(tmp_path / "shared") == []
+
+
+def test_a_job_is_refused_while_a_foreground_merge_writes_its_output(tmp_path, models):
+    recipe = write_recipe(tmp_path / "work", models[:1])
+    output = recipe.parent / "out" / "mix.safetensors"
+    with output_locks([output], "a foreground `astolfo merge` (pid 4242)"):
+        with pytest.raises(OutputBusy, match="pid 4242"):
+            start_job(recipe)
+        assert store.output_holder(output) == "a foreground `astolfo merge` (pid 4242)"
+    assert list_jobs() == []
+    assert wait_for_job(start_job(recipe).id, timeout_s=120).status == FINISHED
 
 
 def test_an_invalid_recipe_is_refused_before_any_job_exists(tmp_path, models):
