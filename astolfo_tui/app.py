@@ -47,10 +47,10 @@ class AstolfoApp(App):
         self.reattach = reattach
         self.theme = "tokyo-night"
 
-    def on_mount(self) -> None:
-        self.push_screen(LibraryScreen(self.paths))
+    async def on_mount(self) -> None:
+        await self.push_screen(LibraryScreen(self.paths))
         if self.reattach:
-            self.call_after_refresh(self._reattach_running)
+            self._reattach_running()
 
     def _reattach_running(self) -> None:
         """A merge left running by an earlier session: open its dashboard again."""

@@ -69,6 +69,7 @@ class LibraryScreen(Screen):
         self._hash_progress = (0, 0)  # files done, files total
         self._hash_rate = ""
         self._pending_recipe: Path | None = None
+        self.scan_complete = False
         self._details_for: str | None = None
         self._details_timer = None
 
@@ -96,7 +97,14 @@ class LibraryScreen(Screen):
 
     # -- scanning and hashing ----------------------------------------------------------------
 
+    @property
+    def hashing_complete(self) -> bool:
+        done, total = self._hash_progress
+        return self.scan_complete and total > 0 and done >= total
+
     def start_scan(self) -> None:
+        self.scan_complete = False
+        self._hash_progress = (0, 0)
         self._hash_cancel.set()
         self._hash_cancel = threading.Event()
         self._set_status(Text("scanning headers…", style=DIM))
@@ -145,6 +153,7 @@ class LibraryScreen(Screen):
         if not final:
             self._set_status(Text(f"scanning headers… {len(reports)} models so far", style=DIM))
             return
+        self.scan_complete = True
         if self._pending_recipe is not None:
             path, self._pending_recipe = self._pending_recipe, None
             self._apply_recipe_file(path)

@@ -18,10 +18,9 @@ async def wait_for(pilot, predicate, timeout: float = 30.0, what: str = "conditi
 
 def library_ready(app, hashed: bool = True) -> bool:
     lib = app.library
-    if lib is None or not lib.state.order:
+    if lib is None or not lib.scan_complete:
         return False
-    done, total = lib._hash_progress
-    return not hashed or (total > 0 and done >= total)
+    return lib.hashing_complete if hashed else True
 
 
 async def open_library(pilot, hashed: bool = True) -> None:
