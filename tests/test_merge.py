@@ -51,15 +51,20 @@ def _merge(recipe, tuning=SMALL, **kw):
 
 
 def _check_mean(out: dict, sources: list[dict], weights: list[float], dtype: torch.dtype, prefix: str = "") -> int:
-    checked = 0
-    for key, value in out.items():
-        if not key.startswith(prefix) or key == POS:
-            continue
-        ref = reference_mean([s[key] for s in sources], weights, dtype)
-        assert value.dtype == dtype, key
-        assert torch.equal(value, ref), (key, (value.double() - ref.double()).abs().max())
-        checked += 1
-    return checked
+    """Every key of ``out`` under ``prefix`` (position_ids aside) equals the reference mean; all
+    keys are checked in one concatenated tensor, then the first wrong key is named."""
+    keys = [k for k in out if k.startswith(prefix) and k != POS]
+    for k in keys:
+        assert out[k].dtype == dtype, k
+    if not keys:
+        return 0
+    got = torch.cat([out[k].reshape(-1) for k in keys])
+    ref = reference_mean([torch.cat([s[k].reshape(-1) for k in keys]) for s in sources], weights, dtype)
+    if not torch.equal(got, ref):
+        wrong = next(k for k in keys
+                     if not torch.equal(out[k], reference_mean([s[k] for s in sources], weights, dtype)))
+        raise AssertionError(f"{wrong} differs from the fp64 reference")
+    return len(keys)
 
 
 def test_uniform_mean_equals_fp64_reference(models, tmp_path):

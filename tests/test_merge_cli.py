@@ -1,0 +1,188 @@
+"""``astolfo merge`` end to end in subprocesses: exit codes, JSON lines, Ctrl-C, and kill -9 in
+the middle of a merge (no file at the target, sources unchanged, and a resume that finishes
+with the same bytes as an uninterrupted run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.events import event_from_dict
+from engine.merge import Tuning, execute
+from engine.merge_output import sidecar_path
+from engine.plan import build_plan
+from engine.recipe import load_recipe
+from engine.safetensors_io import partial_path
+from engine.synth import SynthSpec, write_checkpoint
+
+from merge_support import make_models, recipe_text, sdxl_output, sha256
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs the real CLI, with the engine slowed down through its event callback (tiny buffers, an
+# event per item, a short sleep per event) so that a signal can land in the middle of a merge.
+SLOW_CLI = """
+import sys, time
+from engine import merge
+from astolfo_tui.commands import merge as command
+from astolfo_tui.cli import main
+
+real = merge.execute
+def slow(plan, on_event=None, **kw):
+    def on(e):
+        time.sleep(0.01)
+        on_event(e)
+    tuning = merge.Tuning(buffer_bytes=128 << 10, sub_elems=4096, progress_interval=0.0,
+                          sync_bytes=256 << 10, sync_seconds=0.05)
+    return real(plan, on_event=on, tuning=tuning, **kw)
+command.execute = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-models")
+    make_models(folder, 3)
+    return folder
+
+
+def _write_recipe(folder: Path, models: Path, **settings) -> Path:
+    text = recipe_text({m: str(models / f"m{i}.safetensors") for i, m in enumerate("abc")}, {"all": ["a", "b", "c"]},
+                       [sdxl_output("out/mix.safetensors", "all")], **settings)
+    path = folder / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _astolfo(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "astolfo_tui", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), cwd=cwd, timeout=300)
+
+
+def _lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def test_check_and_merge_with_json_lines(models, tmp_path):
+    recipe = _write_recipe(tmp_path, models)
+    checked = _astolfo("merge", recipe, "--check")
+    assert checked.returncode == 0, checked.stderr
+    summary = _lines(checked.stdout)[-1]
+    assert summary["type"] == "check" and summary["ok"] and summary["tensors"] == 2515
+    assert not (tmp_path / "out").exists()
+
+    done = _astolfo("merge", recipe)  # stdout is a pipe: JSON lines
+    assert done.returncode == 0, done.stderr
+    events = [event_from_dict(d) for d in _lines(done.stdout)]
+    assert events[-1].type == "finished"
+    assert [e.path for e in events if e.type == "output_done"] == [str(tmp_path / "out/mix.safetensors")]
+    assert (tmp_path / "out/mix.safetensors").exists()
+
+
+def test_invalid_recipe_exits_2_listing_every_problem(models, tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(recipe_text({"a": str(models / "m0.safetensors"), "gone": "nope.safetensors"},
+                                  {"all": ["a", "gone", "ghost"]},
+                                  [sdxl_output(str(models / "m0.safetensors"), "all", vae="none")], dtype="fp8"))
+    for args in (("merge", recipe), ("merge", recipe, "--check")):
+        result = _astolfo(*args)
+        assert result.returncode == 2
+        codes = {d["code"] for d in _lines(result.stdout) if d["type"] == "problem" and d["severity"] == "error"}
+        assert {"bad_dtype", "unknown_model", "unknown_selection", "unreadable", "output_is_input"} <= codes
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = 1\nbogus = 2\n")
+    result = _astolfo("merge", broken)
+    assert result.returncode == 2
+    assert len(_lines(result.stdout)) == 5  # name type, unknown key, no [models], no [select], no [[output]]
+
+
+def test_failed_merge_exits_1_and_leaves_nothing(models, tmp_path):
+    nan = write_checkpoint(tmp_path / "nan.safetensors", SynthSpec(seed=5, scale=64, nan_in=("vae",)))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text({"a": str(models / "m0.safetensors"), "n": str(nan)}, {"all": ["a", "n"]},
+                                  [sdxl_output("out/mix.safetensors", "all")]))
+    result = _astolfo("merge", recipe)
+    assert result.returncode == 1
+    last = _lines(result.stdout)[-1]
+    assert last["type"] == "failed" and last["model_id"] == "n" and last["key"].startswith("first_stage_model.")
+    assert not any((tmp_path / "out").iterdir())
+
+
+def _slow_merge(recipe: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, "merge", str(recipe), "--json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"merge ended early: {proc.communicate()}"
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_ctrl_c_exits_130_with_no_output(models, tmp_path):
+    recipe = _write_recipe(tmp_path, models)
+    target = tmp_path / "out/mix.safetensors"
+    proc = _slow_merge(recipe)
+    _wait_for(lambda: partial_path(target).exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert _lines(out)[-1]["type"] == "cancelled"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_kill_9_leaves_no_target_and_resume_gives_identical_bytes(models, tmp_path):
+    sources = {p: sha256(p) for p in sorted(models.iterdir())}
+    recipe = _write_recipe(tmp_path, models, skip_nan=False)
+    target = tmp_path / "out/mix.safetensors"
+
+    def durable_progress() -> bool:
+        try:
+            return json.loads(sidecar_path(target).read_text())["tensors_written"] > 100
+        except (OSError, ValueError, KeyError):
+            return False
+
+    proc = _slow_merge(recipe)
+    _wait_for(durable_progress, proc)
+    proc.kill()
+    proc.communicate()
+    assert not target.exists()
+    assert partial_path(target).exists() and sidecar_path(target).exists()
+    assert {p: sha256(p) for p in sorted(models.iterdir())} == sources
+
+    # resume through the CLI (slowed again, and killed again), then in-process
+    proc = _slow_merge(recipe, "--resume")
+    written = json.loads(sidecar_path(target).read_text())["tensors_written"]
+    _wait_for(lambda: json.loads(sidecar_path(target).read_text() or "{}").get("tensors_written", 0) > written + 50,
+              proc)
+    proc.kill()
+    proc.communicate()
+    events: list = []
+    execute(build_plan(load_recipe(recipe)), on_event=events.append, resume=True,
+            tuning=Tuning(buffer_bytes=1 << 20))
+    started = next(e for e in events if e.type == "started")
+    assert started.resumed_tensors > written
+    resumed = sha256(target)
+    assert not partial_path(target).exists() and not sidecar_path(target).exists()
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    execute(build_plan(load_recipe(_write_recipe(fresh, models))))
+    assert sha256(fresh / "out/mix.safetensors") == resumed
+    assert {p: sha256(p) for p in sorted(models.iterdir())} == sources
