@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import synth
+from .recipe import ModelEntry, OutputSpec, Recipe, save_recipe
 from .synth import BASE_SEED, SynthSpec
 
 DEMO_SCALE = 32
 MANIFEST = ".astolfo-demo.json"  # hidden, so scans skip it
+RECIPE = "demo-recipe.toml"
 _VERSION = 1  # bump when the models below change, so old demo folders are rebuilt
 
 BASE_ENCODERS = {"te0": BASE_SEED, "te1": BASE_SEED}
@@ -113,7 +115,43 @@ def make_demo_folder(folder: str | os.PathLike) -> list[Path]:
         sizes[model.name] = path.stat().st_size
         paths.append(path)
     _write_manifest(folder, sizes)
+    if not (folder / RECIPE).exists():
+        save_recipe(demo_recipe(folder), folder / RECIPE)
     return paths
+
+
+# The demo mix, in the article's style: every selection leaves out the models whose component is
+# broken (NaN UNet, scaled fp8, LoRA, truncated file), "nsfw" is a second UNet selection, and
+# the VAE comes from base.
+DEMO_SELECTIONS = {
+    "te0": ["_x01", "_x02", "_x04", "_x05", "_x07", "_x10", "_x14"],
+    "te1": ["_x01", "_x02", "_x05", "_x06", "_x07", "_x10", "_x14"],
+    "unet": ["_x01", "_x02", "_x03", "_x04", "_x05", "_x06", "_x07", "_x08", "_x10", "_x14"],
+    "nsfw": ["_x02", "_x05", "_x07", "_x08"],
+    "vae": ["_x00"],
+}
+
+
+def demo_recipe(folder: str | os.PathLike) -> Recipe:
+    """A recipe for the demo folder: two outputs (base and nsfw) sharing both text encoders."""
+    models = {}
+    for model in DEMO_MODELS:
+        model_id = model.name.split("-", 1)[0]
+        models[model_id] = ModelEntry(model_id, Path(model.name))
+    used = {m for ids in DEMO_SELECTIONS.values() for m in ids}
+    outputs = [
+        OutputSpec(Path(f"out/demo-AstolfoMix-{variant}.safetensors"),
+                   {"unet": unet, "te0": "te0", "te1": "te1", "vae": "vae"})
+        for variant, unet in (("base", "unet"), ("nsfw", "nsfw"))
+    ]
+    return Recipe(
+        name="demo-AstolfoMix",
+        arch="sdxl",
+        models={k: v for k, v in models.items() if k in used},
+        select={k: list(v) for k, v in DEMO_SELECTIONS.items()},
+        outputs=outputs,
+        base_dir=Path(folder),
+    )
 
 
 def _read_manifest(folder: Path) -> dict[str, int]:
