@@ -68,7 +68,25 @@ def run(args: argparse.Namespace) -> int:
     except PlanError as e:
         out.problems(e.problems, args.recipe)
         return EXIT_INVALID
-    return merge(plan, out, resume=args.resume, read_limit=args.read_limit)  # plan warnings arrive as warning events
+    return merge_exclusively(plan, out, resume=args.resume, read_limit=args.read_limit)
+
+
+def merge_exclusively(plan: MergePlan, out: "_Output", resume: bool = False, read_limit: float | None = None) -> int:
+    """``merge`` while holding the outputs' locks, the ones detached jobs hold: a foreground
+    merge and a job never write (and truncate) the same partial file at once."""
+    import os
+
+    from engine.jobs import OutputBusy, output_locks
+
+    try:
+        with output_locks([o.path for o in plan.outputs], f"a foreground `astolfo merge` (pid {os.getpid()})"):
+            return merge(plan, out, resume=resume, read_limit=read_limit)  # plan warnings arrive as warning events
+    except OutputBusy as e:
+        if out.json_mode:
+            out._json({"type": "problem", "severity": "error", "code": "output_busy", "message": str(e)})
+        else:
+            print(f"astolfo merge: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 _RATE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30}
