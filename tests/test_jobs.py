@@ -334,3 +334,17 @@ def test_job_ids_can_be_given_by_prefix_or_suffix_and_unknown_ones_are_errors(tm
     assert result.returncode == 1 and "no job" in result.stderr
     finished = astolfo("attach", job.id)
     assert finished.returncode == 0 and json.loads(finished.stdout.splitlines()[-1])["type"] == "finished"
+
+
+def test_read_limit_takes_human_rates():
+    import argparse
+
+    from astolfo_tui.commands.merge import parse_rate
+
+    assert parse_rate("200M") == 200e6
+    assert parse_rate("1.5G") == 1.5e9
+    assert parse_rate("64MiB/s") == 64 * 2**20
+    assert parse_rate("500000") == 500000
+    for bad in ("fast", "0", "-5M", "10X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_rate(bad)
