@@ -18,9 +18,11 @@ import argparse
 import hashlib
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,19 +75,37 @@ def time_sha256(path: Path) -> float:
     return time.perf_counter() - t
 
 
-def time_hash_file(path: Path, report) -> float:
+def time_two_sha256(path: Path) -> float:
+    """SHA256 and AutoV3 are two SHA256 streams over the same bytes: this is their floor, two
+    threads each hashing the whole file (sharing the page cache)."""
+    t = time.perf_counter()
+    threads = [threading.Thread(target=time_sha256, args=(path,)) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t
+
+
+def time_hash_file(path: Path, report, cpu: list[float]) -> float:
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     hash_file(path, report)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return wall
 
 
 def measure(path: Path, repeat: int, cold: bool) -> dict[str, float]:
     report = inspect_file(path)
-    runs: dict[str, list[float]] = {"cat": [], "sha256": [], "hash_file": []}
+    runs: dict[str, list[float]] = {"cat": [], "sha256": [], "two_sha256": [], "hash_file": []}
+    cpu: list[float] = []
     contenders = {
         "cat": lambda: time_cat(path),
         "sha256": lambda: time_sha256(path),
-        "hash_file": lambda: time_hash_file(path, report),
+        "two_sha256": lambda: time_two_sha256(path),
+        "hash_file": lambda: time_hash_file(path, report, cpu),
     }
     if not cold:
         time_cat(path)  # warm the page cache
@@ -94,7 +114,9 @@ def measure(path: Path, repeat: int, cold: bool) -> dict[str, float]:
             if cold:
                 drop_caches()
             runs[name].append(fn())
-    return {name: statistics.median(ts) for name, ts in runs.items()}
+    out = {name: statistics.median(ts) for name, ts in runs.items()}
+    out["hash_file_cpu"] = statistics.median(cpu)
+    return out
 
 
 def machine() -> str:
@@ -140,16 +162,20 @@ def main() -> int:
         for mode in modes:
             t = measure(path, args.repeat, mode == "cold")
             rows.append((path.name, size, mode, t))
-            print(f"{path.name} {mode}: " + ", ".join(f"{k} {size / v / 1e9:.2f} GB/s" for k, v in t.items()), file=sys.stderr)
+            print(f"{path.name} {mode}: " + ", ".join(f"{k} {size / t[k] / 1e9:.2f} GB/s" for k in ("cat", "sha256", "two_sha256", "hash_file")), file=sys.stderr)
     load_after = os.getloadavg()[0]
 
-    header = "| file | size | page cache | cat GB/s | SHA256 alone GB/s | hash_file GB/s | hash_file / cat | hash_file / SHA256 alone |"
-    lines = [header, "|---|---:|---|---:|---:|---:|---:|---:|"]
+    header = (
+        "| file | size | page cache | cat GB/s | SHA256 alone GB/s | 2 x SHA256 GB/s | hash_file GB/s "
+        "| hash_file / cat | hash_file / 2 x SHA256 | hash_file CPU s per GB |"
+    )
+    lines = [header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, size, mode, t in rows:
         rate = {k: size / v / 1e9 for k, v in t.items()}
         lines.append(
             f"| {name} | {size / 1e9:.2f} GB | {mode} | {rate['cat']:.2f} | {rate['sha256']:.2f} | "
-            f"{rate['hash_file']:.2f} | {rate['hash_file'] / rate['cat']:.0%} | {rate['hash_file'] / rate['sha256']:.0%} |"
+            f"{rate['two_sha256']:.2f} | {rate['hash_file']:.2f} | {rate['hash_file'] / rate['cat']:.0%} "
+            f"| {rate['hash_file'] / rate['two_sha256']:.0%} | {t['hash_file_cpu'] / (size / 1e9):.2f} |"
         )
     table = "\n".join(lines)
     print(table)
@@ -159,8 +185,9 @@ def main() -> int:
             SECTION,
             "",
             "`bench/bench_hash.py`: one `hash_file` pass (SHA256, AutoV1, AutoV3, per-component exact and fp16",
-            "BLAKE3 hashes, NaN/Inf counts, toolkit metric) against `cat FILE > /dev/null` and against",
-            "SHA256 alone (`hashlib.file_digest`) on the same synthetic files, same run. Medians of",
+            "BLAKE3 hashes, NaN/Inf counts, toolkit metric) against `cat FILE > /dev/null`, against SHA256",
+            "alone (`hashlib.file_digest`) and against two SHA256 of the file on two threads (the floor for",
+            "SHA256 + AutoV3, which hash nearly the same bytes twice), same synthetic files, same run. Medians of",
             f"{args.repeat} interleaved runs: the machine is shared with other engineers' test runs (1-minute",
             f"load average {load_before:.1f} before, {load_after:.1f} after). \"cold\" drops the page cache before each run.",
             "",
@@ -168,10 +195,15 @@ def main() -> int:
             "",
             table,
             "",
-            "SHA256 and AutoV3 are two sequential SHA256 streams over nearly every byte; each runs on its",
-            "own thread (with the per-tensor work on a third), so `hash_file` can approach the SHA256-alone",
-            "rate only with two or more otherwise idle cores. Where the disk reads faster than one core",
-            "computes SHA256, no tool that reports a file SHA256 can hash at the rate `cat` reads.",
+            "SHA256 and AutoV3 are two SHA256 streams over nearly every byte. SHA256 is sequential, so each",
+            "stream is bound to one core (hashlib with SHA-NI: the \"SHA256 alone\" column); with two cores",
+            "the \"2 x SHA256\" column is the ceiling for any single pass that reports both, and `hash_file`",
+            "adds its per-tensor work (BLAKE3 per tensor, NaN/Inf check, fp16 conversion, metric) on a third",
+            "thread, about 0.3 CPU s per GB beyond the two SHA256. The issue's target, 80% of the rate `cat`",
+            "reads, is out of reach on any machine whose disk reads faster than one core computes SHA256:",
+            "here `cat` reads several GB/s (more from the page cache) against ~2 GB/s for one SHA256 stream.",
+            "Where the disk is the slower side (SATA SSD, HDD) and three cores are free, the pass should run at",
+            "the disk's rate; that case is not measured here.",
             "",
         ]
     )
