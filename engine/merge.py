@@ -43,6 +43,7 @@ from .report import Severity
 from .safetensors_io import DTYPES, SafetensorsError
 
 FORMAT_VERSION = 1
+NAN_WARNINGS_PER_MODEL = 10  # one warning per key up to this many, then a count
 
 
 class MergeError(Exception):
@@ -137,6 +138,7 @@ class _Run:
         self._tuning_given = tuning is not None
         self.memory = MemoryMonitor(self.device)
         self.excluded: dict[int, set[tuple[int, str]]] = {}
+        self.nan_warnings: dict[str, int] = {}  # model id -> keys skipped for NaN/Inf
         self.warnings: list[str] = []
         self.streams: list[OutputStream] = []
         self.fds: list[int] = []
@@ -266,6 +268,10 @@ class _Run:
                 break
             except _Restart:
                 start = self._restart_point(reopen=True)
+        for mid, n in self.nan_warnings.items():
+            if n > NAN_WARNINGS_PER_MODEL:
+                self.warn("nan_skipped", f"model {mid}: left out of {n} keys in all for NaN/Inf values "
+                          f"({n - NAN_WARNINGS_PER_MODEL} not listed one by one)", mid)
         self.stage = "finishing"
         self.emit(ev.Stage("finishing", "fsync and rename"))
         self.progress(force=True)
@@ -496,8 +502,11 @@ class _Run:
             for f, stored in bad.sources:
                 self.excluded.setdefault(bad.node, set()).add((f, stored))
                 mid = plan.files[f].model_id
-                self.warn("nan_skipped", f"model {mid}: {key} holds NaN/Inf values; left out of this key "
-                          "(skip_nan)", mid, key)
+                shown = self.nan_warnings.get(mid, 0)
+                self.nan_warnings[mid] = shown + 1
+                if shown < NAN_WARNINGS_PER_MODEL:
+                    self.warn("nan_skipped", f"model {mid}: {key} holds NaN/Inf values; left out of this key "
+                              "(skip_nan)", mid, key)
 
 
 def _get(q: queue.Queue, timeout: float):

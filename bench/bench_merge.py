@@ -1,0 +1,376 @@
+"""Merge benchmark: astolfo against a plain safetensors loop, sd-mecha's n_average and the I/O
+floor, side by side in one run, on synthetic SDXL files with the real key set.
+
+Runs (each engine in its own process; wall time from start to exit, peak RSS from wait4):
+
+- cold: page cache dropped before each engine (``sync; echo 3 > /proc/sys/vm/drop_caches``,
+  needs root; without it the run says so). Floor = ``cat`` of the inputs + ``dd`` writing the
+  output's size with ``conv=fdatasync``.
+- cached: smaller files (they must fit in RAM) read once before each engine, so the work is
+  CPU-bound.
+- rss: astolfo's peak RSS for N = 4, 8, 16 models (smaller scale).
+
+The plain loop is the issue's baseline: ``safe_open`` each file, fp32 add, divide, ``save_file``,
+then ``sync``. sd-mecha (``pip install sd-mecha``; not a project dependency) merges with
+``n_average`` on the CPU in fp32 and is followed by ``sync`` too. astolfo fsyncs its output
+itself. Source hashes (provenance) are computed once before timing and served from the catalog.
+
+Usage: ``python bench/bench_merge.py [--scale 1] [--n 3] [--quick] [--engines ...]``; the table
+is printed and written to the "## merge" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from engine.architectures import get_architecture, scaled_shape  # noqa: E402
+from engine.safetensors_io import StreamingWriter, TensorPlan, canonical_order  # noqa: E402
+
+POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut from
+
+ASTOLFO = """
+import sys
+from pathlib import Path
+from engine.recipe import parse_recipe
+from engine.plan import build_plan
+from engine.merge import execute
+out, paths = sys.argv[1], sys.argv[2:]
+ids = [f"m{i:02d}" for i in range(len(paths))]
+lines = ['name = "bench"', 'device = "cpu"', "[models]"]
+lines += [f'{i} = "{p}"' for i, p in zip(ids, paths)]
+lines += ["[select]", "all = [" + ", ".join(f'"{i}"' for i in ids) + "]", "[[output]]", f'path = "{out}"']
+lines += [f'{c} = "all"' for c in ("unet", "te0", "te1", "vae")]
+execute(build_plan(parse_recipe("\\n".join(lines) + "\\n", Path(out).parent)))
+"""
+
+PLAIN = """
+import os, sys, torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+out, paths = sys.argv[1], sys.argv[2:]
+files = [safe_open(p, framework="pt") for p in paths]
+result = {}
+for key in files[0].keys():
+    acc = files[0].get_tensor(key).to(torch.float32)
+    for f in files[1:]:
+        acc += f.get_tensor(key).to(torch.float32)
+    acc /= len(files)
+    result[key] = acc.to(torch.float16)
+save_file(result, out)
+os.sync()
+"""
+
+MECHA = """
+import os, sys, torch, sd_mecha
+out, paths = sys.argv[1], sys.argv[2:]
+recipe = sd_mecha.n_average(*[sd_mecha.model(p) for p in paths])
+sd_mecha.merge(recipe, output=out, merge_device="cpu", merge_dtype=torch.float32, output_dtype=torch.float16)
+os.sync()
+"""
+
+# Each engine's process reports its own peak RSS (VmHWM) at exit: rusage from wait4 would also
+# count the bench process's memory, copied into the child before it executes Python.
+PEAK_RSS = """
+import atexit, os
+def _report_peak():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                with open(os.environ["BENCH_RSS_FILE"], "w") as out:
+                    out.write(str(int(line.split()[1]) * 1024))
+atexit.register(_report_peak)
+"""
+
+SCRIPTS = {"astolfo": ASTOLFO, "plain": PLAIN, "sd-mecha": MECHA}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def synth_files(folder: Path, n: int, scale: int, log) -> list[Path]:
+    """``n`` synthetic SDXL fp16 files at ``scale`` (1 = full size), made fast: every tensor is a
+    slice of one random pool at an offset that depends on the model and the key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = get_architecture("sdxl")
+    plans = canonical_order(TensorPlan(k, "F16", scaled_shape(t.shape, scale) if k != arch.position_ids_key
+                                       else t.shape) for k, t in arch.tensors.items())
+    pool = None
+    paths = []
+    for i in range(n):
+        path = folder / f"m{i:02d}.safetensors"
+        paths.append(path)
+        if path.exists():
+            continue
+        if pool is None:
+            g = torch.Generator().manual_seed(1234)
+            pool = (torch.randn(POOL_ELEMS, generator=g) * 0.05).to(torch.float16)
+        t0 = time.monotonic()
+        meta = {"modelspec.architecture": arch.modelspec, "modelspec.title": path.stem,
+                "astolfo.synthetic_scale": str(scale)}
+        writer = StreamingWriter(path, plans, meta)
+        writer.open()
+        try:
+            for p in plans:
+                numel = p.nbytes // 2
+                if p.key == arch.position_ids_key:
+                    data = torch.arange(numel, dtype=torch.float16)
+                else:
+                    start = zlib.crc32(f"{i}:{p.key}".encode()) % (POOL_ELEMS - numel + 1)
+                    data = pool[start:start + numel]
+                writer.write(p.key, data)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        log(f"  wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB) in {time.monotonic() - t0:.1f} s")
+    return paths
+
+
+def prehash(paths: list[Path], log) -> None:
+    """Provenance hashes into the catalog (untimed), as a scan of the folder would have done."""
+    from engine.catalog import Catalog
+
+    with Catalog() as catalog:
+        for p in paths:
+            if catalog.get(p) is None:
+                t0 = time.monotonic()
+                catalog.hash_file(p)
+                log(f"  hashed {p.name} in {time.monotonic() - t0:.1f} s")
+
+
+# --------------------------------------------------------------------------- running
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=False)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm(paths: list[Path]) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[float, int, bool, str]:
+    """(wall seconds, peak RSS bytes, ok, error tail) of one engine in its own process."""
+    out.unlink(missing_ok=True)
+    rss_file = out.with_name(out.name + ".rss")
+    rss_file.unlink(missing_ok=True)
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS + SCRIPTS[name], str(out), *map(str, paths)],
+                                stdout=subprocess.DEVNULL, stderr=err, env=dict(env, BENCH_RSS_FILE=str(rss_file)),
+                                cwd=ROOT)
+        proc.wait()
+        wall = time.monotonic() - t0
+        err.seek(0)
+        tail = err.read().decode(errors="replace")[-600:]
+    try:
+        rss = int(rss_file.read_text())
+        rss_file.unlink()
+    except (OSError, ValueError):
+        rss = 0
+    ok = proc.returncode == 0 and out.exists()
+    return wall, rss, ok, tail
+
+
+def floor(paths: list[Path], out_bytes: int, scratch: Path) -> tuple[float, float]:
+    """Seconds to ``cat`` the inputs and to write ``out_bytes`` with dd conv=fdatasync."""
+    t0 = time.monotonic()
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+    t_read = time.monotonic() - t0
+    target = scratch / "dd.out"
+    mb = max(1, out_bytes // (1 << 20))
+    t0 = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fdatasync"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    t_write = time.monotonic() - t0
+    target.unlink(missing_ok=True)
+    return t_read, t_write
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} vCPU, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=int, default=1, help="cold-run file scale (1 = full-size SDXL, 6.9 GB)")
+    ap.add_argument("--n", type=int, default=3, help="models in the cold and cached runs")
+    ap.add_argument("--cached-scale", type=int, default=2, help="scale of the page-cache run (must fit in RAM)")
+    ap.add_argument("--rss-scale", type=int, default=4, help="scale of the N = 4, 8, 16 RSS sweep")
+    ap.add_argument("--rss-n", default="4,8,16")
+    ap.add_argument("--engines", default="astolfo,plain,sd-mecha", help="comma list: astolfo, plain, sd-mecha")
+    ap.add_argument("--runs", default="cold,cached,rss", help="comma list: cold, cached, rss")
+    ap.add_argument("--quick", action="store_true", help="small files (scale 16/16/32): checks the script")
+    ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/merge", help="folder for synthetic files")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic files afterwards")
+    ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.scale, args.cached_scale, args.rss_scale = 16, 16, 32
+    engines = [e for e in args.engines.split(",") if e]
+    runs = [r for r in args.runs.split(",") if r]
+    if "sd-mecha" in engines:
+        try:
+            import sd_mecha  # noqa: F401
+        except ImportError:
+            print("sd-mecha is not installed (pip install sd-mecha); skipping it", file=sys.stderr)
+            engines.remove("sd-mecha")
+
+    args.data.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(args.data / "cache"), PYTHONPATH=str(ROOT))
+    os.environ["ASTOLFO_CACHE_DIR"] = env["ASTOLFO_CACHE_DIR"]
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    out_dir = args.data / "out"
+    out_dir.mkdir(exist_ok=True)
+    dropped = True
+
+    if "cold" in runs:
+        log(f"cold run: {args.n} models at scale {args.scale}")
+        paths = synth_files(args.data / f"s{args.scale}", args.n, args.scale, log)
+        prehash(paths, log)
+        size = sum(p.stat().st_size for p in paths)
+        out_bytes = paths[0].stat().st_size
+        dropped = drop_caches()
+        t_read, t_write = floor(paths, out_bytes, out_dir)
+        base = t_read + t_write
+        rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", "1.00", "", "-",
+                     f"cat {t_read:.1f} s ({size / t_read / 1e9:.2f} GB/s) + dd {t_write:.1f} s"])
+        results = {}
+        for name in engines:
+            drop_caches()
+            log(f"  {name} ...")
+            wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
+            results[name] = wall
+            rows.append(["cold", name, f"{wall:.1f}", f"{wall / base:.2f}", "", gb(rss),
+                         "" if ok else "FAILED: " + tail.strip().splitlines()[-1] if tail.strip() else "FAILED"])
+            (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
+        _ratios(rows, results, "cold")
+        if not dropped:
+            notes.append("/proc/sys/vm/drop_caches could not be written (not root?): the cold run is NOT cold.")
+        if not args.keep and args.scale <= 2:
+            shutil.rmtree(args.data / f"s{args.scale}", ignore_errors=True)
+
+    if "cached" in runs:
+        log(f"cached run: {args.n} models at scale {args.cached_scale}")
+        paths = synth_files(args.data / f"s{args.cached_scale}", args.n, args.cached_scale, log)
+        prehash(paths, log)
+        results = {}
+        for name in engines:
+            warm(paths)
+            warm(paths)
+            log(f"  {name} ...")
+            wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
+            results[name] = wall
+            rows.append(["cached", name, f"{wall:.1f}", "", "", gb(rss), "" if ok else "FAILED: " + tail[-200:]])
+            (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
+        _ratios(rows, results, "cached")
+
+    if "rss" in runs:
+        ns = [int(x) for x in args.rss_n.split(",") if x]
+        log(f"rss sweep: N = {ns} at scale {args.rss_scale}")
+        paths = synth_files(args.data / f"s{args.rss_scale}", max(ns), args.rss_scale, log)
+        prehash(paths, log)
+        for n in ns:
+            wall, rss, ok, tail = run_engine("astolfo", out_dir / "astolfo.safetensors", paths[:n], env)
+            rows.append([f"rss N={n}", "astolfo", f"{wall:.1f}", "", "", gb(rss), "" if ok else "FAILED: " + tail[-200:]])
+            (out_dir / "astolfo.safetensors").unlink(missing_ok=True)
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    table = _table(rows)
+    print(table)
+    header = (f"Machine: {machine()}. Cold run: {args.n} synthetic SDXL fp16 files at scale {args.scale}"
+              f" ({'full size' if args.scale == 1 else f'1/{args.scale} per large dimension'}); cached run: scale "
+              f"{args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}.")
+    if not args.no_doc:
+        _write_doc(header, table, notes + [_doc_notes()])
+    for n in notes:
+        print(n, file=sys.stderr)
+    return 0
+
+
+def _ratios(rows: list[list[str]], results: dict[str, float], run: str) -> None:
+    """Fill the "astolfo is Nx faster" column of ``run``'s rows."""
+    mine = results.get("astolfo")
+    if not mine:
+        return
+    for row in rows:
+        if row[0] == run and row[1] in results:
+            row[4] = f"{results[row[1]] / mine:.2f}x"
+
+
+def _table(rows: list[list[str]]) -> str:
+    head = ["run", "engine", "wall s", "vs floor", "time / astolfo's", "peak RSS", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _doc_notes() -> str:
+    return textwrap.dedent("""\
+        - "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then dd
+          writing the output's size with conv=fdatasync). "time / astolfo's": how many times longer
+          an engine took than astolfo in the same run.
+        - Each engine runs in its own process; wall time includes Python and torch start-up; peak RSS
+          is the process's maximum resident set (mmap'd file pages count for the plain loop).
+        - astolfo's provenance hashes come from the catalog (hashed once before timing, as a scan does).
+        - The plain loop and sd-mecha run `sync` after writing; astolfo fsyncs its output and renames it.""")
+
+
+def _write_doc(header: str, table: str, notes: list[str]) -> None:
+    doc = ROOT / "docs/benchmarks.md"
+    doc.parent.mkdir(exist_ok=True)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    section = f"## merge\n\n{header}\n\n{table}\n\n" + "\n".join(notes) + "\n"
+    start = text.find("\n## merge\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
