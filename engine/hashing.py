@@ -474,9 +474,6 @@ class _Lane(threading.Thread):
         self._failed = failed
 
     def run(self) -> None:
-        # This thread's torch ops stay on it: the other lanes keep the remaining cores busy,
-        # and OpenMP workers spinning beside them would only steal their time.
-        torch.set_num_threads(1)
         while True:
             chunk = self.inbox.get()
             if chunk is None:
