@@ -34,6 +34,7 @@ SDXL_BASE_SHA256 = get_architecture("sdxl").reference_sha256 or ""
 TEXT_ENCODERS = ("te", "te0", "te1")
 
 _SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_S = 30.0  # how long to wait for another process's write before giving up
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,
@@ -110,6 +111,8 @@ class Catalog:
             raise CatalogError(self.path.parent, f"cannot create the cache folder: {e.strerror or e}") from None
         try:
             self._db = self._open()
+        except sqlite3.OperationalError as e:  # locked, no permission: the file itself is fine
+            raise CatalogError(self.path, f"cannot open the catalog: {e}") from None
         except sqlite3.DatabaseError as e:
             # It is a cache: set an unreadable one aside (never delete it) and start afresh.
             aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
@@ -121,14 +124,14 @@ class Catalog:
             self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema version {version} is newer than this astolfo knows")
+                raise CatalogError(self.path, f"written by a newer astolfo (schema {version}); not touched")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except BaseException:

@@ -19,6 +19,7 @@ from engine.catalog import (
     CACHE_DIR_ENV,
     SDXL_BASE_SHA256,
     Catalog,
+    CatalogError,
     component_groups,
     default_catalog_path,
     group_labels,
@@ -83,6 +84,33 @@ def test_unreadable_database_is_set_aside(tmp_path):
     with Catalog(path) as c:
         assert c.recovered_from is not None and c.recovered_from.read_bytes().startswith(b"this is not")
         assert c.files() == {}
+
+
+def test_newer_schema_is_left_alone(tmp_path):
+    path = tmp_path / "catalog.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.commit()
+    db.close()
+    with pytest.raises(CatalogError, match="newer astolfo"):
+        Catalog(path)
+    assert path.exists()
+
+
+def test_locked_catalog_is_an_error_not_a_reset(tmp_path, monkeypatch):
+    path = tmp_path / "catalog.sqlite3"
+    Catalog(path).close()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("PRAGMA journal_mode=DELETE")
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        monkeypatch.setattr("engine.catalog._BUSY_TIMEOUT_S", 0.1)
+        with pytest.raises(CatalogError, match="catalog.sqlite3"):
+            Catalog(path)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert not list(tmp_path.glob("*.unreadable-*"))
 
 
 # --------------------------------------------------------------------------- cache behaviour
