@@ -101,10 +101,19 @@ class Catalog:
     """The SQLite hash cache. Safe to share between threads of one process; any number of
     processes may read while one writes."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False):
         self.path = Path(path) if path is not None else default_catalog_path()
+        self.read_only = read_only
         self.recovered_from: Path | None = None  # where an unreadable old database was moved
         self._lock = threading.RLock()
+        if read_only:  # a reader beside a writer (or on a read-only disk): never creates or moves
+            try:
+                uri = self.path.absolute().as_uri() + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+                self._db.execute("SELECT count(*) FROM files").fetchone()
+            except sqlite3.Error as e:
+                raise CatalogError(self.path, f"cannot read the catalog: {e}") from None
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -191,27 +200,31 @@ class Catalog:
             for cid, c in hashes.components.items()
         ]
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM components WHERE path = ?", (key.path,))
-                self._db.execute(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key.path,
-                        key.size,
-                        key.mtime_ns,
-                        key.inode,
-                        hashes.version,
-                        hashes.sha256,
-                        time.time(),
-                        json.dumps(hashes.to_dict()),
-                    ),
-                )
-                self._db.executemany("INSERT INTO components VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute("DELETE FROM components WHERE path = ?", (key.path,))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            key.path,
+                            key.size,
+                            key.mtime_ns,
+                            key.inode,
+                            hashes.version,
+                            hashes.sha256,
+                            time.time(),
+                            json.dumps(hashes.to_dict()),
+                        ),
+                    )
+                    self._db.executemany("INSERT INTO components VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:  # disk full, read-only, locked for too long
+                raise CatalogError(self.path, f"cannot store the hashes of {key.path}: {e}") from None
 
     def hash_file(
         self,
@@ -296,14 +309,17 @@ class Catalog:
 
     def mark_reference(self, sha256: str, label: str = "") -> None:
         """Remember that files with this SHA256 are a reference for the "=sd" flag."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO reference_marks VALUES (?, ?, ?)", (sha256.lower(), label, time.time())
-            )
+        self._write("INSERT OR REPLACE INTO reference_marks VALUES (?, ?, ?)", (sha256.lower(), label, time.time()))
 
     def unmark_reference(self, sha256: str) -> None:
+        self._write("DELETE FROM reference_marks WHERE sha256 = ?", (sha256.lower(),))
+
+    def _write(self, sql: str, params: tuple) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM reference_marks WHERE sha256 = ?", (sha256.lower(),))
+            try:
+                self._db.execute(sql, params)
+            except sqlite3.Error as e:
+                raise CatalogError(self.path, f"cannot write: {e}") from None
 
     def marked_references(self) -> dict[str, str]:
         """User marks: SHA256 -> label."""

@@ -379,3 +379,17 @@ def test_selection_duplicates(family):
     assert got == {("unet", "unet", ("a", "a32"), False), ("te0", "te0", ("a", "b"), True)}
     msg = next(w.message for w in warnings if w.selection == "unet")
     assert "a, a32" in msg and "up to fp16" in msg
+
+
+def test_read_only_catalog_reads_and_refuses_writes_clearly(tmp_path, catalog):
+    a = write_checkpoint(tmp_path / "a.safetensors", SynthSpec(seed=1))
+    b = write_checkpoint(tmp_path / "b.safetensors", SynthSpec(seed=2))
+    stored = catalog.hash_file(a)
+    with Catalog(catalog.path, read_only=True) as reader:
+        assert reader.get(a) == stored
+        with pytest.raises(CatalogError, match="cannot store the hashes of .*b.safetensors"):
+            reader.hash_file(b)
+        with pytest.raises(CatalogError, match="cannot write"):
+            reader.mark_reference("ab" * 32)
+    with pytest.raises(CatalogError, match="cannot read"):
+        Catalog(tmp_path / "absent.sqlite3", read_only=True)

@@ -89,12 +89,16 @@ def run(args) -> int:
             print(f"astolfo hash: the catalog was unreadable; moved to {catalog.recovered_from}", file=sys.stderr)
         extra = [r for r in references if not any(r is m for m in reports)]
         errors: dict[str, str] = {}
-        hashes = _hash_all(catalog, reports + extra, errors)
-        for ref in references:
-            if ref.model_id in hashes:
-                catalog.mark_reference(hashes[ref.model_id].sha256, ref.model_id or ref.path.name)
+        try:
+            hashes = _hash_all(catalog, reports + extra, errors)
+            for ref in references:
+                if ref.model_id in hashes:
+                    catalog.mark_reference(hashes[ref.model_id].sha256, ref.model_id or ref.path.name)
+            known_refs = catalog.reference_hashes()
+        except CatalogError as e:
+            print(f"astolfo hash: {e}", file=sys.stderr)
+            return EXIT_FAILED
         in_folder = {r.model_id: hashes[r.model_id] for r in reports if r.model_id in hashes}
-        known_refs = catalog.reference_hashes()
     flags = same_as_reference(in_folder, known_refs)
     groups, labels = _shared(in_folder)
     if args.json:
