@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.catalog import selection_duplicates
 from engine.recipe import ModelEntry, OutputSpec, Recipe
 from engine.report import ModelReport, Severity
 
@@ -240,6 +241,12 @@ class SelectionState:
 
     def problems_in(self, model_id: str) -> bool:
         return self.reports[model_id].severity >= Severity.WARNING or any(self.nan_counts.get(model_id, {}).values())
+
+    def duplicates(self, hashes) -> list:
+        """The catalog's warnings for selections that would average one component twice
+        (``hashes``: model id -> FileHashes of the models hashed so far)."""
+        components = {name: col.component for name, col in self.columns.items() if not col.single}
+        return selection_duplicates(self.selections(), components, hashes)
 
     def selected_anywhere(self, model_id: str) -> bool:
         return any(model_id in c.ids for c in self.columns.values())

@@ -10,18 +10,25 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-GLYPHS = Text.assemble(
-    ("In the grid  ", "bold"),
-    ("03", "bold #15161e on #9ece6a"), (" ticked (the model's id, as in the article)   ", ""),
-    ("--", "#565f89"), (" not ticked   ", ""),
-    ("✗", "#f7768e"), (" cannot be ticked (see details)   ", ""),
-    ("◉", "bold #9ece6a"), (" the VAE source\n", ""),
-    ("             ", ""),
-    ("=19", "#9ece6a"), (" count under each selection   ", ""),
-    ("#te0", "italic"), (" short component hashes: same colour = identical component   ", ""),
-    ("m:", "italic"), (" toolkit metric (0000 = original SD CLIP/VAE)   ", ""),
-    ("=sd", "bold #7dcfff"), (" same text encoders as SDXL base", ""),
-)
+def _legend() -> Table:
+    """What the grid's marks mean."""
+    table = Table(box=None, show_header=False, padding=(0, 2), title=Text("In the grid", style="bold #7aa2f7"), title_justify="left")
+    table.add_column(no_wrap=True, min_width=22)
+    table.add_column()
+    rows = [
+        (Text("03", style="bold #15161e on #9ece6a"), "ticked: the model's id, as the article writes it"),
+        (Text("--", style="#565f89"), "not ticked"),
+        (Text("✗", style="#f7768e"), "cannot be ticked: the component is broken or missing (the details say why)"),
+        (Text("◉ ○", style="bold #9ece6a"), "the VAE source (one model)"),
+        (Text("=19", style="#9ece6a"), "how many models a selection has"),
+        (Text("#te0 3630852f", style="italic"), "short component hash; the same colour in a column = the identical component"),
+        (Text("m:te0 0000", style="italic"), "the model-toolkit metric: 0000 is the original SD CLIP/VAE"),
+        (Text("=sd", style="bold #7dcfff"), "same text encoders as SDXL base (or a model you marked with =)"),
+        (Text("✓ ! ✗", style="bold"), "file status: fine / warnings (still mergeable) / errors"),
+    ]
+    for mark, meaning in rows:
+        table.add_row(Text.assemble((mark.plain, mark.style)), meaning)  # style the mark, not the cell
+    return table
 
 
 def _key_name(binding: Binding) -> str:
@@ -31,7 +38,7 @@ def _key_name(binding: Binding) -> str:
 
 def bindings_table(title: str, bindings) -> Table:
     table = Table(title=Text(title, style="bold #7aa2f7"), title_justify="left", box=None, show_header=False, padding=(0, 2))
-    table.add_column(style="bold #e0af68", no_wrap=True, min_width=12)
+    table.add_column(style="bold #e0af68", no_wrap=True, min_width=22)
     table.add_column()
     for b in bindings:
         if isinstance(b, tuple):
@@ -59,7 +66,7 @@ class HelpScreen(ModalScreen[None]):
         ]
         with VerticalScroll(classes="dialog-box widest", id="help-box"):
             yield Static(Text("astolfo — keys", style="bold"), classes="dialog-title")
-            yield Static(GLYPHS)
+            yield Static(_legend())
             yield Static(bindings_table("Selection grid", [*move, *SelectionGrid.BINDINGS]))
             yield Static(bindings_table("Library", LibraryScreen.BINDINGS))
             yield Static(bindings_table("Merge dashboard", MergeScreen.BINDINGS))

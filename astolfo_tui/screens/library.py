@@ -208,6 +208,9 @@ class LibraryScreen(Screen):
         elif total:
             t.append(" · hashed", style=DIM)
         vae = s.ordered("vae") if "vae" in s.columns else []
+        duplicates = s.duplicates(self.file_hashes)
+        if duplicates:
+            t.append(f" · ⚠ {len(duplicates)} selection(s) average one component twice (m shows which)", style=f"bold {WARN}")
         t.append("   ")
         for name, col in s.columns.items():
             if col.single:

@@ -58,6 +58,7 @@ class MergeScreen(Screen):
         self.plan = None
         self._poll_timer = None
         self._log_written = 0
+        self._cancelling = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -109,6 +110,8 @@ class MergeScreen(Screen):
         recipe = state.to_recipe()
         reports = list(state.reports.values())
         self.problems = check_recipe(recipe, reports)
+        self.problems += [Problem(Severity.WARNING, d.message, code="duplicate_component")
+                          for d in state.duplicates(self.library.file_hashes)]
         errors = [p for p in self.problems if _is_error(p)]
         self.plan = None
         if not errors:
@@ -228,7 +231,7 @@ class MergeScreen(Screen):
             pass
         self._render_job()
         if self.view.final is not None or not self.job.is_active:
-            if self._poll_timer is not None and not self.job.is_active:
+            if self._poll_timer is not None and not self.job.is_active and not self._cancelling:
                 self._poll_timer.stop()
                 self._poll_timer = None
                 self._finished()
@@ -330,13 +333,25 @@ class MergeScreen(Screen):
 
         def done(yes: bool | None) -> None:
             if yes:
+                self._cancelling = True  # set before the worker starts: polling must go on
                 self.cancel(job_id)
 
         self.app.push_screen(ConfirmDialog(f"Cancel merge job {job_id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"), done)
 
     @work(thread=True, group="cancel", exit_on_error=False)
     def cancel(self, job_id: str) -> None:
-        engine_jobs.cancel_job(job_id)
+        try:
+            job = engine_jobs.cancel_job(job_id)
+        finally:
+            self._cancelling = False
+        self.app.call_from_thread(self._cancelled, job)
+
+    def _cancelled(self, job: engine_jobs.Job) -> None:
+        """cancel_job has settled the status (a runner killed before it could clean up is
+        recorded as cancelled there, with its partial output removed)."""
+        self.job = job
+        self._render_job()
+        self.notify(f"Job {job.id} {job.status}.")
 
     def action_close(self) -> None:
         self.dismiss()

@@ -80,11 +80,17 @@ def _title(report: ModelReport) -> Text:
     t.append(report.model_id, style="bold #7aa2f7")
     t.append("  ")
     t.append(report.file_name, style="bold")
-    t.append(f"   {report.file_size:,} bytes", style=DIM)
-    kind = report.kind if not report.arch else f"{report.arch}" + (f" (synthetic, 1/{report.scale} size)" if report.scale > 1 else "")
-    t.append(f"   {kind}", style=DIM)
+    t.append("\n")
+    facts = [f"{report.file_size:,} bytes"]
+    if report.arch:
+        facts.append(report.arch + (f" (synthetic, 1/{report.scale} size)" if report.scale > 1 else ""))
+    else:
+        facts.append(report.kind)
     if report.dtypes:
-        t.append("   " + " ".join(f"{d}×{n}" for d, n in sorted(report.dtypes.items(), key=lambda x: -x[1])), style=DIM)
+        facts.append(" ".join(f"{d}×{n}" for d, n in sorted(report.dtypes.items(), key=lambda x: -x[1])))
+    if report.extra_keys:
+        facts.append(f"{len(report.extra_keys)} extra keys ({report.extra_bytes / 1e6:,.1f} MB)")
+    t.append(" · ".join(facts), style=DIM)
     t.append("\n")
     t.append(str(report.path), style=DIM)
     return t

@@ -57,13 +57,13 @@ class SelectionGrid(DataTable):
     :class:`SelectionGrid.Refused` when a tick is refused."""
 
     BINDINGS = [
-        Binding("space", "toggle_cell", "Toggle"),
-        Binding("c", "toggle_column", "Column"),
-        Binding("r", "toggle_row", "Row"),
-        Binding("i", "invert_column", "Invert", show=False),
-        Binding("n", "clear_column", "None", show=False),
-        Binding("f", "cycle_filter", "Filter"),
-        Binding("o", "sort_by_column", "Sort"),
+        Binding("space", "toggle_cell", "Toggle", tooltip="Tick or untick the cell (refused, with the reason, for a broken component)"),
+        Binding("c", "toggle_column", "Column", tooltip="Tick every shown model that can give this column's component; again: untick all"),
+        Binding("r", "toggle_row", "Row", tooltip="Tick this model in every selection it can go in; again: untick"),
+        Binding("i", "invert_column", "Invert", show=False, tooltip="Invert this column's ticks (shown models)"),
+        Binding("n", "clear_column", "None", show=False, tooltip="Untick the whole column"),
+        Binding("f", "cycle_filter", "Filter", tooltip="Show all models / only those with problems / only those ticked somewhere"),
+        Binding("o", "sort_by_column", "Sort", tooltip="Sort by this column; again: reverse; a third time: file order"),
     ]
 
     class Changed(Message):
