@@ -46,11 +46,30 @@ class AstolfoApp(App):
         self.paths = [Path(p) for p in paths]
         self.reattach = reattach
         self.theme = "tokyo-night"
+        self._watched_jobs: set[str] = set()
 
     async def on_mount(self) -> None:
         await self.push_screen(LibraryScreen(self.paths))
         if self.reattach:
             self._reattach_running()
+        self.set_interval(1.0, self._check_watched_jobs)
+
+    def watch_job(self, job_id: str) -> None:
+        """Say so when this job ends, wherever the user is in the app by then."""
+        self._watched_jobs.add(job_id)
+
+    def _check_watched_jobs(self) -> None:
+        for job_id in list(self._watched_jobs):
+            try:
+                job = engine_jobs.get_job(job_id)
+            except Exception:
+                self._watched_jobs.discard(job_id)
+                continue
+            if not job.is_active:
+                self._watched_jobs.discard(job_id)
+                severity = "information" if job.status == "finished" else "warning"
+                detail = ", ".join(p.name for p in job.outputs) if job.status == "finished" else (job.exit_reason or "")
+                self.notify(f"Merge job {job_id} {job.status}{': ' + detail if detail else ''}", severity=severity, timeout=10)
 
     def _reattach_running(self) -> None:
         """A merge left running by an earlier session: open its dashboard again."""
@@ -98,7 +117,7 @@ class AstolfoApp(App):
             async def run(action=b.action, node=node) -> None:
                 await self.run_action(action, node)
 
-            yield SystemCommand(b.description, f"{b.tooltip or b.description}  [{b.key_display or key}]", run)
+            yield SystemCommand(b.description, f"{b.tooltip or b.description} · key: {b.key_display or key}", run)
         yield from super().get_system_commands(screen)
 
     # -- errors ------------------------------------------------------------------------------

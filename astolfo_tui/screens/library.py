@@ -91,6 +91,9 @@ class LibraryScreen(Screen):
         self.query_one(SelectionGrid).focus()
         self.start_scan()
 
+    def on_unmount(self) -> None:
+        self._hash_cancel.set()  # the hashing thread stops at its next chunk
+
     @property
     def grid(self) -> SelectionGrid:
         return self.query_one(SelectionGrid)
@@ -367,6 +370,13 @@ class LibraryScreen(Screen):
     def default_recipe_path(self) -> Path:
         return self.recipe_path or (self.state.base_dir / f"{self.state.name}.recipe.toml")
 
+    def recipe_to_offer(self) -> Path:
+        """For loading: the current recipe, else one lying in the folder (the demo ships one)."""
+        if self.recipe_path:
+            return self.recipe_path
+        found = sorted(self.state.base_dir.glob("*recipe*.toml"))
+        return found[0] if found else self.default_recipe_path()
+
     def action_save_recipe(self) -> None:
         def done(path: str | None) -> None:
             if path:
@@ -391,7 +401,7 @@ class LibraryScreen(Screen):
             if path:
                 self.load_recipe_from(Path(path).expanduser())
 
-        self.app.push_screen(PathDialog("Load recipe from", str(self.default_recipe_path()), "Load"), done)
+        self.app.push_screen(PathDialog("Load recipe from", str(self.recipe_to_offer()), "Load"), done)
 
     def load_recipe_from(self, path: Path) -> None:
         """Apply a recipe; models it names outside the opened folders are added and scanned."""

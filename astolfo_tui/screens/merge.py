@@ -206,6 +206,7 @@ class MergeScreen(Screen):
             self.app.report_worker_error(event.worker)
         elif event.worker.group == "launch" and event.state == WorkerState.SUCCESS:
             self.notify(f"Merge started as job {event.worker.result.id}; it goes on if you quit.")
+            self.app.watch_job(event.worker.result.id)
             self.attach_job(event.worker.result)
 
     # -- a running or finished job -----------------------------------------------------------
