@@ -56,7 +56,7 @@ def render_details(report: ModelReport, hashes) -> RenderableType:
 
 def render_hashes(report: ModelReport, hashes) -> RenderableType:
     """Every hash in full: the file's (as web UIs and CivitAI show them) and each component's."""
-    t = Text()
+    t = Text(no_wrap=True, overflow="ellipsis")
     t.append("hashes\n", style="bold underline")
     if hashes is None:
         t.append("computing…" if report.kind != "unreadable" else "not hashed: the file cannot be read", style=DIM)
