@@ -463,6 +463,11 @@ class _TensorWork:
 # --------------------------------------------------------------------------- the read pass
 
 
+# With the OpenMP backend torch's thread count is per calling thread; elsewhere it is
+# process-wide, and a hash lane must not throttle a merge running in the same process.
+_THREAD_LOCAL_TORCH_THREADS = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 class _Lane(threading.Thread):
     """A consumer that sees every chunk, in order."""
 
@@ -474,6 +479,10 @@ class _Lane(threading.Thread):
         self._failed = failed
 
     def run(self) -> None:
+        if _THREAD_LOCAL_TORCH_THREADS:
+            # This lane's torch ops stay on its own thread: the SHA256 lanes keep the other
+            # cores busy, and OpenMP workers spin-waiting beside them burn the CPU they need.
+            torch.set_num_threads(1)
         while True:
             chunk = self.inbox.get()
             if chunk is None:
