@@ -45,7 +45,19 @@ async def measure(folder: Path, n: int, repeats: int) -> dict[str, list[float]]:
     from astolfo_tui.app import AstolfoApp
     from astolfo_tui.widgets.selection_grid import SEL, SelectionGrid
 
-    out: dict[str, list[float]] = {k: [] for k in ("first", "open", "build", "noop", "toggle", "update_cell", "rebuild", "column")}
+    from astolfo_tui.screens import library
+
+    out: dict[str, list[float]] = {k: [] for k in ("first", "open", "whole", "build", "noop", "toggle", "update_cell", "rebuild", "column")}
+    streaming = library.STREAM_FIRST_S
+    for _ in range(repeats):  # the same open without streaming rows in, for comparison
+        library.STREAM_FIRST_S = 1e9
+        app = AstolfoApp([folder], reattach=False)
+        start = time.perf_counter()
+        async with app.run_test(size=(160, 48)) as pilot:
+            while not (app.library and app.library.query_one(SelectionGrid).row_count == n):
+                await asyncio.sleep(0.002)
+            out["whole"].append(time.perf_counter() - start)
+    library.STREAM_FIRST_S = streaming
     for _ in range(repeats):
         app = AstolfoApp([folder], reattach=False)
         start = time.perf_counter()
@@ -94,6 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "astolfo-bench-tui")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     folder = args.dir / str(args.models)
     folder.mkdir(parents=True, exist_ok=True)
     make_folder(folder, args.models)
@@ -112,6 +125,7 @@ def main() -> None:
         ("scan (headers only, engine.scan)", med["scan"], "the engine's share of opening"),
         ("app start until the first rows show", med["first"], "rows stream in while the scan goes on"),
         ("app start until every row is in the grid", med["open"], "includes the whole scan"),
+        ("same, rows shown only when the scan is done", med["whole"], "what streaming costs or saves in total"),
         (f"build the grid from {args.models} reports", med["build"], "the app's own share of opening"),
         ("key press that does nothing (Pilot's own waits)", med["noop"], "baseline for the next two rows"),
         ("space: toggle one cell, screen redrawn", med["toggle"], ""),
@@ -119,7 +133,9 @@ def main() -> None:
         ("toggle call alone (update_cell + header total)", med["update_cell"], ""),
         ("same change by rebuilding the table", med["rebuild"], f"{med['rebuild'] / med['update_cell']:.0f}x the update_cell path"),
     ]
-    machine = f"{platform.node() or 'this machine'}: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    machine = (f"{platform.node() or 'this machine'}: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+               f"Python {platform.python_version()}, load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
+               "(other work on the machine shows up in every row)")
     lines = [
         SECTION,
         "",

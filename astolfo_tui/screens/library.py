@@ -35,10 +35,11 @@ from astolfo_tui.selection_state import SelectionState
 from astolfo_tui.widgets.details import DetailsPane
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN, SelectionGrid
 
-# While a big folder is scanned: first rows after 0.25 s, then a refresh every 0.6 s (each
-# refresh takes the GIL from the scan; more often slowed the whole scan down by half).
+# While a big folder is scanned: the rows read so far are shown once, after 0.25 s (a first
+# screenful), then only a count every 0.5 s until the end. Redrawing the grid more often took the
+# GIL from the scan: every 0.15 s made a 200-file open ~50% slower overall.
 STREAM_FIRST_S = 0.25
-STREAM_EVERY_S = 0.6
+STREAM_EVERY_S = 0.5
 
 
 class LibraryScreen(Screen):
@@ -119,14 +120,18 @@ class LibraryScreen(Screen):
         screenful shows long before the last file is inspected."""
         start = time.perf_counter()
         so_far: list = []
-        due = [start + STREAM_FIRST_S]
+        due = [start + STREAM_FIRST_S, True]  # next time to report, and whether rows go too
 
         def on_report(report) -> None:
             so_far.append(report)
             now = time.perf_counter()
-            if now >= due[0]:
-                due[0] = now + STREAM_EVERY_S
+            if now < due[0]:
+                return
+            if due[1]:
                 self.app.call_from_thread(self._scanned, list(so_far), False)
+            else:
+                self.app.call_from_thread(self._scan_count, len(so_far))
+            due[:] = [now + STREAM_EVERY_S, False]
 
         reports = scan(self.paths, on_report=on_report)
         return reports
@@ -137,6 +142,9 @@ class LibraryScreen(Screen):
             return
         if event.worker.group == "scan" and event.state == WorkerState.SUCCESS:
             self._scanned(event.worker.result, True)
+
+    def _scan_count(self, n: int) -> None:
+        self._set_status(Text(f"scanning headers… {n} models so far", style=DIM))
 
     def _scanned(self, reports, final: bool) -> None:
         """Show ``reports`` (all of them when ``final``; the ones read so far otherwise),
