@@ -79,6 +79,7 @@ class OutputStream:
         self._parked_done: set[int] = set()
         self.bytes_written = 0
         self.synced_tensors = 0
+        self._dropped = 0  # output bytes already dropped from the page cache
 
     @property
     def header_bytes(self) -> bytes:
@@ -98,6 +99,7 @@ class OutputStream:
         self._parked.clear()
         self._parked_done.clear()
         self.writer._part = 0
+        self._dropped = 0
         if resume_tensors:
             self.writer.open(resume_tensors=resume_tensors)
             self.skip_below = resume_tensors
@@ -140,6 +142,7 @@ class OutputStream:
         if self.writer.tensors_written == self.synced_tensors:
             return
         self.writer.sync()
+        self._drop_written()
         n = self.writer.tensors_written
         _write_json_atomic(sidecar_path(self.target), {
             "version": SIDECAR_VERSION,
@@ -149,6 +152,20 @@ class OutputStream:
             "target": str(self.target),
         })
         self.synced_tensors = n
+
+    def _drop_written(self) -> None:
+        """The synced part of the output is not read again: let the kernel drop it from the
+        page cache now rather than reclaim memory under pressure later."""
+        f = self.writer._file
+        if f is None or not hasattr(os, "posix_fadvise"):
+            return
+        end = f.tell() // 4096 * 4096
+        if end > self._dropped:
+            try:
+                os.posix_fadvise(f.fileno(), self._dropped, end - self._dropped, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                return
+            self._dropped = end
 
     def close(self) -> None:
         """Close, keeping the partial file and its mark (for a resume or a restart)."""
