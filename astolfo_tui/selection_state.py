@@ -145,6 +145,26 @@ class SelectionState:
     def selections(self) -> dict[str, list[str]]:
         return {name: self.ordered(name) for name in self.columns}
 
+    def rebased(self, reports: list[ModelReport]) -> "SelectionState":
+        """The same picks and settings over a new scan of the folders. Models are followed by
+        file path (a positional id can move when files come and go); picks that are no longer
+        allowed (file gone or now broken) are dropped."""
+        if not self.order:
+            return SelectionState(reports, self.base_dir, self.name)
+        new = SelectionState(reports, self.base_dir, self.name)
+        by_path = {_resolved(r.path): r.model_id for r in reports}
+        moved = {mid: by_path.get(_resolved(r.path)) for mid, r in self.reports.items()}
+        new.arch = self.arch
+        new.columns = {}
+        for name, col in self.columns.items():
+            new.columns[name] = SelectionColumn(name, col.component)
+            new.set_many(name, [moved[m] for m in self.ordered(name) if moved.get(m)], True)
+        new.outputs = [OutputSpec(path=o.path, sources=dict(o.sources), dtype=o.dtype, title=o.title) for o in self.outputs]
+        new.dtype, new.device, new.strict, new.skip_nan, new.date = self.dtype, self.device, self.strict, self.skip_nan, self.date
+        new.metadata = dict(self.metadata)
+        new.weights = {moved[m]: w for m, w in self.weights.items() if moved.get(m)}
+        return new
+
     # -- columns -----------------------------------------------------------------------------
 
     def add_column(self, name: str, component: str) -> None:

@@ -149,13 +149,7 @@ class LibraryScreen(Screen):
     def _scanned(self, reports, final: bool) -> None:
         """Show ``reports`` (all of them when ``final``; the ones read so far otherwise),
         keeping whatever was ticked on models that are still there."""
-        old = self.state
-        self.state = SelectionState(reports, base_dir=_base_dir(self.paths), name=old.name)
-        if old.order:  # a rescan keeps the picks on models still there
-            for name, col in old.columns.items():
-                if name not in self.state.columns:
-                    self.state.add_column(name, col.component)
-                self.state.set_many(name, [m for m in old.ordered(name) if m in self.state.reports], True)
+        self.state = self.state.rebased(reports)
         self.file_hashes = {}
         self.grid.hashes = {}
         self.grid.rebuild(self.state)

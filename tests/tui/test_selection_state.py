@@ -80,3 +80,22 @@ def test_recipe_with_unknown_model_is_reported(demo_dir, tmp_path):
     recipe.select["unet"] = ["zz"]
     missing = _state(demo_dir).apply_recipe(recipe)
     assert missing and "gone.safetensors" in missing[0]
+
+
+def test_rebased_follows_files_when_positional_ids_move(demo_dir, tmp_path):
+    import shutil
+
+    for name, mid in (("b.safetensors", "_x01"), ("c.safetensors", "_x02"), ("d.safetensors", "_x03")):
+        shutil.copy(demo_dir / next(p.name for p in demo_dir.iterdir() if p.name.startswith(mid)), tmp_path / name)
+    s = SelectionState(scan([tmp_path]), base_dir=tmp_path, name="mine")
+    assert s.order == ["m01", "m02", "m03"]
+    s.set_many("unet", ["m01", "m02"], True)
+    s.add_column("anime", "unet")
+    s.set("anime", "m03", True)
+    s.dtype = "bf16"
+    shutil.copy(tmp_path / "b.safetensors", tmp_path / "a.safetensors")  # sorts first: ids shift
+    again = s.rebased(scan([tmp_path]))
+    assert again.order == ["m01", "m02", "m03", "m04"]
+    assert again.ordered("unet") == ["m02", "m03"] and again.ordered("anime") == ["m04"]
+    assert again.dtype == "bf16" and again.name == "mine"
+    assert [o.sources["unet"] for o in again.outputs] == ["unet", "nsfw", "anime"]
