@@ -23,6 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -498,13 +499,18 @@ def exact_factors(sources: list[Source]) -> tuple[str, tuple[float, ...]]:
     the same element is partly lost, and where the mean sits on an fp16 tie (common: 3a + 17b +
     50c hits one in ~1e-4 of elements) that lost part decides the rounding. Weights with too many
     digits for exact products keep their binary values."""
-    weights = [Fraction(repr(s.weight)) for s in sources]
+    return _exact_factors(tuple((s.weight, s.dtype) for s in sources))
+
+
+@lru_cache(maxsize=256)
+def _exact_factors(pairs: tuple[tuple[float, str], ...]) -> tuple[str, tuple[float, ...]]:
+    weights = [Fraction(repr(w)) for w, _ in pairs]
     scale = math.lcm(*(w.denominator for w in weights))
     ints = [int(w * scale) for w in weights]
-    widest = max(_SOURCE_BITS.get(s.dtype, 53) for s in sources)
+    widest = max(_SOURCE_BITS.get(d, 53) for _, d in pairs)
     if all(_significant_bits(k) <= 53 - widest for k in ints) and sum(ints) < 2**53:
         return "F64", tuple(float(k) for k in ints)
-    return "F64", tuple(s.weight for s in sources)
+    return "F64", tuple(w for w, _ in pairs)
 
 
 def _significant_bits(k: int) -> int:
