@@ -62,9 +62,11 @@ def host_rss() -> int | None:
 
 
 def host_rss_peak() -> int:
-    """Peak resident set size of this process so far, in bytes."""
+    """Peak resident set size of this process so far, in bytes. (The kernel updates its high-water
+    mark lazily, so the current RSS can be above it for a while.)"""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    peak = peak if sys.platform == "darwin" else peak * 1024
+    return max(peak, host_rss() or 0)
 
 
 @dataclass
