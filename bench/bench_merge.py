@@ -265,6 +265,7 @@ def main(argv=None) -> int:
     out_dir = args.data / "out"
     out_dir.mkdir(exist_ok=True)
     dropped = True
+    load_before = os.getloadavg()[0]
 
     if "cold" in runs:
         log(f"cold run: {args.n} models at scale {args.scale}")
@@ -320,14 +321,27 @@ def main(argv=None) -> int:
     shutil.rmtree(out_dir, ignore_errors=True)
     table = _table(rows)
     print(table)
-    header = (f"Machine: {machine()}. Cold run: {args.n} synthetic SDXL fp16 files at scale {args.scale}"
-              f" ({'full size' if args.scale == 1 else f'1/{args.scale} per large dimension'}); cached run: scale "
-              f"{args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}.")
+    header = (f"`python bench/bench_merge.py{' --quick' if args.quick else ''}`. Machine: {machine()}; 1-minute load "
+              f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). Cold run: "
+              f"{args.n} synthetic SDXL fp16 files at scale {args.scale}"
+              f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), page cache "
+              f"{'dropped before each engine' if dropped else 'NOT dropped (drop_caches not writable)'}; cached run: "
+              f"scale {args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}"
+              f"{_mecha_version() if 'sd-mecha' in engines else ''}.")
     if not args.no_doc:
         _write_doc(header, table, notes + [_doc_notes()])
     for n in notes:
         print(n, file=sys.stderr)
     return 0
+
+
+def _mecha_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f" (sd-mecha {version('sd-mecha')})"
+    except Exception:
+        return ""
 
 
 def _ratios(rows: list[list[str]], results: dict[str, float], run: str) -> None:
