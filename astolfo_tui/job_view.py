@@ -4,6 +4,7 @@ CLI renders and the job log stores). Plain Python, so the folding is tested with
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from engine import events as ev
@@ -116,7 +117,7 @@ class JobView:
     def _on_output_done(self, e: ev.OutputDone) -> None:
         state = self.outputs.setdefault(e.path, OutputState(e.path))
         state.done = True
-        self._log("ok", f"written {e.path} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors)")
+        self._log("ok", f"written {Path(e.path).name} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors) in {Path(e.path).parent}")
 
     def _on_finished(self, e: ev.Finished) -> None:
         self.final = "finished"

@@ -82,7 +82,7 @@ class MergeScreen(Screen):
             yield Static(id="current-key")
             yield MemoryMeter("GPU", id="gpu-meter")
             yield MemoryMeter("RAM", id="ram-meter")
-            yield RichLog(id="job-log", max_lines=500, wrap=True, markup=False)
+            yield RichLog(id="job-log", max_lines=500, wrap=False, markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Cancel merge", variant="error", id="cancel")
                 yield Button("Back", id="back2")
