@@ -20,15 +20,12 @@ continues without recomputing the tensors already written, producing the same by
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,16 +33,15 @@ import torch
 from . import events as ev
 from .devices import MemoryMonitor, describe, host_rss, host_rss_peak, resolve_device
 from .merge_compute import Bad, CpuBackend, CudaBackend
+from .merge_io import Readers, ReadThrottle, Writer, get
 from .merge_layout import build_items, step_of_tensors, step_writes
-from .merge_output import OutputStream, read_progress, remove_progress
+from .merge_output import OutputStream, plan_fingerprint, read_progress, remove_progress
 from .plan import MergePlan
 from .report import Severity
-from .safetensors_io import DTYPES, SafetensorsError
+from .safetensors_io import SafetensorsError
 
 FORMAT_VERSION = 1
 NAN_WARNINGS_PER_MODEL = 10  # one warning per key up to this many, then a count
-PREFETCH_ITEMS = 2  # items the kernel is asked to read ahead of the readers
-PAGE = 4096
 
 
 class MergeError(Exception):
@@ -120,10 +116,6 @@ def discard_partial(plan: MergePlan) -> None:
     """Remove what an interrupted merge of ``plan`` left beside its outputs for a resume."""
     for out in plan.outputs:
         remove_progress(out.path)
-
-
-class _Stop(Exception):
-    """Internal: readers and the writer stop when the merge does."""
 
 
 class _Restart(Exception):
@@ -245,7 +237,7 @@ class _Run:
         self._check_sources_unchanged()
         for out in plan.outputs:
             out.metadata = build_metadata(plan, out, hashes)
-        fingerprint = _fingerprint(plan)
+        fingerprint = plan_fingerprint(plan, FORMAT_VERSION)
         for out in plan.outputs:
             out.path.parent.mkdir(parents=True, exist_ok=True)
             self.streams.append(OutputStream(out.path, out.tensors, out.metadata, fingerprint))
@@ -301,42 +293,36 @@ class _Run:
             raise MergeCancelled("cancelled")
 
     def _hashes(self) -> dict:
-        """Hashes of every source (provenance and pins): from the plan (catalog cache) or
-        computed now, before anything is written."""
-        from .provenance import compute_hashes, pin_matches
+        """Hashes of every source (provenance and pins): from the catalog cache or computed
+        now, before anything is written."""
+        from .hashing import HashCancelled, HashError
+        from .provenance import pin_mismatch, plan_hashes
 
-        plan = self.plan
-        hashes = dict(plan.hashes)
-        todo = [f.report for f in plan.files if f.model_id not in hashes]
-        if todo:
+        start = time.monotonic()
+
+        def on_progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - self._last_progress >= self.tuning.progress_interval:
+                self._last_progress = now
+                rate = done / (now - start) if now > start else 0
+                self.emit(ev.Progress("hashing", 0, self.plan.tensor_count, done, total, 0, round(now - self.t0, 3),
+                                      round(rate / 1e9, 3), round((total - done) / rate, 1) if rate else None,
+                                      None, host_rss()))
+
+        def on_stage(message: str) -> None:
             self.stage = "hashing"
-            self.emit(ev.Stage("hashing", f"{len(todo)} source file(s) not in the hash cache"))
-            total = sum(r.file_size for r in todo)
-            start = time.monotonic()
+            self.emit(ev.Stage("hashing", message))
 
-            def on_progress(done: int, _total: int) -> None:
-                now = time.monotonic()
-                if now - self._last_progress >= self.tuning.progress_interval:
-                    self._last_progress = now
-                    rate = done / (now - start) if now > start else 0
-                    self.emit(ev.Progress("hashing", 0, plan.tensor_count, done, total, 0, round(now - self.t0, 3),
-                                          round(rate / 1e9, 3), round((total - done) / rate, 1) if rate else None,
-                                          None, host_rss()))
-
-            from .hashing import HashCancelled, HashError
-
-            try:
-                hashes.update(compute_hashes(todo, on_progress, self.cancel))
-            except HashCancelled:
-                raise MergeCancelled("cancelled while hashing") from None
-            except HashError as e:
-                raise MergeError(str(e)) from None
-            self.stage = "merging"
-        for f in plan.files:
-            h = hashes.get(f.model_id)
-            if f.sha256_pin and h is not None and not pin_matches(f.sha256_pin, h.sha256):
-                raise MergeError(f"model {f.model_id}: {f.path} has SHA256 {h.sha256[:10]}..., the recipe pins "
-                                 f"{f.sha256_pin}: the file was replaced or renamed", f.model_id)
+        try:
+            hashes = plan_hashes(self.plan, on_stage, on_progress, self.cancel)
+        except HashCancelled:
+            raise MergeCancelled("cancelled while hashing") from None
+        except HashError as e:
+            raise MergeError(str(e)) from None
+        self.stage = "merging"
+        mismatch = pin_mismatch(self.plan, hashes)
+        if mismatch is not None:
+            raise MergeError(mismatch[1], mismatch[0])
         return hashes
 
     def _check_sources_unchanged(self) -> None:
@@ -424,16 +410,16 @@ class _Run:
         for _ in range(max(2, t.out_buffers) + backend.depth - 1):
             free_out.put(backend.alloc(t.buffer_bytes))
         stop = threading.Event()
-        reader = _Readers(items, self.fds, plan, free_read, stop, t.readers)
-        reader.throttle = _ReadThrottle(self.read_limit) if self.read_limit else None
-        writer = _Writer(self.streams, writes, free_out, stop, t)
+        reader = Readers(items, self.fds, plan, free_read, stop, t.readers)
+        reader.throttle = ReadThrottle(self.read_limit) if self.read_limit else None
+        writer = Writer(self.streams, writes, free_out, stop, t)
         reader.start()
         writer.start()
         inflight: deque = deque()
         try:
             for item in items:
                 buf = self._wait(lambda: reader.take(item.index, 0.1), reader, writer)
-                out = self._wait(lambda: _get(free_out, 0.1), reader, writer)
+                out = self._wait(lambda: get(free_out, 0.1), reader, writer)
                 inflight.append((item, backend.submit(item, buf, out, self.excluded), buf, out))
                 while len(inflight) >= backend.depth:
                     self._finish(backend, inflight.popleft(), free_read, writer)
@@ -511,13 +497,6 @@ class _Run:
                               "(skip_nan)", mid, key)
 
 
-def _get(q: queue.Queue, timeout: float):
-    try:
-        return q.get(timeout=timeout)
-    except queue.Empty:
-        return None
-
-
 def _describe_error(e: Exception) -> str:
     if isinstance(e, SafetensorsError):
         return str(e)
@@ -525,256 +504,3 @@ def _describe_error(e: Exception) -> str:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror or e}"
     return f"{e.__class__.__name__}: {e}"
-
-
-def _fingerprint(plan: MergePlan) -> str:
-    """Identifies the bytes a run will produce: sources (path, size, mtime), nodes, steps and
-    every output header. A resume continues only a partial file with the same fingerprint."""
-    from .safetensors_io import build_header
-
-    h = hashlib.sha256()
-    doc = {
-        "format": FORMAT_VERSION,
-        "files": [[str(f.path), f.size, f.mtime_ns] for f in plan.files],
-        "nodes": [[n.kind, n.key, list(n.shape), n.acc, n.dtype, n.check_finite, list(n.factors),
-                   [[s.file, s.key, s.dtype, s.offset, s.weight] for s in n.sources]] for n in plan.nodes],
-        "steps": [[s.key, s.nodes] for s in plan.steps],
-        "outputs": [[str(o.path), hashlib.sha256(build_header(o.tensors, o.metadata)).hexdigest(), o.nodes]
-                    for o in plan.outputs],
-    }
-    h.update(json.dumps(doc, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- threads
-
-
-class _ReadThrottle:
-    """Paces reads to ``rate`` bytes per second over all reader threads (``execute``'s
-    ``read_limit``); waits in short sleeps so a cancel still stops the merge at once."""
-
-    def __init__(self, rate: float):
-        self.rate = float(rate)
-        self.lock = threading.Lock()
-        self.next_start = time.monotonic()
-
-    def wait_for(self, nbytes: int, stop: threading.Event) -> None:
-        with self.lock:
-            start = max(self.next_start, time.monotonic())
-            self.next_start = start + nbytes / self.rate
-        while (delay := start - time.monotonic()) > 0:
-            if stop.is_set():
-                raise _Stop()
-            time.sleep(min(delay, 0.05))
-
-
-class _Readers:
-    """Reader threads: item i goes to thread i % n; buffers are taken in item order."""
-
-    throttle: "_ReadThrottle | None" = None
-
-    def __init__(self, items, fds, plan, free, stop: threading.Event, n: int):
-        self.items = items
-        self.fds = fds
-        self.plan = plan
-        self.free = free
-        self.stop = stop
-        self.n = max(1, n)
-        self.lock = threading.Condition()
-        self.ticket = 0  # next item allowed to take a buffer
-        self.ready: dict[int, object] = {}
-        self.error: BaseException | None = None
-        self.threads = [threading.Thread(target=self._loop, args=(k,), name=f"merge-read-{k}", daemon=True)
-                        for k in range(self.n)]
-
-    def start(self) -> None:
-        for th in self.threads:
-            th.start()
-
-    def join(self) -> None:
-        with self.lock:
-            self.lock.notify_all()
-        for th in self.threads:
-            th.join()
-
-    def take(self, index: int, timeout: float):
-        with self.lock:
-            if index not in self.ready:
-                self.lock.wait(timeout)
-            return self.ready.pop(index, None)
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def _loop(self, k: int) -> None:
-        try:
-            for item in self.items[k::self.n]:
-                self._advise(item.index + PREFETCH_ITEMS)
-                buf = self._buffer_for(item.index)
-                if buf is None:
-                    return
-                self._read(item, buf)
-                with self.lock:
-                    self.ready[item.index] = buf
-                    self.lock.notify_all()
-        except BaseException as e:  # handed to the merge thread
-            self.error = e
-            self.stop.set()
-            with self.lock:
-                self.lock.notify_all()
-
-    def _advise(self, index: int) -> None:
-        """Ask the kernel to start reading an item further ahead: reads of all files then overlap
-        (a deeper disk queue than one thread's sequential preads) while this item is read."""
-        if index >= len(self.items) or not hasattr(os, "posix_fadvise"):
-            return
-        for seg in self.items[index].segments:
-            for s in seg.sources:
-                try:
-                    os.posix_fadvise(self.fds[s.file], s.file_offset, s.nbytes, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    return
-
-    def _buffer_for(self, index: int):
-        with self.lock:
-            while self.ticket != index:
-                if self.stop.is_set():
-                    return None
-                self.lock.wait(0.1)
-        buf = None
-        while buf is None:
-            if self.stop.is_set():
-                return None
-            buf = _get(self.free, 0.1)
-        with self.lock:
-            self.ticket += 1
-            self.lock.notify_all()
-        return buf
-
-    def _read(self, item, buf: torch.Tensor) -> None:
-        view = memoryview(buf.numpy())
-        spans: dict[int, list[int]] = {}
-        for seg in item.segments:
-            for s in seg.sources:
-                if self.stop.is_set():
-                    raise _Stop()
-                if self.throttle is not None:
-                    self.throttle.wait_for(s.nbytes, self.stop)
-                _pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
-                             self.plan.files[s.file].path)
-                span = spans.setdefault(s.file, [s.file_offset, s.file_offset + s.nbytes])
-                span[0] = min(span[0], s.file_offset)
-                span[1] = max(span[1], s.file_offset + s.nbytes)
-        _drop_cached(self.fds, spans)
-
-
-def _drop_cached(fds: list[int], spans: dict[int, list[int]]) -> None:
-    """Let the kernel drop the source pages just copied (whole pages only): sources are read
-    once, and 40 checkpoints do not fit in the page cache anyway; without this a merge bigger
-    than RAM spends its CPU reclaiming memory."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for f, (lo, hi) in spans.items():
-        lo = -(-lo // PAGE) * PAGE
-        hi = hi // PAGE * PAGE
-        if hi > lo:
-            try:
-                os.posix_fadvise(fds[f], lo, hi - lo, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-
-
-def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done, total = 0, len(view)
-    while done < total:
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as e:
-            raise SafetensorsError(path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
-        if n <= 0:
-            raise SafetensorsError(path, f"unexpected end of file at byte {offset + done} (file truncated?)")
-        done += n
-
-
-class _Writer:
-    """Writes item results to the output streams in order, checkpointing as it goes."""
-
-    def __init__(self, streams, writes, free_out, stop: threading.Event, tuning: Tuning):
-        self.streams = streams
-        self.writes = writes
-        self.free_out = free_out
-        self.stop = stop
-        self.tuning = tuning
-        self.queue: queue.Queue = queue.Queue()
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="merge-write", daemon=True)
-        self._since_sync = 0
-        self._last_sync = time.monotonic()
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, item, out: torch.Tensor) -> None:
-        self.queue.put((item, out))
-
-    def give_back(self, out: torch.Tensor) -> None:
-        self.free_out.put(out)
-
-    def finish(self) -> None:
-        self.queue.put(None)
-
-    def close(self) -> None:
-        self.queue.put(None)
-
-    def join(self) -> None:
-        self.thread.join()
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                entry = self.queue.get()
-                if entry is None:
-                    break
-                if self.stop.is_set() and self.error is None and not self.done.is_set():
-                    self.free_out.put(entry[1])
-                    continue
-                self._write(*entry)
-            if not self.stop.is_set():
-                for s in self.streams:
-                    s.checkpoint()
-        except BaseException as e:
-            self.error = e
-            self.stop.set()
-        finally:
-            self.done.set()
-
-    def _write(self, item, out: torch.Tensor) -> None:
-        view = memoryview(out.numpy())
-        for seg in item.segments:
-            last = seg.stop == self._numel(seg)
-            for w in self.writes[seg.step]:
-                ns = next(x for x in seg.nodes if x.node == w.node)
-                offset = ns.outs[w.dtype]
-                n = seg.numel * DTYPES[w.dtype].itemsize
-                self.streams[w.output].put(w.tensor, view[offset: offset + n], last)
-                self._since_sync += n
-        self.free_out.put(out)
-        now = time.monotonic()
-        if self._since_sync >= self.tuning.sync_bytes or now - self._last_sync >= self.tuning.sync_seconds:
-            for s in self.streams:
-                s.checkpoint()
-            self._since_sync = 0
-            self._last_sync = now
-
-    def _numel(self, seg) -> int:
-        w = self.writes[seg.step][0] if self.writes[seg.step] else None
-        if w is None:
-            return seg.stop
-        plan = self.streams[w.output].writer.plans[w.tensor]
-        return plan.nbytes // DTYPES[plan.dtype].itemsize

@@ -14,11 +14,12 @@ header and cuts off anything after those tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from .safetensors_io import StreamingWriter, TensorPlan, partial_path
+from .safetensors_io import StreamingWriter, TensorPlan, build_header, partial_path
 
 SIDECAR_VERSION = 1
 
@@ -194,3 +195,20 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def plan_fingerprint(plan, format_version: int) -> str:
+    """Identifies the bytes a run will produce: sources (path, size, mtime), nodes, steps and
+    every output header. A resume continues only a partial file with the same fingerprint."""
+    h = hashlib.sha256()
+    doc = {
+        "format": format_version,
+        "files": [[str(f.path), f.size, f.mtime_ns] for f in plan.files],
+        "nodes": [[n.kind, n.key, list(n.shape), n.acc, n.dtype, n.check_finite, list(n.factors),
+                   [[s.file, s.key, s.dtype, s.offset, s.weight] for s in n.sources]] for n in plan.nodes],
+        "steps": [[s.key, s.nodes] for s in plan.steps],
+        "outputs": [[str(o.path), hashlib.sha256(build_header(o.tensors, o.metadata)).hexdigest(), o.nodes]
+                    for o in plan.outputs],
+    }
+    h.update(json.dumps(doc, sort_keys=True).encode())
+    return h.hexdigest()

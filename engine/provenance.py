@@ -97,6 +97,28 @@ def pin_matches(pin: str, sha256: str) -> bool:
     return sha256.lower().startswith(pin.lower())
 
 
+def plan_hashes(plan, on_stage: Callable[[str], None], on_progress: Callable[[int, int], None] | None,
+                cancel: threading.Event | None) -> dict:
+    """model id -> FileHashes for every source of ``plan``: those the plan found in the catalog,
+    the rest hashed now (``on_stage`` is told first). Raises HashCancelled / HashError."""
+    hashes = dict(plan.hashes)
+    todo = [f.report for f in plan.files if f.model_id not in hashes]
+    if todo:
+        on_stage(f"{len(todo)} source file(s) not in the hash cache")
+        hashes.update(compute_hashes(todo, on_progress, cancel))
+    return hashes
+
+
+def pin_mismatch(plan, hashes: dict) -> tuple[str, str] | None:
+    """(model id, message) for the first source whose hash differs from its pin, or None."""
+    for f in plan.files:
+        h = hashes.get(f.model_id)
+        if f.sha256_pin and h is not None and not pin_matches(f.sha256_pin, h.sha256):
+            return f.model_id, (f"model {f.model_id}: {f.path} has SHA256 {h.sha256[:10]}..., the recipe pins "
+                                f"{f.sha256_pin}: the file was replaced or renamed")
+    return None
+
+
 # --------------------------------------------------------------------------- metadata
 
 
