@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     runs = [r for r in args.runs.split(",") if r]
     if "sd-mecha" in engines:
         try:
-            import sd_mecha  # noqa: F401
+            import sd_mecha  # noqa: F401  (only checks that it is installed)
         except ImportError:
             print("sd-mecha is not installed (pip install sd-mecha); skipping it", file=sys.stderr)
             engines.remove("sd-mecha")

@@ -3,7 +3,7 @@
 ``Kernel`` holds the exact-mean recipe used on every device:
 
 - weights scaled to exact integers and sums kept in fp64, where they are exact (see
-  ``engine.plan.exact_factors`` for why fp32 is not enough for a correctly rounded mean);
+  ``engine.plan_build.exact_factors`` for why fp32 is not enough for a correctly rounded mean);
 - convert each source into a preallocated buffer and add it (on the CPU a mixed-dtype ``add_``
   is ~10x slower than copy-then-add, and fp16 -> fp64 is fastest through fp32);
 - divide once by the total weight (a true division: on CUDA by a device tensor, because torch
