@@ -4,13 +4,16 @@ the dashboard on one, which reattaches to a running job."""
 from __future__ import annotations
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
+from textual.worker import Worker, WorkerState
 
 from engine import jobs as engine_jobs
 from astolfo_tui.job_view import duration
+from astolfo_tui.screens.dialogs import ConfirmDialog
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
 
 STATUS_STYLE = {"finished": OK, "failed": ERROR, "died": ERROR, "cancelled": WARN, "running": "#7dcfff", "starting": "#7dcfff"}
@@ -20,6 +23,8 @@ class JobsScreen(Screen):
     BINDINGS = [
         Binding("escape", "close", "Back", tooltip="Back to where you were"),
         Binding("enter", "open_job", "Open", tooltip="Open the dashboard on the highlighted job (reattaches)"),
+        Binding("r", "resume", "Resume", tooltip="Continue a job that died or failed, without redoing what it wrote"),
+        Binding("ctrl+c", "cancel", "Cancel", tooltip="Cancel the highlighted running job (asks first)"),
         Binding("ctrl+r", "reload", "Reload", show=False, tooltip="Read the job list again"),
     ]
 
@@ -60,14 +65,57 @@ class JobsScreen(Screen):
         if table.row_count:
             table.move_cursor(row=min(keep, table.row_count - 1))
 
-    def action_open_job(self) -> None:
+    def _current(self) -> engine_jobs.Job | None:
         table = self.query_one(DataTable)
         if not table.row_count:
+            return None
+        return self.jobs.get(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    def action_open_job(self) -> None:
+        job = self._current()
+        if job is None:
             return
-        job_id = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         from astolfo_tui.screens.merge import MergeScreen
 
-        self.app.push_screen(MergeScreen(job=self.jobs[job_id]))
+        self.app.push_screen(MergeScreen(job=job))
+
+    def action_resume(self) -> None:
+        job = self._current()
+        if job is not None:
+            self.resume(job.id)
+
+    @work(thread=True, group="jobs", exit_on_error=False)
+    def resume(self, job_id: str) -> None:
+        job = engine_jobs.resume_job(job_id)  # JobError says why not (running, finished, ...)
+        self.app.call_from_thread(self._resumed, job)
+
+    def _resumed(self, job: engine_jobs.Job) -> None:
+        from astolfo_tui.screens.merge import MergeScreen
+
+        self.app.watch_job(job.id)
+        self.notify(f"Job {job.id} resumed.")
+        self.app.push_screen(MergeScreen(job=job))
+
+    def action_cancel(self) -> None:
+        job = self._current()
+        if job is None or not job.is_active:
+            self.notify("Only a running job can be cancelled.", severity="warning")
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.cancel(job.id)
+
+        self.app.push_screen(ConfirmDialog(f"Cancel merge job {job.id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"), done)
+
+    @work(thread=True, group="jobs", exit_on_error=False)
+    def cancel(self, job_id: str) -> None:
+        job = engine_jobs.cancel_job(job_id)
+        self.app.call_from_thread(self.notify, f"Job {job.id} {job.status}.")
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            self.app.report_worker_error(event.worker)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open_job()

@@ -155,3 +155,24 @@ async def test_cancel_asks_first_and_leaves_no_output(work_dir):
         if not resumed:
             os.kill(job.pid, signal.SIGCONT)
     assert not any(p.name.startswith("mix-") for p in work_dir.iterdir())
+
+
+async def test_jobs_screen_resumes_a_job_that_died(work_dir):
+    import os
+    import signal
+
+    app = AstolfoApp([work_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        _pick(app.library.state)
+        recipe_path = work_dir / "r.toml"
+        assert app.library.save_recipe_to(recipe_path)
+        job = engine_jobs.start_job(recipe_path)
+        os.kill(job.pid, signal.SIGKILL)  # as a reboot or the OOM killer would
+        await wait_for(pilot, lambda: engine_jobs.get_job(job.id).status == "died", what="the job to be seen as died")
+        await pilot.press("j")
+        await pilot.pause(0.2)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, MergeScreen), what="the resumed job's dashboard")
+        await wait_for(pilot, lambda: engine_jobs.get_job(job.id).status == "finished", timeout=120, what="the resumed job")
+    assert (work_dir / "mix-base.safetensors").exists() and (work_dir / "mix-nsfw.safetensors").exists()
