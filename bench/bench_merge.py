@@ -22,6 +22,7 @@ is printed and written to the "## merge" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -44,14 +45,14 @@ from engine.safetensors_io import StreamingWriter, TensorPlan, canonical_order  
 POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut from
 
 ASTOLFO = """
-import sys
+import os, sys
 from pathlib import Path
 from engine.recipe import parse_recipe
 from engine.plan import build_plan
 from engine.merge import execute
 out, paths = sys.argv[1], sys.argv[2:]
 ids = [f"m{i:02d}" for i in range(len(paths))]
-lines = ['name = "bench"', 'device = "cpu"', "[models]"]
+lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"', "[models]"]
 lines += [f'{i} = "{p}"' for i, p in zip(ids, paths)]
 lines += ["[select]", "all = [" + ", ".join(f'"{i}"' for i in ids) + "]", "[[output]]", f'path = "{out}"']
 lines += [f'{c} = "all"' for c in ("unet", "te0", "te1", "vae")]
@@ -79,7 +80,8 @@ MECHA = """
 import os, sys, torch, sd_mecha
 out, paths = sys.argv[1], sys.argv[2:]
 recipe = sd_mecha.n_average(*[sd_mecha.model(p) for p in paths])
-sd_mecha.merge(recipe, output=out, merge_device="cpu", merge_dtype=torch.float32, output_dtype=torch.float16)
+sd_mecha.merge(recipe, output=out, merge_device=os.environ.get("BENCH_DEVICE", "cpu"), merge_dtype=torch.float32,
+               output_dtype=torch.float16)
 os.sync()
 """
 
@@ -240,6 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-n", default="4,8,16")
     ap.add_argument("--engines", default="astolfo,plain,sd-mecha", help="comma list: astolfo, plain, sd-mecha")
     ap.add_argument("--runs", default="cold,cached,rss", help="comma list: cold, cached, rss")
+    ap.add_argument("--device", default="cpu", help="merge device for astolfo and sd-mecha: cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="small files (scale 16/16/32): checks the script")
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/merge", help="folder for synthetic files")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files afterwards")
@@ -249,15 +252,12 @@ def main(argv=None) -> int:
         args.scale, args.cached_scale, args.rss_scale = 16, 16, 32
     engines = [e for e in args.engines.split(",") if e]
     runs = [r for r in args.runs.split(",") if r]
-    if "sd-mecha" in engines:
-        try:
-            import sd_mecha  # noqa: F401  (only checks that it is installed)
-        except ImportError:
-            print("sd-mecha is not installed (pip install sd-mecha); skipping it", file=sys.stderr)
-            engines.remove("sd-mecha")
+    if "sd-mecha" in engines and importlib.util.find_spec("sd_mecha") is None:
+        print("sd-mecha is not installed (pip install sd-mecha); skipping it", file=sys.stderr)
+        engines.remove("sd-mecha")
 
     args.data.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(args.data / "cache"), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(args.data / "cache"), PYTHONPATH=str(ROOT), BENCH_DEVICE=args.device)
     os.environ["ASTOLFO_CACHE_DIR"] = env["ASTOLFO_CACHE_DIR"]
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     rows: list[list[str]] = []
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         dropped = drop_caches()
         t_read, t_write = floor(paths, out_bytes, out_dir)
         base = t_read + t_write
-        rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", "1.00", "", "-",
+        rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", f"{size / t_read / 1e9:.2f}", "1.00", "", "-",
                      f"cat {t_read:.1f} s ({size / t_read / 1e9:.2f} GB/s) + dd {t_write:.1f} s"])
         results = {}
         for name in engines:
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
             log(f"  {name} ...")
             wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
             results[name] = wall
-            rows.append(["cold", name, f"{wall:.1f}", f"{wall / base:.2f}", "", gb(rss),
+            rows.append(["cold", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", f"{wall / base:.2f}", "", gb(rss),
                          "" if ok else "FAILED: " + tail.strip().splitlines()[-1] if tail.strip() else "FAILED"])
             (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
         _ratios(rows, results, "cold")
@@ -297,6 +297,7 @@ def main(argv=None) -> int:
         log(f"cached run: {args.n} models at scale {args.cached_scale}")
         paths = synth_files(args.data / f"s{args.cached_scale}", args.n, args.cached_scale, log)
         prehash(paths, log)
+        size = sum(p.stat().st_size for p in paths)
         results = {}
         for name in engines:
             warm(paths)
@@ -304,7 +305,8 @@ def main(argv=None) -> int:
             log(f"  {name} ...")
             wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
             results[name] = wall
-            rows.append(["cached", name, f"{wall:.1f}", "", "", gb(rss), "" if ok else "FAILED: " + tail[-200:]])
+            rows.append(["cached", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", "", "", gb(rss),
+                         "" if ok else "FAILED: " + tail[-200:]])
             (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
         _ratios(rows, results, "cached")
 
@@ -315,7 +317,9 @@ def main(argv=None) -> int:
         prehash(paths, log)
         for n in ns:
             wall, rss, ok, tail = run_engine("astolfo", out_dir / "astolfo.safetensors", paths[:n], env)
-            rows.append([f"rss N={n}", "astolfo", f"{wall:.1f}", "", "", gb(rss), "" if ok else "FAILED: " + tail[-200:]])
+            size = sum(p.stat().st_size for p in paths[:n])
+            rows.append([f"rss N={n}", "astolfo", f"{wall:.1f}", f"{size / wall / 1e9:.2f}", "", "", gb(rss),
+                         "" if ok else "FAILED: " + tail[-200:]])
             (out_dir / "astolfo.safetensors").unlink(missing_ok=True)
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -327,12 +331,18 @@ def main(argv=None) -> int:
               f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), page cache "
               f"{'dropped before each engine' if dropped else 'NOT dropped (drop_caches not writable)'}; cached run: "
               f"scale {args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}"
-              f"{_mecha_version() if 'sd-mecha' in engines else ''}.")
+              f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}.")
     if not args.no_doc:
         _write_doc(header, table, notes + [_doc_notes()])
     for n in notes:
         print(n, file=sys.stderr)
     return 0
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(0)})"
+    return device
 
 
 def _mecha_version() -> str:
@@ -351,11 +361,11 @@ def _ratios(rows: list[list[str]], results: dict[str, float], run: str) -> None:
         return
     for row in rows:
         if row[0] == run and row[1] in results:
-            row[4] = f"{results[row[1]] / mine:.2f}x"
+            row[5] = f"{results[row[1]] / mine:.2f}x"
 
 
 def _table(rows: list[list[str]]) -> str:
-    head = ["run", "engine", "wall s", "vs floor", "time / astolfo's", "peak RSS", "notes"]
+    head = ["run", "engine", "wall s", "input GB/s", "vs floor", "time / astolfo's", "peak RSS", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -363,7 +373,7 @@ def _table(rows: list[list[str]]) -> str:
 
 def _doc_notes() -> str:
     return textwrap.dedent("""\
-        - "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then dd
+        - "input GB/s": source bytes over wall time. "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then dd
           writing the output's size with conv=fdatasync). "time / astolfo's": how many times longer
           an engine took than astolfo in the same run.
         - Each engine runs in its own process; wall time includes Python and torch start-up; peak RSS

@@ -33,7 +33,7 @@ import torch
 from . import events as ev
 from .devices import MemoryMonitor, describe, host_rss, host_rss_peak, resolve_device
 from .merge_compute import Bad, CpuBackend, CudaBackend
-from .merge_io import Readers, ReadThrottle, Writer, get
+from .merge_io import Readers, ReadThrottle, Writer, drop_cache_wanted, get
 from .merge_layout import build_items, step_of_tensors, step_writes
 from .merge_output import OutputStream, plan_fingerprint, read_progress, remove_progress
 from .plan import MergePlan
@@ -146,6 +146,7 @@ class _Run:
         self.current_key: str | None = None
         self.stage = "merging"
         self.read_limit: float | None = None  # bytes/s; see execute
+        self.drop_cache = False  # drop file pages behind the merge (set per plan size)
 
     # ------------------------------------------------------------------ events
 
@@ -241,6 +242,9 @@ class _Run:
         for out in plan.outputs:
             out.path.parent.mkdir(parents=True, exist_ok=True)
             self.streams.append(OutputStream(out.path, out.tensors, out.metadata, fingerprint))
+        self.drop_cache = drop_cache_wanted(plan.bytes_to_read + plan.bytes_to_write)
+        for s in self.streams:
+            s.drop_cache = self.drop_cache
         start = self._open_streams(resume, fingerprint)
         self._open_fds()
         self.resumed_bytes = sum(s.nbytes for step in plan.steps[:start] for s in step.sources)
@@ -411,6 +415,7 @@ class _Run:
             free_out.put(backend.alloc(t.buffer_bytes))
         stop = threading.Event()
         reader = Readers(items, self.fds, plan, free_read, stop, t.readers)
+        reader.drop_cache = self.drop_cache
         reader.throttle = ReadThrottle(self.read_limit) if self.read_limit else None
         writer = Writer(self.streams, writes, free_out, stop, t)
         reader.start()

@@ -81,6 +81,7 @@ class OutputStream:
         self.bytes_written = 0
         self.synced_tensors = 0
         self._dropped = 0  # output bytes already dropped from the page cache
+        self.drop_cache = True  # see merge_io.drop_cache_wanted
 
     @property
     def header_bytes(self) -> bytes:
@@ -143,7 +144,8 @@ class OutputStream:
         if self.writer.tensors_written == self.synced_tensors:
             return
         self.writer.sync()
-        self._drop_written()
+        if self.drop_cache:
+            self._drop_written()
         n = self.writer.tensors_written
         _write_json_atomic(sidecar_path(self.target), {
             "version": SIDECAR_VERSION,
