@@ -372,3 +372,61 @@ def test_round_to_odd_narrowing_is_correct_rounding():
     kernel.narrow(x, out)
     assert torch.equal(out, torch.from_numpy(x.numpy().astype(np.float16)))
     assert DTYPES["F16"].torch_dtype == out.dtype
+
+
+def test_outputs_of_different_dtypes_share_one_pass(models, tmp_path):
+    """fp16 and fp32 outputs order a few tensors differently (position_ids keeps the sources'
+    F16 in both, so it sorts last in the fp32 file): one output parks it until its turn."""
+    outputs = [sdxl_output(str(tmp_path / "half.safetensors"), "all"),
+               sdxl_output(str(tmp_path / "full.safetensors"), "all", dtype="fp32")]
+    plan = build_plan(_recipe(models, tmp_path, outputs=outputs))
+    half, full = plan.outputs
+    assert [t.key for t in half.tensors] != [t.key for t in full.tensors]
+    assert full.tensors[-1].key == POS
+    result = execute(plan, tuning=SMALL)
+    assert result.bytes_read == plan.bytes_to_read
+    srcs = [load(models / f"m{i}.safetensors") for i in range(3)]
+    assert _check_mean(load(tmp_path / "half.safetensors"), srcs, [1, 1, 1], torch.float16) == 2514
+    assert _check_mean(load(tmp_path / "full.safetensors"), srcs, [1, 1, 1], torch.float32) == 2514
+    assert load(tmp_path / "full.safetensors")[POS].dtype == torch.float16
+
+
+def test_resume_of_a_changed_recipe_starts_afresh(models, tmp_path):
+    recipe = _recipe(models, tmp_path)
+    target = tmp_path / "out.safetensors"
+    stop = threading.Event()
+
+    def on_event(e):  # interrupt once some progress is durable
+        if e.type == "progress" and sidecar_path(target).exists():
+            raise KeyboardInterrupt
+
+    tuning = Tuning(buffer_bytes=128 << 10, sub_elems=4096, progress_interval=0.0, sync_bytes=64 << 10)
+    with pytest.raises(MergeCancelled):
+        execute(build_plan(recipe), on_event=on_event, cancel=stop, tuning=tuning)
+    assert not partial_path(target).exists()  # a cancelled merge leaves nothing
+
+    # leave a partial and a progress mark as a kill -9 would, then change the weights
+    from engine.merge_output import OutputStream
+
+    plan = build_plan(recipe)
+    execute(plan, tuning=SMALL)
+    reference = sha256(target)
+    target.unlink()
+    stream = OutputStream(target, plan.outputs[0].tensors, {"x": "y"}, "stale-fingerprint")
+    stream.open()
+    stream.put(0, memoryview(bytes(plan.outputs[0].tensors[0].nbytes)), True)
+    stream.checkpoint()
+    stream.close()
+    events: list = []
+    execute(build_plan(recipe), on_event=events.append, resume=True, tuning=SMALL)
+    assert any(e.type == "warning" and e.code == "resume_fresh" for e in events)
+    assert sha256(target) == reference
+
+
+def test_skip_nan_cannot_skip_the_only_source(models, tmp_path):
+    nan = write_checkpoint(tmp_path / "nan.safetensors", SynthSpec(seed=8, scale=64, nan_in=("vae",)))
+    recipe = _recipe(models, tmp_path, select={"all": ["a", "b"], "v": ["n"]}, extra_models={"n": str(nan)},
+                     outputs=[sdxl_output(str(tmp_path / "out.safetensors"), "all", vae="v")], skip_nan=True)
+    with pytest.raises(MergeError, match="the only source"):
+        execute(build_plan(recipe), tuning=SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
