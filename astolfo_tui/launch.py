@@ -1,12 +1,12 @@
-"""Where ``astolfo DIR...`` and ``astolfo demo`` end up: the Textual app on those folders.
+"""Where ``astolfo DIR...`` and ``astolfo demo`` end up: the Textual app on those folders
+(with no folder given, the ones opened last time).
 
-Without a terminal to draw on (output piped or redirected, CI) or without the app module, the
-scan table is printed instead, so both commands still show what the app would open.
+Without a terminal to draw on (output piped or redirected, CI) the scan table is printed
+instead, so both commands still show what the app would open.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,29 +15,23 @@ from rich.console import Console
 
 from engine.scan import scan
 
+from .config import remembered_folders
 from .scan_table import render_scan, scan_summary
-
-
-def _app_module():
-    try:
-        return importlib.import_module("astolfo_tui.app")
-    except ModuleNotFoundError as e:
-        if e.name != "astolfo_tui.app":
-            raise
-        return None
 
 
 def launch_app(paths: Sequence[str | Path]) -> int:
     """Open the app on ``paths``; returns the process exit status."""
-    app = _app_module() if sys.stdin.isatty() and sys.stdout.isatty() else None
-    if app is not None:
-        return int(app.run_app([Path(p) for p in paths]) or 0)
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        from .app import run_app  # Textual is imported only when there is a screen to draw on
+
+        return run_app([Path(p) for p in paths])
     return print_scan(paths)
 
 
 def print_scan(paths: Sequence[str | Path]) -> int:
     """The fallback view: the scan table of ``paths``. Broken models are expected here (the demo
     has some on purpose), so only a usage problem gives a non-zero status."""
+    paths = list(paths) or [p for p in remembered_folders() if p.exists()]
     if not paths:
         print("usage: astolfo DIR...   (or `astolfo demo` for built-in demo models)", file=sys.stderr)
         return 2
