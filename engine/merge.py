@@ -65,7 +65,7 @@ class Tuning:
     read_buffers: int = 4
     out_buffers: int = 3
     readers: int = 1
-    workers: int = 0  # CPU compute threads; 0: one per core
+    workers: int = 0  # CPU compute threads; 0: one per core, at most merge_compute.MAX_WORKERS
     sub_elems: int = 1 << 17  # CPU: elements per pass (1 MB of fp64: stays in L2)
     sync_bytes: int = 256 << 20
     sync_seconds: float = 5.0

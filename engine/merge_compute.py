@@ -35,6 +35,9 @@ from .plan import ARANGE, COPY, MergePlan
 from .safetensors_io import DTYPES
 
 _ACC = {"F32": torch.float32, "F64": torch.float64}
+# CPU workers by default: the work is memory-bound well before this, and each worker in flight
+# holds a read and an output buffer.
+MAX_WORKERS = 8
 _NARROW = (torch.float16, torch.bfloat16)
 
 
@@ -188,7 +191,7 @@ class CpuBackend:
         self.plan = plan
         self.sub = max(1, sub_elems)
         self.device = torch.device("cpu")
-        self.depth = workers or cpu_count()
+        self.depth = workers or min(cpu_count(), MAX_WORKERS)
         self._jobs: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._work, name=f"merge-cpu-{i}", daemon=True)
                          for i in range(self.depth)]
