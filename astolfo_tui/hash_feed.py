@@ -18,6 +18,18 @@ from engine.report import UNREADABLE, ModelReport
 from astolfo_tui.widgets.selection_grid import HashView
 
 
+PROGRESS_EVERY_S = 0.2  # the hashing thread waits for the UI on each report: not per chunk
+
+
+@dataclass
+class Progress:
+    files_done: int
+    files_total: int
+    bytes_done: int  # of the files that need reading (cache misses)
+    bytes_total: int
+    rate: str = ""  # e.g. "812 MB/s" while reading
+
+
 @dataclass
 class Results:
     hashes: dict[str, FileHashes] = field(default_factory=dict)  # new this time
@@ -48,7 +60,7 @@ def views_for(all_hashes: dict[str, FileHashes], references: list[FileHashes]) -
 def feed(
     reports: list[ModelReport],
     on_result: Callable[[Results], None],
-    on_progress: Callable[[int, int, str], None],
+    on_progress: Callable[[Progress], None],
     cancel: threading.Event,
     catalog: Catalog | None = None,
 ) -> None:
@@ -84,20 +96,26 @@ def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
     all_hashes.update(cached.hashes)
     references = catalog.reference_hashes()
     cached.views = changed(views_for(all_hashes, references))
-    on_progress(len(cached.hashes), total, "")
     if cached.hashes:
         on_result(cached)
     done = len(cached.hashes)
+    bytes_total = sum(r.file_size for r in todo)
+    on_progress(Progress(done, total, 0, bytes_total))
     started = time.monotonic()
     read = 0
+    last = [0.0]
     for r in todo:
         if cancel.is_set():
             return
         base = read
 
         def progress(n: int, _size: int, base: int = base) -> None:
-            elapsed = max(time.monotonic() - started, 1e-6)
-            on_progress(done, total, f"{(base + n) / elapsed / 1e6:,.0f} MB/s")
+            now = time.monotonic()
+            if now - last[0] < PROGRESS_EVERY_S:
+                return
+            last[0] = now
+            rate = f"{(base + n) / max(now - started, 1e-6) / 1e6:,.0f} MB/s"
+            on_progress(Progress(done, total, base + n, bytes_total, rate))
 
         result = Results()
         try:
@@ -115,7 +133,7 @@ def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
             result.views = changed(views_for(all_hashes, references))
         read += r.file_size
         done += 1
-        on_progress(done, total, "")
+        on_progress(Progress(done, total, read, bytes_total))
         on_result(result)
 
 

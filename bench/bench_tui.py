@@ -71,7 +71,7 @@ async def measure(folder: Path, n: int, repeats: int) -> dict[str, list[float]]:
             t = time.perf_counter()
             grid.rebuild()
             out["build"].append(time.perf_counter() - t)
-        while not (app.library._hash_progress[1] and app.library._hash_progress[0] >= app.library._hash_progress[1]):
+        while not app.library.hashing_complete:
             await asyncio.sleep(0.01)  # toggles are timed with hashing finished
         await pilot.pause(0.2)
         grid.cursor_coordinate = Coordinate(0, grid.get_column_index(SEL + "te0"))

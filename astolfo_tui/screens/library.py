@@ -71,6 +71,8 @@ class LibraryScreen(Screen):
         self._hash_rate = ""
         self._pending_recipe: Path | None = None
         self.scan_complete = False
+        self._hash_finished = False
+        self._hash_worker = None
         self._details_for: str | None = None
         self._details_timer = None
 
@@ -103,11 +105,11 @@ class LibraryScreen(Screen):
 
     @property
     def hashing_complete(self) -> bool:
-        done, total = self._hash_progress
-        return self.scan_complete and total > 0 and done >= total
+        return self.scan_complete and self._hash_finished
 
     def start_scan(self) -> None:
         self.scan_complete = False
+        self._hash_finished = False
         self._hash_progress = (0, 0)
         self._hash_cancel.set()
         self._hash_cancel = threading.Event()
@@ -142,6 +144,10 @@ class LibraryScreen(Screen):
             return
         if event.worker.group == "scan" and event.state == WorkerState.SUCCESS:
             self._scanned(event.worker.result, True)
+        elif event.worker is self._hash_worker and event.state == WorkerState.SUCCESS:
+            self._hash_finished = True
+            self.query_one("#hash-progress").display = False
+            self._refresh_status()
 
     def _scan_count(self, n: int) -> None:
         self._set_status(Text(f"scanning headers… {n} models so far", style=DIM))
@@ -162,14 +168,14 @@ class LibraryScreen(Screen):
         if self._pending_recipe is not None:
             path, self._pending_recipe = self._pending_recipe, None
             self._apply_recipe_file(path)
-        self.run_hashing(list(reports), self._hash_cancel)
+        self._hash_worker = self.run_hashing(list(reports), self._hash_cancel)
 
     @work(thread=True, exclusive=True, group="hash", exit_on_error=False)
     def run_hashing(self, reports, cancel: threading.Event) -> None:
         hash_feed.feed(
             reports,
             on_result=lambda results: self.app.call_from_thread(self._hashed, results),
-            on_progress=lambda done, total, rate: self.app.call_from_thread(self._hash_progressed, done, total, rate),
+            on_progress=lambda progress: self.app.call_from_thread(self._hash_progressed, progress),
             cancel=cancel,
         )
 
@@ -186,12 +192,12 @@ class LibraryScreen(Screen):
         self._show_details()
         self._refresh_status()
 
-    def _hash_progressed(self, done: int, total: int, rate: str) -> None:
-        self._hash_progress = (done, total)
-        self._hash_rate = rate
+    def _hash_progressed(self, p: hash_feed.Progress) -> None:
+        self._hash_progress = (p.files_done, p.files_total)
+        self._hash_rate = p.rate or self._hash_rate
         bar = self.query_one("#hash-progress", ProgressBar)
-        bar.display = done < total
-        bar.update(total=max(total, 1), progress=done)
+        bar.display = p.files_done < p.files_total
+        bar.update(total=max(p.bytes_total, 1), progress=p.bytes_done)
         self._refresh_status()
 
     # -- status line -------------------------------------------------------------------------
@@ -208,10 +214,10 @@ class LibraryScreen(Screen):
         if problems:
             t.append(f" · {problems} with problems", style=WARN)
         done, total = self._hash_progress
-        if total and done < total:
-            t.append(f" · hashing {done}/{total} {self._hash_rate}", style="#7aa2f7")
-        elif total:
+        if self.hashing_complete:
             t.append(" · hashed", style=DIM)
+        elif total:
+            t.append(f" · hashing {done}/{total} {self._hash_rate}", style="#7aa2f7")
         vae = s.ordered("vae") if "vae" in s.columns else []
         duplicates = s.duplicates(self.file_hashes)
         if duplicates:
