@@ -444,7 +444,13 @@ class LibraryScreen(Screen):
             self.notify(f"Loaded {path}")
 
     def notation(self) -> str:
-        return format_notation(self.state.order, self.state.selections())
+        """Every selection in the article's notation, plus its ``=sd`` line once hashes say
+        which models carry SDXL base's text encoders."""
+        lines = self.state.selections()
+        same = [m for m in self.state.order if (v := self.grid.hashes.get(m)) and v.same_as_reference]
+        if same:
+            lines["=sd"] = same
+        return format_notation(self.state.order, lines)
 
     def action_copy_notation(self) -> None:
         self.app.copy_to_clipboard(self.notation())

@@ -101,8 +101,9 @@ async def test_row_toggle_filter_search_and_sort(demo_dir):
         assert grid.visible_ids()[0] == "_x10"  # the fp32 file is the largest
 
 
-async def test_notation_goes_to_the_clipboard(demo_dir):
-    app = AstolfoApp([demo_dir], reattach=False)
+async def test_notation_goes_to_the_clipboard(work_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASTOLFO_CACHE_DIR", str(tmp_path / "own-cache"))  # its =sd mark stays here
+    app = AstolfoApp([work_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
         await open_library(pilot, hashed=False)
         state = app.library.state
@@ -110,6 +111,11 @@ async def test_notation_goes_to_the_clipboard(demo_dir):
         await pilot.press("y")
         assert app.clipboard == format_notation(state.order, state.selections())
         assert app.clipboard.startswith("te0: --,01,--,03,--")
+        await open_library(pilot)
+        app.library.mark_reference("_x00", app.library.file_hashes["_x00"].sha256, "base")
+        await wait_for(pilot, lambda: "=sd: 00,--,--,03" in app.library.notation(), what="the =sd line")
+        await pilot.press("y")
+        assert app.clipboard.splitlines()[-1].startswith("=sd: 00,--,--,03")
 
 
 async def test_save_and_reload_a_recipe(work_dir):
