@@ -136,13 +136,22 @@ class OutputStream:
                 break
 
     def _write(self, data: memoryview, last: bool) -> None:
-        self.writer.write_part(data, last)
+        try:
+            self.writer.write_part(data, last)
+        except OSError as e:  # a full disk, a file size limit: name the file
+            raise _named(e, self.writer.temp_path) from None
         self.bytes_written += len(data)
 
     def checkpoint(self) -> None:
         """Make what is written durable and record it for a resume."""
         if self.writer.tensors_written == self.synced_tensors:
             return
+        try:
+            self._checkpoint()
+        except OSError as e:
+            raise _named(e, self.writer.temp_path) from None
+
+    def _checkpoint(self) -> None:
         self.writer.sync()
         if self.drop_cache:
             self._drop_written()
@@ -175,7 +184,10 @@ class OutputStream:
         self.writer.close()
 
     def commit(self) -> Path:
-        path = self.writer.commit()
+        try:
+            path = self.writer.commit()
+        except OSError as e:
+            raise _named(e, self.writer.temp_path) from None
         try:
             sidecar_path(self.target).unlink()
         except FileNotFoundError:
@@ -183,11 +195,22 @@ class OutputStream:
         return path
 
     def abort(self) -> None:
-        self.writer.abort()
+        """Remove the partial file and its mark, even when closing fails (a full disk fails
+        the last flush too)."""
         try:
-            sidecar_path(self.target).unlink()
-        except FileNotFoundError:
-            pass
+            self.writer.close()
+        except OSError:
+            self.writer._file = None
+        for path in (self.writer.temp_path, sidecar_path(self.target)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with the file it happened to (writes through a file object do not say)."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

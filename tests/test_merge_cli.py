@@ -186,3 +186,31 @@ def test_kill_9_leaves_no_target_and_resume_gives_identical_bytes(models, tmp_pa
     execute(build_plan(load_recipe(_write_recipe(fresh, models))))
     assert sha256(fresh / "out/mix.safetensors") == resumed
     assert {p: sha256(p) for p in sorted(models.iterdir())} == sources
+
+
+FULL_DISK = """
+import resource, signal, sys
+from engine.merge import MergeError, execute
+from engine.plan import build_plan
+from engine.recipe import load_recipe
+plan = build_plan(load_recipe(sys.argv[1]))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    execute(plan)
+except MergeError as e:
+    print(e)
+    sys.exit(1)
+"""
+
+
+def test_a_write_failure_names_the_file_and_leaves_nothing(models, tmp_path):
+    """A file size limit stands in for a full disk: the write fails part-way through."""
+    recipe = _write_recipe(tmp_path, models)
+    sources = {p: sha256(p) for p in sorted(models.iterdir())}
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(recipe)], capture_output=True, text=True,
+                            env=_env(), timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "mix.safetensors.partial" in result.stdout and "File too large" in result.stdout
+    assert list((tmp_path / "out").iterdir()) == []
+    assert {p: sha256(p) for p in sorted(models.iterdir())} == sources
