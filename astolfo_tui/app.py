@@ -124,7 +124,8 @@ class AstolfoApp(App):
 
     def report_worker_error(self, worker: Worker) -> None:
         error = worker.error
-        self.notify(f"{worker.name or 'background task'} failed: {error}", title="Error", severity="error", timeout=10)
+        what = (worker.name or "a background task").capitalize()
+        self.notify(f"{what} failed: {error}", title="Error", severity="error", timeout=10)
         try:
             path = _log_path()
             path.parent.mkdir(parents=True, exist_ok=True)

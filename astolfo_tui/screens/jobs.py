@@ -84,7 +84,7 @@ class JobsScreen(Screen):
         if job is not None:
             self.resume(job.id)
 
-    @work(thread=True, group="jobs", exit_on_error=False)
+    @work(thread=True, group="jobs", exit_on_error=False, name="resuming the job")
     def resume(self, job_id: str) -> None:
         job = engine_jobs.resume_job(job_id)  # JobError says why not (running, finished, ...)
         self.app.call_from_thread(self._resumed, job)
@@ -108,7 +108,7 @@ class JobsScreen(Screen):
 
         self.app.push_screen(ConfirmDialog(f"Cancel merge job {job.id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"), done)
 
-    @work(thread=True, group="jobs", exit_on_error=False)
+    @work(thread=True, group="jobs", exit_on_error=False, name="cancelling the job")
     def cancel(self, job_id: str) -> None:
         job = engine_jobs.cancel_job(job_id)
         self.app.call_from_thread(self.notify, f"Job {job.id} {job.status}.")

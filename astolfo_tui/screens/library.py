@@ -116,7 +116,7 @@ class LibraryScreen(Screen):
         self._set_status(Text("scanning headers…", style=DIM))
         self.run_scan()
 
-    @work(thread=True, exclusive=True, group="scan", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="scan", exit_on_error=False, name="scanning")
     def run_scan(self):
         """Headers only. Rows appear in batches while a big folder is read, so the first
         screenful shows long before the last file is inspected."""
@@ -170,7 +170,7 @@ class LibraryScreen(Screen):
             self._apply_recipe_file(path)
         self._hash_worker = self.run_hashing(list(reports), self._hash_cancel)
 
-    @work(thread=True, exclusive=True, group="hash", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="hash", exit_on_error=False, name="hashing")
     def run_hashing(self, reports, cancel: threading.Event) -> None:
         hash_feed.feed(
             reports,
@@ -274,7 +274,7 @@ class LibraryScreen(Screen):
             return
         self.mark_reference(mid, fh.sha256, self.state.reports[mid].file_name)
 
-    @work(thread=True, group="reference", exit_on_error=False)
+    @work(thread=True, group="reference", exit_on_error=False, name="marking the reference")
     def mark_reference(self, mid: str, sha256: str, label: str) -> None:
         marked, views = hash_feed.toggle_reference(sha256, label, dict(self.file_hashes))
         self.app.call_from_thread(self._references_changed, mid, marked, views)

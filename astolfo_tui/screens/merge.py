@@ -195,7 +195,7 @@ class MergeScreen(Screen):
         self.query_one("#launch", Button).disabled = True
         self.start_job(path)
 
-    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False, name="starting the merge")
     def start_job(self, recipe_path: Path):
         return engine_jobs.start_job(recipe_path)
 
@@ -339,7 +339,7 @@ class MergeScreen(Screen):
 
         self.app.push_screen(ConfirmDialog(f"Cancel merge job {job_id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"), done)
 
-    @work(thread=True, group="cancel", exit_on_error=False)
+    @work(thread=True, group="cancel", exit_on_error=False, name="cancelling the merge")
     def cancel(self, job_id: str) -> None:
         try:
             job = engine_jobs.cancel_job(job_id)

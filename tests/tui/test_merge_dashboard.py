@@ -176,3 +176,29 @@ async def test_jobs_screen_resumes_a_job_that_died(work_dir):
         await wait_for(pilot, lambda: isinstance(app.screen, MergeScreen), what="the resumed job's dashboard")
         await wait_for(pilot, lambda: engine_jobs.get_job(job.id).status == "finished", timeout=120, what="the resumed job")
     assert (work_dir / "mix-base.safetensors").exists() and (work_dir / "mix-nsfw.safetensors").exists()
+
+
+async def test_a_busy_output_is_refused_with_the_reason(work_dir):
+    """A second merge onto outputs a running job writes: start_job refuses, the app says why
+    (through the one worker-error handler) and the launch button comes back."""
+    import os
+    import signal
+
+    app = AstolfoApp([work_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        _pick(app.library.state)
+        recipe_path = work_dir / "other.toml"
+        assert app.library.save_recipe_to(recipe_path)
+        job = engine_jobs.start_job(recipe_path)
+        os.kill(job.pid, signal.SIGSTOP)
+        try:
+            await pilot.press("m")
+            screen = app.screen
+            await pilot.press("l")
+            await wait_for(pilot, lambda: any("Starting the merge failed" in n.message for n in app._notifications),
+                           what="the refusal")
+            assert screen.job is None and not screen.query_one("#launch").disabled
+        finally:
+            os.kill(job.pid, signal.SIGCONT)
+            engine_jobs.wait_for_job(job.id, timeout_s=120)
