@@ -5,8 +5,9 @@ when complete, progress as events, and resume after an interruption.
 
 - readers ``pread`` every source range of an item into a read buffer (``os.preadv`` releases
   the GIL), a few items ahead, taking buffers strictly in item order so they cannot deadlock;
-- the calling thread computes each item (``merge_compute``: CPU or CUDA backend) into an output
-  buffer and emits events;
+- a backend (``merge_compute``) computes each item into an output buffer: CPU worker threads,
+  or the GPU with two items in flight; the calling thread hands out items, collects results in
+  order and emits the events;
 - a writer appends results to each output's partial file (``merge_output``), and every
   ``sync_bytes`` or ``sync_seconds`` fsyncs them and records durable progress for a resume.
 
@@ -490,8 +491,8 @@ class _Run:
                 raise MergeError(f"NaN/Inf values in {key} of model {names}: stopped (skip_nan = true leaves that "
                                  "model out of the keys where this happens)", first.model_id, key)
             if node.kind != "mean" or len(node.sources) - len(self.excluded.get(bad.node, ())) <= len(bad.sources):
-                raise MergeError(f"NaN/Inf values in {key} of model {first.model_id} ({first.path.name}), the only "
-                                 "source of this tensor: cannot skip it", first.model_id, key)
+                raise MergeError(f"NaN/Inf values in {key} of model {first.model_id} ({first.path.name}), and no "
+                                 "other model of the selection has this tensor: cannot skip it", first.model_id, key)
             for f, stored in bad.sources:
                 self.excluded.setdefault(bad.node, set()).add((f, stored))
                 mid = plan.files[f].model_id
