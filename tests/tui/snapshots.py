@@ -6,6 +6,10 @@ does the same job.) What varies from run to run is made fixed before comparing: 
 of the session's temporary folder (its length is fixed, so layouts do not move) and the SVG's
 content-derived ids.
 
+Screens are drawn by Textual and Rich, so the stored SVGs hold for the versions recorded in
+``snapshots/VERSIONS``; under other versions the comparison is skipped (with the reason) rather
+than failing on a library's drawing change.
+
 To accept new screens after a deliberate change, run
     ASTOLFO_UPDATE_SNAPSHOTS=1 .venv/bin/pytest tests/tui/test_snapshots.py
 and look at the SVGs (a browser renders them) before committing them.
@@ -14,9 +18,12 @@ and look at the SVGs (a browser renders them) before committing them.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import os
 import re
 from pathlib import Path
+
+import pytest
 
 SNAPSHOT_DIR = Path(__file__).parent / "snapshots"
 UPDATE_ENV = "ASTOLFO_UPDATE_SNAPSHOTS"
@@ -35,9 +42,22 @@ def _visible_text(svg: str) -> list[str]:
     return ["".join(parts).rstrip() for parts in rows.values()]
 
 
+VERSIONS = SNAPSHOT_DIR / "VERSIONS"
+
+
+def drawing_versions() -> str:
+    return "".join(f"{name} {importlib.metadata.version(name)}\n" for name in ("textual", "rich"))
+
+
 def assert_snapshot(app, name: str, tmp_root: Path, out_dir: Path) -> None:
     actual = normalise(app.export_screenshot(title="astolfo"), tmp_root)
     path = SNAPSHOT_DIR / f"{name}.svg"
+    if os.environ.get(UPDATE_ENV) == "1":
+        SNAPSHOT_DIR.mkdir(exist_ok=True)
+        VERSIONS.write_text(drawing_versions(), "utf-8")
+    elif VERSIONS.exists() and VERSIONS.read_text("utf-8") != drawing_versions():
+        pytest.skip(f"snapshots were drawn by {VERSIONS.read_text('utf-8').strip()!r}, this is {drawing_versions().strip()!r}; "
+                    f"{UPDATE_ENV}=1 redraws them")
     if os.environ.get(UPDATE_ENV) == "1" or not path.exists():
         if os.environ.get(UPDATE_ENV) != "1":
             got = out_dir / f"{name}.svg"
