@@ -176,9 +176,11 @@ class Builder:
         return self.node(ARANGE, key, [], check=False, dtype=dtype)
 
     def outside(self, spec, label: str, entries: dict):
-        """Tensors outside every component: from the first model of the unet selection that has
-        them (schedule buffers and the like), copied unchanged. EMA copies of the UNet belong to
-        that one model, not to the mix, and are left out with a note."""
+        """Tensors outside every component, copied unchanged from the first model of the unet
+        selection (the first that has them, for the architecture's own buffers): schedule
+        buffers and the like, and EMA copies of the UNet (kept, with a warning that they are
+        that model's EMA). ComfyUI fp8 scale factors are left out: they belong to one model's fp8
+        weights and would rescale the merged ones."""
         sel = spec.sources.get("unet") or next(iter(spec.sources.values()), None)
         models = [m for m in self.r.select.get(sel, []) if m in self.file_index]
         if not models:
@@ -191,21 +193,26 @@ class Builder:
                     if stored is not None:
                         names.setdefault(key, (m, stored))
                         break
-        dropped: dict[str, int] = {}
-        for m in models:
-            for stored in self.p.reports[m].extra_keys:
-                name = _normal_extra_name(self.arch, stored)
-                if self.arch.component_of(name) is not None or name in names:
-                    continue
-                if name.startswith("model_ema.") or _is_fp8_scale(name):
-                    dropped[m] = dropped.get(m, 0) + 1
-                    continue
-                if m == models[0]:
-                    names[name] = (m, stored)
-        for m, n in dropped.items():
-            self.report_once(("ema", m), Severity.OK,
-                             f"model {m}: {n} EMA/fp8-scale tensors outside every component are not carried "
-                             "into the mix (they describe that one model, not the average)", model_id=m,
+        first = models[0]
+        ema = scales = 0
+        for stored in self.p.reports[first].extra_keys:
+            name = _normal_extra_name(self.arch, stored)
+            if self.arch.component_of(name) is not None or name in names:
+                continue
+            if _is_fp8_scale(name):
+                scales += 1
+                continue
+            ema += name.startswith("model_ema.")
+            names[name] = (first, stored)
+        if ema:
+            self.report_once(("ema", first), Severity.WARNING,
+                             f"model {first}: its {ema} EMA tensors (model_ema.*) are copied unchanged into "
+                             f"{label}: they are {first}'s EMA weights, not an average", model_id=first,
+                             output=label, code="ema_copied")
+        if scales:
+            self.report_once(("fp8-scale", first), Severity.WARNING,
+                             f"model {first}: {scales} fp8 scale factors left out of {label}: they belong to its "
+                             "fp8 weights, not to the merged ones", model_id=first, output=label,
                              code="extra_dropped")
         for name, (m, stored) in names.items():
             if name in entries:
