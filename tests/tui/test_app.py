@@ -181,3 +181,23 @@ async def test_add_rename_remove_a_selection_column(demo_dir):
         put_cursor(grid, "_x01", SEL + "anime")
         await pilot.press("x", "y")
         assert "anime" not in state.columns
+
+
+async def test_fast_toggle_draws_what_a_rebuild_draws(demo_dir):
+    """redraw_cell drops only two cached cells; the screen must match a full redraw."""
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot)
+        grid = _grid(app)
+        for mid, col in (("_x01", "te0"), ("_x02", "te0"), ("_x02", "unet"), ("_x01", "te0"), ("_x05", "nsfw")):
+            put_cursor(grid, mid, SEL + col)
+            await pilot.pause()
+            await pilot.press("space")
+        put_cursor(grid, "_x00", "id")
+        await pilot.pause(0.1)
+        fast = app.export_screenshot()
+        assert _cell_text(grid, "_x02", SEL + "te0") == "02" and _cell_text(grid, "_x01", SEL + "te0") == "--"
+        grid.rebuild()
+        put_cursor(grid, "_x00", "id")
+        await pilot.pause(0.1)
+        assert app.export_screenshot() == fast
