@@ -127,10 +127,10 @@ def main() -> None:
         ("same, rows shown only when the scan is done", med["whole"], "what streaming costs or saves in total"),
         (f"build the grid from {args.models} reports", med["build"], "the app's own share of opening"),
         ("key press that does nothing (Pilot's own waits)", med["noop"], "baseline for the next two rows"),
-        ("space: toggle one cell, screen redrawn", med["toggle"], ""),
+        ("space: toggle one cell, screen redrawn", med["toggle"], "only the changed cell and total re-render"),
         (f"c: toggle a whole column ({args.models} cells), screen redrawn", med["column"], ""),
-        ("toggle call alone (update_cell + header total)", med["update_cell"], ""),
-        ("same change by rebuilding the table", med["rebuild"], f"{med['rebuild'] / med['update_cell']:.0f}x the update_cell path"),
+        ("toggle call alone (the cell and its column total)", med["update_cell"], "rendering happens on the next frame"),
+        ("same change by rebuilding the table", med["rebuild"], f"{med['rebuild'] / med['update_cell']:.0f}x the toggle call"),
     ]
     machine = (f"{platform.node() or 'this machine'}: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
                f"Python {platform.python_version()}, load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "

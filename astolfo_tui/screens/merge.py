@@ -150,11 +150,11 @@ class MergeScreen(Screen):
 
     def _outputs_table(self, recipe) -> Table:
         table = Table(title="what goes where", title_justify="left", title_style="bold", expand=True, box=None, padding=(0, 1))
-        table.add_column("output", style="bold", no_wrap=True, ratio=1)
+        table.add_column("output", style="bold", no_wrap=True)
         table.add_column("component", no_wrap=True)
         table.add_column("selection", no_wrap=True)
         table.add_column("n", justify="right")
-        table.add_column("models", ratio=2)
+        table.add_column("models", ratio=1)
         for out in recipe.outputs:
             first = True
             for comp, sel in out.sources.items():
