@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import DataTable
-from textual.widgets.data_table import ColumnKey, RowKey
+from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowKey
 
 from engine.notation import short_id
 from engine.report import CHECKPOINT, ModelReport, Severity
@@ -330,16 +330,13 @@ class SelectionGrid(DataTable):
     def _cursor_keys(self) -> tuple[str | None, str | None]:
         try:
             return self.current_model, self.current_column_key
-        except Exception:  # an empty or half-built table has no cursor cell
+        except (CellDoesNotExist, IndexError):  # an empty or half-built table has no cursor cell
             return None, None
 
     def _restore_cursor(self, keep: tuple[str | None, str | None]) -> None:
         mid, col = keep
         row = self.get_row_index(RowKey(mid)) if mid and RowKey(mid) in self.rows else 0
-        try:
-            column = self.get_column_index(ColumnKey(col)) if col else None
-        except Exception:
-            column = None
+        column = self.get_column_index(ColumnKey(col)) if col and ColumnKey(col) in self.columns else None
         if column is None:
             first_sel = next(iter(self.state.columns), None)
             column = self.get_column_index(ColumnKey(SEL + first_sel)) if first_sel else 0
