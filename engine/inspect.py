@@ -12,8 +12,10 @@ as stored), so the merge reads renamed-but-equal tensors under their standard na
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,7 +23,6 @@ from operator import attrgetter
 from pathlib import Path
 
 import humanize
-import torch
 
 from .architectures import Architecture, Component, architectures, infer_scale, scaled_shape
 from .report import (
@@ -450,7 +451,7 @@ def _component_status(
 # (SD 1.5 reads its text encoder's last layer, so there a pruned layer is a real loss.)
 _PRUNABLE = {
     "te0": "SDXL reads te0's penultimate layer, so it is unused",
-    "te1": "SDXL takes only te1's pooled output from it",
+    "te1": "SDXL reads te1's penultimate layer, though its pooled output passes through the last one",
 }
 
 
@@ -587,6 +588,26 @@ def _check_position_ids(report: ModelReport, header: Header, match: KeyMatch) ->
         add(Finding(WARNING, "position_ids_corrupted", f"{problem}; merges write arange(77) instead", comp_id))
 
 
+_STRUCT_CODES = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b", "U8": "B"}
+
+
+def _decode_values(raw: bytes, dtype: str) -> list[float]:
+    """A small tensor's values as Python floats, without importing torch (scans stay fast)."""
+    code = _STRUCT_CODES.get(dtype)
+    if code is not None:
+        n = len(raw) // struct.calcsize(code)
+        return [float(v) for v in struct.unpack(f"<{n}{code}", raw)]
+    if dtype == "BF16":
+        halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+        return [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+    import torch  # fp8 and bool: rare enough to pay for torch
+
+    from .safetensors_io import DTYPES
+
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(DTYPES[dtype].torch_dtype)
+    return t.to(torch.float64).tolist()
+
+
 def _position_ids_problem(path: Path, header: Header, stored: str) -> str | None:
     """Why the stored position_ids are not 0..76, or None when they are."""
     info = header.tensors[stored]
@@ -594,18 +615,17 @@ def _position_ids_problem(path: Path, header: Header, stored: str) -> str | None
         return f"position_ids has shape {list(info.shape)} instead of [1, 77]"
     try:
         with TensorReader(path, header) as reader:
-            values = reader.read_tensor(stored).reshape(-1).to(torch.float64)
+            values = _decode_values(reader.read_bytes(stored), info.dtype)
     except (SafetensorsError, OSError) as e:
         return f"position_ids could not be read ({getattr(e, 'reason', e)})"
-    expected = torch.arange(77, dtype=torch.float64)
-    wrong = (values != expected).nonzero().reshape(-1).tolist()
+    wrong = [i for i, v in enumerate(values) if v != i]
     if not wrong:
         return None
-    truncated = values.nan_to_num(-1).trunc()
+    truncated = [int(v) if math.isfinite(v) else -1 for v in values]
     misread = [i for i in wrong if truncated[i] != i]
     shown = (misread[-2:] + [i for i in wrong if i not in misread])[:3] if misread else wrong[:3]
     examples = ", ".join(
-        f"[{i}] = {values[i].item():.6g}" + (f" (reads as {int(truncated[i])})" if i in misread else "")
+        f"[{i}] = {values[i]:.6g}" + (f" (reads as {truncated[i]})" if i in misread else "")
         for i in sorted(shown)
     )
     reads = f"; {len(misread)} of them truncate to the wrong position" if misread else ""

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported on first use: reading headers must not pay its ~1 s import
+    import torch
 
 # Largest header we accept. Real SDXL headers are ~400 KB; safetensors itself caps at 100 MB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -32,28 +35,45 @@ ALIGNMENT = 8
 class DType:
     name: str
     itemsize: int
-    torch_dtype: torch.dtype
+    torch_name: str
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        return getattr(_torch(), self.torch_name)
     is_float: bool
 
 
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        DType("F64", 8, torch.float64, True),
-        DType("F32", 4, torch.float32, True),
-        DType("F16", 2, torch.float16, True),
-        DType("BF16", 2, torch.bfloat16, True),
-        DType("F8_E4M3", 1, torch.float8_e4m3fn, True),
-        DType("F8_E5M2", 1, torch.float8_e5m2, True),
-        DType("I64", 8, torch.int64, False),
-        DType("I32", 4, torch.int32, False),
-        DType("I16", 2, torch.int16, False),
-        DType("I8", 1, torch.int8, False),
-        DType("U8", 1, torch.uint8, False),
-        DType("BOOL", 1, torch.bool, False),
+        DType("F64", 8, "float64", True),
+        DType("F32", 4, "float32", True),
+        DType("F16", 2, "float16", True),
+        DType("BF16", 2, "bfloat16", True),
+        DType("F8_E4M3", 1, "float8_e4m3fn", True),
+        DType("F8_E5M2", 1, "float8_e5m2", True),
+        DType("I64", 8, "int64", False),
+        DType("I32", 4, "int32", False),
+        DType("I16", 2, "int16", False),
+        DType("I8", 1, "int8", False),
+        DType("U8", 1, "uint8", False),
+        DType("BOOL", 1, "bool", False),
     )
 }
-DTYPE_OF_TORCH: dict[torch.dtype, str] = {d.torch_dtype: d.name for d in DTYPES.values()}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def dtype_name(torch_dtype: "torch.dtype") -> str:
+    """The safetensors dtype name of a torch dtype (``torch.float16`` -> ``"F16"``)."""
+    for d in DTYPES.values():
+        if d.torch_dtype == torch_dtype:
+            return d.name
+    raise ValueError(f"safetensors has no dtype for {torch_dtype}")
 
 
 class SafetensorsError(Exception):
@@ -308,16 +328,17 @@ class TensorReader:
     def read_tensor(self, key: str) -> torch.Tensor:
         """A new CPU tensor of the stored dtype and shape."""
         info = self.info(key)
+        torch = _torch()
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         self.read_into(key, raw)
         return raw.view(DTYPES[info.dtype].torch_dtype).reshape(info.shape)
 
 
 def _byte_view(out: memoryview | bytearray | torch.Tensor) -> memoryview:
-    if isinstance(out, torch.Tensor):
+    if not isinstance(out, (memoryview, bytearray, bytes)):  # a torch.Tensor
         if not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError("read buffer must be a contiguous CPU tensor")
-        return memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        return memoryview(out.reshape(-1).view(_torch().uint8).numpy()).cast("B")
     return memoryview(out).cast("B")
 
 
@@ -408,7 +429,7 @@ class StreamingWriter:
         plan = self.plans[self._index]
         if key != plan.key:
             raise ValueError(f"expected tensor {plan.key!r} next, got {key!r}")
-        view = _byte_view(data.contiguous()) if isinstance(data, torch.Tensor) else memoryview(data).cast("B")
+        view = memoryview(data).cast("B") if isinstance(data, (bytes, bytearray, memoryview)) else _byte_view(data.contiguous())
         if len(view) != plan.nbytes:
             raise ValueError(f"tensor {key!r}: {len(view)} bytes, header promised {plan.nbytes}")
         self._file.write(view)
@@ -465,7 +486,7 @@ def write_file(
 ) -> Path:
     """Write a whole dict of CPU tensors atomically (for small files: tests, synthetic models)."""
     plans = canonical_order(
-        TensorPlan(k, DTYPE_OF_TORCH[t.dtype], tuple(t.shape)) for k, t in tensors.items()
+        TensorPlan(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()
     )
     writer = StreamingWriter(path, plans, metadata)
     writer.open()

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import platformdirs
 
-from engine.demo import make_demo_folder
-
 from ..launch import launch_app
 
 
@@ -34,6 +32,8 @@ def run(args) -> int:
     folder = args.dir or default_demo_dir()
     print(f"demo models in {folder}", file=sys.stderr)
     try:
+        from engine.demo import make_demo_folder  # imports torch: only when asked for
+
         make_demo_folder(folder)
     except OSError as e:
         print(f"astolfo demo: cannot create demo models in {folder}: {e.strerror or e}", file=sys.stderr)
