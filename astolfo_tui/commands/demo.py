@@ -34,8 +34,25 @@ def run(args) -> int:
     try:
         from engine.demo import make_demo_folder  # imports torch: only when asked for
 
-        make_demo_folder(folder)
+        paths = make_demo_folder(folder)
     except OSError as e:
         print(f"astolfo demo: cannot create demo models in {folder}: {e.strerror or e}", file=sys.stderr)
         return 1
+    _mark_demo_base(paths[0])
     return launch_app([folder])
+
+
+def _mark_demo_base(path: Path) -> None:
+    """The demo's synthetic "SDXL base" plays the real one: mark it as the =sd reference so the
+    models that kept its text encoders show =sd (the real base is recognised by its SHA256)."""
+    import hashlib
+
+    from engine.catalog import Catalog, CatalogError
+
+    try:
+        with open(path, "rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        with Catalog() as catalog:
+            catalog.mark_reference(sha256, "demo SDXL base (synthetic)")
+    except (OSError, CatalogError) as e:
+        print(f"astolfo demo: could not mark {path.name} as the =sd reference: {e}", file=sys.stderr)
