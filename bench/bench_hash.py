@@ -33,6 +33,8 @@ from engine.hashing import hash_file  # noqa: E402
 from engine.inspect import inspect_file  # noqa: E402
 from engine.synth import SynthSpec, write_checkpoint  # noqa: E402
 
+from common import cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
+
 SECTION = "## hashing"
 FILES = {
     "sdxl-fp16-s3.safetensors": SynthSpec(arch="sdxl", scale=3, seed=1, dtype="F16"),
@@ -120,18 +122,8 @@ def measure(path: Path, repeat: int, cold: bool) -> dict[str, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = 0.0
+    cpu = cpu_name()
+    mem = memory_gib()
     sha_ni = ""
     try:
         sha_ni = ", SHA-NI" if " sha_ni" in Path("/proc/cpuinfo").read_text() else ", no SHA-NI"
@@ -221,19 +213,6 @@ def main() -> int:
     if not args.no_write:
         write_section(ROOT / "docs" / "benchmarks.md", text)
     return 0
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this bench's section of docs/benchmarks.md, leaving the others alone."""
-    old = path.read_text("utf-8") if path.exists() else "# Benchmarks\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, "utf-8")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import torch  # noqa: E402
 from engine.architectures import get_architecture, scaled_shape  # noqa: E402
 from engine.safetensors_io import StreamingWriter, TensorPlan, canonical_order  # noqa: E402
 
+from common import cpu_name, memory_gib  # noqa: E402 (bench/ is on sys.path when run as a script)
+
 POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut from
 
 ASTOLFO = """
@@ -214,15 +216,8 @@ def floor(paths: list[Path], out_bytes: int, scratch: Path) -> tuple[float, floa
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = cpu_name()
+    mem = memory_gib()
     return f"{cpu}, {os.cpu_count()} vCPU, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 

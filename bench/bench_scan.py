@@ -32,6 +32,8 @@ from engine.scan import find_model_files, scan
 from engine.synth import SynthSpec
 
 ROOT = Path(__file__).resolve().parent.parent
+from common import cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
+
 SECTION = "## scan"
 # A few of the files carry a deviation, so the slower paths (renamed keys, position_ids read) run too.
 DEVIATED = ("position_ids_corrupted", "nai_clip_keys", "extra_model_prefix", "pruned_te1_last_layer", "ema_keys")
@@ -91,18 +93,8 @@ def measure(fns: dict[str, callable], repeat: int, cold: bool) -> dict[str, tupl
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = 0.0
+    cpu = cpu_name()
+    mem = memory_gib()
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, safetensors {safetensors.__version__}"
@@ -178,19 +170,6 @@ def main() -> int:
     if not args.no_write:
         write_section(ROOT / "docs" / "benchmarks.md", text)
     return 0
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this bench's section of docs/benchmarks.md, leaving the others alone."""
-    old = path.read_text("utf-8") if path.exists() else "# Benchmarks\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new, "utf-8")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 from engine import synth  # noqa: E402
 from engine.scan import scan  # noqa: E402
 
+from common import write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
+
 SECTION = "## tui"
 
 
@@ -150,19 +152,6 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     write_section(ROOT / "docs" / "benchmarks.md", text)
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this bench's section of docs/benchmarks.md, leaving the others alone."""
-    old = path.read_text("utf-8") if path.exists() else "# Benchmarks\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new.rstrip("\n") + "\n", "utf-8")
 
 
 if __name__ == "__main__":
