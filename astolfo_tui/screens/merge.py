@@ -303,7 +303,11 @@ class MergeScreen(Screen):
                 box.mount(row)
                 self.call_after_refresh(self._render_outputs)
                 continue
-            bar = box.query_one(f"#{row_id}-bar", ProgressBar)
+            bars = box.query(f"#{row_id}-bar").results(ProgressBar)
+            bar = next(bars, None)
+            if bar is None:  # the row is in the DOM but its children are still being mounted
+                self.call_after_refresh(self._render_outputs)
+                continue
             bar.update(total=max(state.bytes_total, 1), progress=state.bytes_total if state.done else state.bytes_done)
             text = "written ✓" if state.done else f"{state.tensors_done:,}/{state.tensors_total:,} tensors"
             box.query_one(f"#{row_id}-text", Label).update(text)
