@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .inspect import MODEL_SUFFIXES, inspect_file
-from .report import ModelReport
+from .report import UNREADABLE, ModelReport
+from .report_cache import ReportCache
 
 _NUMBER = re.compile(r"([0-9]+)")
 # The article's model ids: "_x01-AnimagineXL.safetensors" -> "_x01", "x39a-AstolfoMix" -> "x39a".
@@ -116,15 +117,38 @@ def assign_ids(paths: list[Path]) -> list[str]:
 def scan(
     paths: Iterable[str | os.PathLike],
     on_report: Callable[[ModelReport], None] | None = None,
+    use_cache: bool = True,
 ) -> list[ModelReport]:
     """Inspect every model file under ``paths`` (headers only), in natural order, with ids.
     ``on_report`` gets each report as soon as it is made, so a screen can fill in while a big
-    folder is still being read."""
+    folder is still being read. Reports of unchanged files come from the report cache
+    (``use_cache=False`` inspects every file afresh)."""
     files = find_model_files(paths)
     reports = []
-    for path, model_id in zip(files, assign_ids(files)):
-        report = inspect_file(path, model_id)
-        reports.append(report)
-        if on_report is not None:
-            on_report(report)
+    cache = ReportCache() if use_cache else None
+    try:
+        for path, model_id in zip(files, assign_ids(files)):
+            report = _inspect_cached(path, model_id, cache)
+            reports.append(report)
+            if on_report is not None:
+                on_report(report)
+    finally:
+        if cache is not None:
+            cache.close()
     return reports
+
+
+def _inspect_cached(path: Path, model_id: str, cache: ReportCache | None) -> ModelReport:
+    """The file's report from the cache when it is unchanged, else a fresh inspection."""
+    try:
+        st = path.stat()
+    except OSError:
+        return inspect_file(path, model_id)  # reports the file as unreadable
+    cached = cache.get(path, st) if cache is not None else None
+    if cached is not None:
+        cached.model_id = model_id
+        return cached
+    report = inspect_file(path, model_id)
+    if cache is not None and report.kind != UNREADABLE:
+        cache.put(report, st)
+    return report
