@@ -326,8 +326,9 @@ def _mutated_headers(draw):
             entry.pop(draw(st.sampled_from(["dtype", "shape", "data_offsets"])), None)
         elif what == "overlap" and len(keys) > 1:
             other = obj[draw(st.sampled_from(keys))]
-            if isinstance(other, dict):
-                entry["data_offsets"] = list(other.get("data_offsets", [0, 0]))
+            # an earlier mutation may have made the other entry's offsets any JSON value
+            if isinstance(other, dict) and isinstance(other.get("data_offsets"), list):
+                entry["data_offsets"] = list(other["data_offsets"])
     data_size += draw(st.integers(-16, 16))
     return obj, max(0, data_size)
 
