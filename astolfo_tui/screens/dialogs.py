@@ -36,10 +36,26 @@ class ConfirmDialog(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
-class PathDialog(ModalScreen[str | None]):
-    """Ask for a file path (save/load recipe, export notation)."""
+class _FormDialog(ModalScreen):
+    """A dialog with inputs, OK and Cancel: Enter or OK calls the subclass's ``_finish``,
+    Cancel or Escape dismisses with None."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        self._finish()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "ok":
+            self._finish()
+        else:
+            self.dismiss(None)
+
+
+class PathDialog(_FormDialog):
+    """Ask for a file path (save/load recipe, export notation); dismisses with str | None."""
 
     def __init__(self, title: str, default: str, ok: str = "OK") -> None:
         super().__init__(classes="dialog")
@@ -56,26 +72,14 @@ class PathDialog(ModalScreen[str | None]):
     def on_mount(self) -> None:
         self.query_one(Input).focus()
 
-    @on(Input.Submitted)
-    def _submitted(self) -> None:
-        self._finish()
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "ok":
-            self._finish()
-        else:
-            self.dismiss(None)
-
     def _finish(self) -> None:
         value = self.query_one(Input).value.strip()
         self.dismiss(value or None)
 
 
-class ColumnDialog(ModalScreen[tuple[str, str] | None]):
-    """Name a selection column and choose the component its ticks take."""
-
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+class ColumnDialog(_FormDialog):
+    """Name a selection column and choose the component its ticks take; dismisses with
+    (name, component) | None."""
 
     def __init__(self, title: str, name: str, component: str, rename: bool = False) -> None:
         super().__init__(classes="dialog")
@@ -94,17 +98,6 @@ class ColumnDialog(ModalScreen[tuple[str, str] | None]):
 
     def on_mount(self) -> None:
         self.query_one("#name", Input).focus()
-
-    @on(Input.Submitted)
-    def _submitted(self) -> None:
-        self._finish()
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "ok":
-            self._finish()
-        else:
-            self.dismiss(None)
 
     def _finish(self) -> None:
         name = self.query_one("#name", Input).value.strip()
