@@ -58,6 +58,7 @@ class MergeScreen(Screen):
         self.plan = None
         self._poll_timer = None
         self._log_written = 0
+        self._output_rows: dict[str, tuple[ProgressBar, Label]] = {}
         self._cancelling = False
 
     def compose(self) -> ComposeResult:
@@ -216,6 +217,8 @@ class MergeScreen(Screen):
         self.view = JobView()
         self.events_offset = 0
         self._log_written = 0
+        self.query_one("#output-bars", Vertical).remove_children()  # another job's rows
+        self._output_rows = {}
         self.query_one("#plan-pane").display = False
         self.query_one("#job-pane").display = True
         self._poll()
@@ -289,28 +292,17 @@ class MergeScreen(Screen):
 
     def _render_outputs(self) -> None:
         box = self.query_one("#output-bars", Vertical)
-        for i, (path, state) in enumerate(self.view.outputs.items()):
-            row_id = f"out-{i}"
-            rows = box.query(f"#{row_id}")
-            if not rows:
-                row = Horizontal(
-                    Label(Path(path).name, classes="progress-label"),
-                    ProgressBar(show_eta=False, id=f"{row_id}-bar"),
-                    Label("", id=f"{row_id}-text", classes="progress-text"),
-                    id=row_id,
-                    classes="progress-row",
-                )
-                box.mount(row)
-                self.call_after_refresh(self._render_outputs)
-                continue
-            bars = box.query(f"#{row_id}-bar").results(ProgressBar)
-            bar = next(bars, None)
-            if bar is None:  # the row is in the DOM but its children are still being mounted
-                self.call_after_refresh(self._render_outputs)
-                continue
+        for path, state in self.view.outputs.items():
+            row = self._output_rows.get(path)
+            if row is None:  # keep the widgets themselves: a just-mounted row's children may
+                bar = ProgressBar(show_eta=False)  # not be queryable yet
+                text = Label("", classes="progress-text")
+                box.mount(Horizontal(Label(Path(path).name, classes="progress-label"), bar, text,
+                                     classes="progress-row"))
+                row = self._output_rows[path] = (bar, text)
+            bar, text = row
             bar.update(total=max(state.bytes_total, 1), progress=state.bytes_total if state.done else state.bytes_done)
-            text = "written ✓" if state.done else f"{state.tensors_done:,}/{state.tensors_total:,} tensors"
-            box.query_one(f"#{row_id}-text", Label).update(text)
+            text.update("written ✓" if state.done else f"{state.tensors_done:,}/{state.tensors_total:,} tensors")
 
     def _render_memory(self) -> None:
         v = self.view
