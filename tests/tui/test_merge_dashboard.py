@@ -21,6 +21,15 @@ def _pick(state) -> None:
     state.set("vae", "_x00", True)
 
 
+async def _save_picked_recipe(app, pilot, work_dir):
+    """Open the library, tick the test's selection and save it as a recipe the jobs can run."""
+    await open_library(pilot, hashed=False)
+    _pick(app.library.state)
+    recipe_path = work_dir / "r.toml"
+    assert app.library.save_recipe_to(recipe_path)
+    return recipe_path
+
+
 async def test_plan_shows_problems_and_blocks_launch(work_dir):
     app = AstolfoApp([work_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
@@ -65,10 +74,7 @@ async def test_launch_a_merge_and_see_it_finish(work_dir):
 async def test_jobs_screen_lists_jobs_and_reopens_the_dashboard(work_dir):
     app = AstolfoApp([work_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
-        await open_library(pilot, hashed=False)
-        _pick(app.library.state)
-        recipe_path = work_dir / "r.toml"
-        assert app.library.save_recipe_to(recipe_path)
+        recipe_path = await _save_picked_recipe(app, pilot, work_dir)
         job = engine_jobs.start_job(recipe_path)
         engine_jobs.wait_for_job(job.id, timeout_s=120)
         await pilot.press("j")
@@ -88,10 +94,7 @@ async def test_reopening_reattaches_to_a_running_job(work_dir, monkeypatch):
 
     app = AstolfoApp([work_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
-        await open_library(pilot, hashed=False)
-        _pick(app.library.state)
-        recipe_path = work_dir / "r.toml"
-        assert app.library.save_recipe_to(recipe_path)
+        recipe_path = await _save_picked_recipe(app, pilot, work_dir)
     job = engine_jobs.start_job(recipe_path)
     os.kill(job.pid, signal.SIGSTOP)
     try:
@@ -130,10 +133,7 @@ async def test_cancel_asks_first_and_leaves_no_output(work_dir):
 
     app = AstolfoApp([work_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
-        await open_library(pilot, hashed=False)
-        _pick(app.library.state)
-        recipe_path = work_dir / "r.toml"
-        assert app.library.save_recipe_to(recipe_path)
+        recipe_path = await _save_picked_recipe(app, pilot, work_dir)
     job = engine_jobs.start_job(recipe_path)
     os.kill(job.pid, signal.SIGSTOP)  # hold it running while the dialog is answered
     resumed = False
@@ -163,10 +163,7 @@ async def test_jobs_screen_resumes_a_job_that_died(work_dir):
 
     app = AstolfoApp([work_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
-        await open_library(pilot, hashed=False)
-        _pick(app.library.state)
-        recipe_path = work_dir / "r.toml"
-        assert app.library.save_recipe_to(recipe_path)
+        recipe_path = await _save_picked_recipe(app, pilot, work_dir)
         job = engine_jobs.start_job(recipe_path)
         os.kill(job.pid, signal.SIGKILL)  # as a reboot or the OOM killer would
         await wait_for(pilot, lambda: engine_jobs.get_job(job.id).status == "died", what="the job to be seen as died")
