@@ -44,7 +44,7 @@ import torch
 from .architectures import Architecture, get_architecture
 from .inspect import inspect_file
 from .report import CHECKPOINT, Finding, ModelReport, Severity
-from .safetensors_io import DTYPES, Header, SafetensorsError, TensorInfo, read_header
+from .safetensors_io import DTYPES, Header, SafetensorsError, TensorInfo, pread_exact, read_header
 
 # Bump when any definition below changes: the catalog re-hashes files hashed by another version.
 HASH_VERSION = 1
@@ -662,16 +662,10 @@ def _prefetch(fd: int, chunk: _Chunk) -> None:
 
 
 def _read_exact(fd: int, path: Path, view: memoryview, offset: int) -> None:
-    done = 0
-    total = len(view)
-    while done < total:
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as e:
-            raise HashError(path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
-        if n <= 0:
-            raise HashError(path, f"unexpected end of file at byte {offset + done} (file truncated while hashing?)")
-        done += n
+    try:
+        pread_exact(fd, view, offset, path)
+    except SafetensorsError as e:
+        raise HashError(path, e.reason) from None
 
 
 def _finish_components(layout: _Layout) -> dict[str, ComponentHashes]:

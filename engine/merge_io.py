@@ -12,11 +12,10 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-from .safetensors_io import DTYPES, SafetensorsError
+from .safetensors_io import DTYPES, pread_exact
 
 PREFETCH_ITEMS = 2  # items the kernel is asked to read ahead of the readers
 PAGE = 4096
@@ -146,7 +145,7 @@ class Readers:
                     raise Stop()
                 if self.throttle is not None:
                     self.throttle.wait_for(s.nbytes, self.stop)
-                _pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
+                pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
                              self.plan.files[s.file].path)
                 span = spans.setdefault(s.file, [s.file_offset, s.file_offset + s.nbytes])
                 span[0] = min(span[0], s.file_offset)
@@ -181,18 +180,6 @@ def _drop_cached(fds: list[int], spans: dict[int, list[int]]) -> None:
                 os.posix_fadvise(fds[f], lo, hi - lo, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
-
-
-def _pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done, total = 0, len(view)
-    while done < total:
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as e:
-            raise SafetensorsError(path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
-        if n <= 0:
-            raise SafetensorsError(path, f"unexpected end of file at byte {offset + done} (file truncated?)")
-        done += n
 
 
 class Writer:

@@ -309,16 +309,8 @@ class TensorReader:
 
     def read_range(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` from absolute file ``offset``; a short read means the file shrank."""
-        done = 0
-        total = len(view)
-        while done < total:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise SafetensorsError(
-                    self.path, f"unexpected end of file at byte {offset + done} (file truncated?)"
-                )
-            done += n
-        self.bytes_read += total
+        pread_exact(self._fd, view, offset, self.path)
+        self.bytes_read += len(view)
 
     def read_bytes(self, key: str) -> bytes:
         buf = bytearray(self.info(key).nbytes)
@@ -332,6 +324,20 @@ class TensorReader:
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         self.read_into(key, raw)
         return raw.view(DTYPES[info.dtype].torch_dtype).reshape(info.shape)
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, path: str | os.PathLike) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (positional: threads may share the fd). A failed or
+    short read is a SafetensorsError naming the file and the byte."""
+    done, total = 0, len(view)
+    while done < total:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise SafetensorsError(path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
+        if n <= 0:
+            raise SafetensorsError(path, f"unexpected end of file at byte {offset + done} (file truncated?)")
+        done += n
 
 
 def _byte_view(out: memoryview | bytearray | torch.Tensor) -> memoryview:
