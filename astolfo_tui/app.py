@@ -19,10 +19,10 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import Worker
 
-from engine import jobs as engine_jobs
 from astolfo_tui.screens.help import HelpScreen
 from astolfo_tui.screens.jobs import JobsScreen
 from astolfo_tui.screens.library import LibraryScreen
+from engine.jobs import launch as engine_jobs
 
 log = logging.getLogger("astolfo.tui")
 

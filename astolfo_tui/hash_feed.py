@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.catalog import Catalog, component_groups, same_as_reference
-from engine.hashing import FileHashes, HashCancelled, HashError
-from engine.report import UNREADABLE, ModelReport
 from astolfo_tui.widgets.selection_grid import HashView
-
+from engine.hashes.catalog import Catalog
+from engine.hashes.model import FileHashes, HashCancelled, HashError
+from engine.hashes.relations import component_groups, same_as_reference
+from engine.library.report import UNREADABLE, ModelReport
 
 PROGRESS_EVERY_S = 0.2  # the hashing thread waits for the UI on each report: not per chunk
 

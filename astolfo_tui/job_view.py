@@ -4,10 +4,10 @@ CLI renders and the job log stores). Plain Python, so the folding is tested with
 from __future__ import annotations
 
 from collections import deque
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from engine import events as ev
+from engine.merge import events as ev
 
 SPARK_POINTS = 120
 LOG_LINES = 200

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine.scan import scan
+from engine.library.scan import scan
 
 from .config import remembered_folders
 from .scan_table import render_scan, scan_summary

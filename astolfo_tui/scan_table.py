@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from engine.report import ABSENT, CHECKPOINT, PARTIAL, ComponentStatus, Finding, ModelReport, Severity
+from engine.library.report import ABSENT, CHECKPOINT, PARTIAL, ComponentStatus, Finding, ModelReport, Severity
 
 _SEVERITY_STYLE = {Severity.OK: "green", Severity.WARNING: "yellow", Severity.ERROR: "red"}
 _KIND_LABEL = {

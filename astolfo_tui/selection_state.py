@@ -11,9 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.catalog import selection_duplicates
-from engine.recipe import ModelEntry, OutputSpec, Recipe
-from engine.report import ModelReport, Severity
+from engine.hashes.relations import selection_duplicates
+from engine.library.report import ModelReport, Severity
+from engine.recipe.model import ModelEntry, OutputSpec, Recipe
 
 SDXL_COLUMNS = (("te0", "te0"), ("te1", "te1"), ("unet", "unet"), ("nsfw", "unet"), ("vae", "vae"))
 SD15_COLUMNS = (("te", "te"), ("unet", "unet"), ("vae", "vae"))

@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.hashing import hash_file  # noqa: E402
-from engine.inspect import inspect_file  # noqa: E402
-from engine.synth import SynthSpec, write_checkpoint  # noqa: E402
-
 from common import cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
+
+from engine.hashes.hasher import hash_file
+from engine.library.diagnose import inspect_file
+from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
 SECTION = "## hashing"
 FILES = {

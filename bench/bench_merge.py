@@ -38,20 +38,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-from engine.architectures import get_architecture, scaled_shape  # noqa: E402
-from engine.safetensors_io import StreamingWriter, TensorPlan, canonical_order  # noqa: E402
-
 from common import cpu_name, memory_gib  # noqa: E402 (bench/ is on sys.path when run as a script)
+
+from engine.checkpoint.architectures import get_architecture, scaled_shape
+from engine.checkpoint.format import TensorPlan, canonical_order
+from engine.checkpoint.writer import StreamingWriter
 
 POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut from
 
 ASTOLFO = """
 import os, sys
 from pathlib import Path
-from engine.recipe import parse_recipe
-from engine.plan import build_plan
-from engine.merge import execute
+from engine.recipe.toml_file import parse_recipe
+from engine.plan.planner import build_plan
+from engine.merge.run import execute
 out, paths = sys.argv[1], sys.argv[2:]
 ids = [f"m{i:02d}" for i in range(len(paths))]
 lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"', "[models]"]
@@ -147,7 +147,7 @@ def synth_files(folder: Path, n: int, scale: int, log) -> list[Path]:
 
 def prehash(paths: list[Path], log) -> None:
     """Provenance hashes into the catalog (untimed), as a scan of the folder would have done."""
-    from engine.catalog import Catalog
+    from engine.hashes.catalog import Catalog
 
     with Catalog() as catalog:
         for p in paths:

@@ -25,11 +25,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine import synth
-from engine.inspect import inspect_file
-from engine.safetensors_io import read_header
-from engine.scan import find_model_files, scan
-from engine.synth import SynthSpec
+from engine.checkpoint.format import read_header
+from engine.library.diagnose import inspect_file
+from engine.library.scan import find_model_files, scan
+from engine.synth import checkpoints as synth
+from engine.synth.checkpoints import SynthSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 from common import cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)

@@ -27,10 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine import synth  # noqa: E402
-from engine.scan import scan  # noqa: E402
-
 from common import write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
+
+from engine.library.scan import scan
+from engine.synth import checkpoints as synth
 
 SECTION = "## tui"
 
@@ -48,8 +48,7 @@ async def measure(folder: Path, n: int, repeats: int) -> dict[str, list[float]]:
     from astolfo_tui.app import AstolfoApp
     from astolfo_tui.screens import library
     from astolfo_tui.widgets.selection_grid import SEL, SelectionGrid
-
-    from engine.report_cache import default_path as report_cache_path
+    from engine.library.report_cache import default_path as report_cache_path
 
     out: dict[str, list[float]] = {k: [] for k in ("cold", "first", "open", "whole", "build", "noop", "toggle", "update_cell", "rebuild", "column")}
     streaming = library.STREAM_FIRST_S

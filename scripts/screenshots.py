@@ -151,7 +151,7 @@ def save(app, out: Path, name: str) -> Path:
 
 
 def make_big(folder: Path, count: int = 8) -> None:
-    from engine import synth
+    from engine.synth import checkpoints as synth
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(1, count + 1):
@@ -170,7 +170,7 @@ def main() -> int:
         tmp = Path(tmp)
         for var in ("ASTOLFO_CACHE_DIR", "ASTOLFO_STATE_DIR", "ASTOLFO_CONFIG_DIR"):
             os.environ[var] = str(tmp / var.lower())
-        from engine.demo import make_demo_folder
+        from engine.synth.demo import make_demo_folder
 
         demo = tmp / "demo"
         make_demo_folder(demo)

@@ -36,8 +36,8 @@ def _isolated_data_dir(tmp_path_factory, monkeypatch):
 
 
 def _write_synth_models(folder):
-    from engine import synth
-    from engine.synth import BASE_SEED, SynthSpec
+    from engine.synth import checkpoints as synth
+    from engine.synth.checkpoints import BASE_SEED, SynthSpec
 
     specs = {
         "clean": SynthSpec(seed=1),
@@ -76,7 +76,7 @@ def synth_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory):
     """The `astolfo demo` folder, built once per session (read-only)."""
-    from engine.demo import make_demo_folder
+    from engine.synth.demo import make_demo_folder
 
     folder = tmp_path_factory.mktemp("demo") / "demo"
     make_demo_folder(folder)

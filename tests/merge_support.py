@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.synth import SynthSpec, write_checkpoint
+from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
 SCALE = 64  # ~2 MB per SDXL file: every key, small shapes
 

@@ -15,21 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import (
-    CACHE_DIR_ENV,
-    SDXL_BASE_SHA256,
-    Catalog,
-    CatalogError,
-    component_groups,
-    default_catalog_path,
-    group_labels,
-    same_as_reference,
-    selection_duplicates,
-)
-from engine.hashing import HashCancelled, hash_file
-from engine.safetensors_io import read_header
-from engine.scan import scan
-from engine.synth import BASE_SEED, SynthSpec, write_checkpoint
+from engine.checkpoint.format import read_header
+from engine.hashes.catalog import CACHE_DIR_ENV, SDXL_BASE_SHA256, Catalog, CatalogError, default_catalog_path
+from engine.hashes.hasher import hash_file
+from engine.hashes.model import HashCancelled
+from engine.hashes.relations import component_groups, group_labels, same_as_reference, selection_duplicates
+from engine.library.scan import scan
+from engine.synth.checkpoints import BASE_SEED, SynthSpec, write_checkpoint
 
 SHARED_TE = {"te0": BASE_SEED, "te1": BASE_SEED}
 
@@ -104,7 +96,7 @@ def test_locked_catalog_is_an_error_not_a_reset(tmp_path, monkeypatch):
     blocker.execute("PRAGMA journal_mode=DELETE")
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        monkeypatch.setattr("engine.catalog._BUSY_TIMEOUT_S", 0.1)
+        monkeypatch.setattr("engine.hashes.catalog._BUSY_TIMEOUT_S", 0.1)
         with pytest.raises(CatalogError, match="catalog.sqlite3"):
             Catalog(path)
     finally:
@@ -225,8 +217,8 @@ _HASHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from engine.catalog import Catalog, file_key
-    from engine.scan import scan
+    from engine.hashes.catalog import Catalog, file_key
+    from engine.library.scan import scan
 
     catalog = Catalog(Path(sys.argv[1]))
     reports = scan([sys.argv[2]])

@@ -1,11 +1,11 @@
 """The demo folder ships a recipe that checks clean and merges both outputs."""
 
-from engine.demo import RECIPE, make_demo_folder
-from engine.merge import execute
-from engine.plan import build_plan, check_recipe
-from engine.recipe import load_recipe
-from engine.report import Severity
-from engine.safetensors_io import read_header
+from engine.checkpoint.format import read_header
+from engine.library.report import Severity
+from engine.merge.run import execute
+from engine.plan.planner import build_plan, check_recipe
+from engine.recipe.toml_file import load_recipe
+from engine.synth.demo import RECIPE, make_demo_folder
 
 
 def test_demo_recipe_checks_and_merges(tmp_path):

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.devices import MemoryMonitor, device_problem, host_rss, host_rss_peak, resolve_device
-from engine.plan import check_recipe
-from engine.recipe import parse_recipe
-
 from merge_support import recipe_text, sdxl_output
+
+from engine.merge.devices import MemoryMonitor, device_problem, host_rss, host_rss_peak, resolve_device
+from engine.plan.planner import check_recipe
+from engine.recipe.toml_file import parse_recipe
 
 
 def test_device_names():

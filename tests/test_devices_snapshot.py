@@ -1,6 +1,6 @@
 """The dashboard's machine figures: host RAM always (Linux), GPU only where NVML answers."""
 
-from engine import devices
+from engine.merge import devices
 
 
 def test_host_memory_is_plausible():

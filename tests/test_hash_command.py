@@ -7,8 +7,8 @@ import json
 import pytest
 
 from astolfo_tui.cli import main
-from engine.hashing import hash_file
-from engine.synth import BASE_SEED, SynthSpec, write_checkpoint, write_garbage
+from engine.hashes.hasher import hash_file
+from engine.synth.checkpoints import BASE_SEED, SynthSpec, write_checkpoint, write_garbage
 
 SHARED_TE = {"te0": BASE_SEED, "te1": BASE_SEED}
 

@@ -15,22 +15,30 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.architectures import get_architecture
-from engine.hashing import (
+from engine.checkpoint.architectures import get_architecture
+from engine.checkpoint.format import read_header
+from engine.checkpoint.writer import write_file
+from engine.hashes.hasher import hash_file
+from engine.hashes.model import (
     CLIP_METRIC,
     VAE_METRIC,
     HashCancelled,
     HashError,
     add_nonfinite_findings,
-    hash_file,
     metric_string,
     nonfinite_findings,
 )
-from engine.inspect import inspect_file
-from engine.report import Severity
-from engine.safetensors_io import read_header, write_file
-from engine.synth import BASE_SEED, SynthSpec, make_state_dict, truncate, write_checkpoint, write_garbage, write_lora
-
+from engine.library.diagnose import inspect_file
+from engine.library.report import Severity
+from engine.synth.checkpoints import (
+    BASE_SEED,
+    SynthSpec,
+    make_state_dict,
+    truncate,
+    write_checkpoint,
+    write_garbage,
+    write_lora,
+)
 
 # --------------------------------------------------------------------------- independent versions
 
@@ -367,7 +375,7 @@ def test_file_changing_size_while_hashing_is_an_error(tmp_path):
 
 def test_to_dict_round_trip(tmp_path):
     h = hash_file(write_checkpoint(tmp_path / "a.safetensors", SynthSpec(nan_in=("vae",))))
-    from engine.hashing import FileHashes
+    from engine.hashes.model import FileHashes
 
     assert FileHashes.from_dict(h.to_dict()) == h
     assert h.to_dict()["autov2"] == h.autov2

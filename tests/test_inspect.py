@@ -12,10 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import synth
-from engine.architectures import get_architecture
-from engine.inspect import inspect_file
-from engine.report import (
+from engine.checkpoint.architectures import get_architecture
+from engine.checkpoint.format import read_header
+from engine.checkpoint.writer import write_file
+from engine.library.diagnose import inspect_file
+from engine.library.report import (
     ABSENT,
     CHECKPOINT,
     DIFFUSERS,
@@ -27,8 +28,8 @@ from engine.report import (
     UNREADABLE,
     Severity,
 )
-from engine.safetensors_io import read_header, write_file
-from engine.synth import SynthSpec, make_state_dict
+from engine.synth import checkpoints as synth
+from engine.synth.checkpoints import SynthSpec, make_state_dict
 
 SDXL = get_architecture("sdxl")
 SD15 = get_architecture("sd15")

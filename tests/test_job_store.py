@@ -10,11 +10,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from engine import job_store as store
+from engine.jobs import store
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +86,7 @@ HOLD_LOCKS = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from engine import job_store as store
+    from engine.jobs import store
     store.acquire_locks(sys.argv[1], Path(sys.argv[2]), [Path(sys.argv[3])])
     print("locked", flush=True)
     time.sleep(60)

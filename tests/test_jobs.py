@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import job_store as store
-from engine.jobs import (
+from engine.checkpoint.writer import partial_path
+from engine.jobs import store
+from engine.jobs.launch import (
     CANCELLED,
     DIED,
     FINISHED,
@@ -36,12 +37,11 @@ from engine.jobs import (
     start_job,
     wait_for_job,
 )
-from engine.merge import execute
-from engine.merge_output import sidecar_path
-from engine.plan import build_plan
-from engine.recipe import load_recipe
-from engine.safetensors_io import partial_path
-from engine.synth import SynthSpec, write_checkpoint
+from engine.merge.output import sidecar_path
+from engine.merge.run import execute
+from engine.plan.planner import build_plan
+from engine.recipe.toml_file import load_recipe
+from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
 SCALE = 8  # ~110 MB per model: several 64 MB read buffers, so a merge has durable marks mid-way
 READ_LIMIT = 40e6  # bytes/s: ~8 s for the three models

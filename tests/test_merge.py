@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import events as ev
-from engine.merge import MergeCancelled, MergeError, Tuning, execute
-from engine.merge_output import sidecar_path
-from engine.plan import build_plan
-from engine.recipe import parse_recipe
-from engine.safetensors_io import DTYPES, partial_path, read_header
-from engine.synth import BASE_SEED, SynthSpec, write_checkpoint
-
 from merge_support import load, make_models, recipe_text, reference_mean, sdxl_output, sha256
+
+from engine.checkpoint.format import DTYPES, read_header
+from engine.checkpoint.writer import partial_path
+from engine.merge import events as ev
+from engine.merge.output import sidecar_path
+from engine.merge.run import MergeCancelled, MergeError, execute
+from engine.merge.tuning import Tuning
+from engine.plan.planner import build_plan
+from engine.recipe.toml_file import parse_recipe
+from engine.synth.checkpoints import BASE_SEED, SynthSpec, write_checkpoint
 
 POS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -344,7 +345,7 @@ def test_progress_events_are_bounded_and_complete(models, tmp_path):
 
 
 def test_output_may_not_replace_an_input(models, tmp_path):
-    from engine.plan import PlanError
+    from engine.plan.model import PlanError
 
     with pytest.raises(PlanError, match="inputs are never overwritten"):
         build_plan(_recipe(models, tmp_path, outputs=[sdxl_output(str(models / "m1.safetensors"), "all")]))
@@ -366,7 +367,7 @@ def test_shared_text_encoders_stay_identical(tmp_path):
 def test_round_to_odd_narrowing_is_correct_rounding():
     import numpy as np
 
-    from engine.merge_compute import Kernel
+    from engine.merge.arithmetic import Kernel
 
     x = torch.randn(1 << 16, dtype=torch.float64) * torch.logspace(-6, 2, 1 << 16, dtype=torch.float64)
     kernel = Kernel(torch.device("cpu"), 1 << 16)
@@ -408,7 +409,7 @@ def test_resume_of_a_changed_recipe_starts_afresh(models, tmp_path):
     assert not partial_path(target).exists()  # a cancelled merge leaves nothing
 
     # leave a partial and a progress mark as a kill -9 would, then change the weights
-    from engine.merge_output import OutputStream
+    from engine.merge.output import OutputStream
 
     plan = build_plan(recipe)
     execute(plan, tuning=SMALL)

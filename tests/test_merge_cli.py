@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from engine.events import event_from_dict
-from engine.merge import Tuning, execute
-from engine.merge_output import sidecar_path
-from engine.plan import build_plan
-from engine.recipe import load_recipe
-from engine.safetensors_io import partial_path
-from engine.synth import SynthSpec, write_checkpoint
-
 from merge_support import make_models, recipe_text, sdxl_output, sha256
+
+from engine.checkpoint.writer import partial_path
+from engine.merge.events import event_from_dict
+from engine.merge.output import sidecar_path
+from engine.merge.run import execute
+from engine.merge.tuning import Tuning
+from engine.plan.planner import build_plan
+from engine.recipe.toml_file import load_recipe
+from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # event per item, a short sleep per event) so that a signal can land in the middle of a merge.
 SLOW_CLI = """
 import sys, time
-from engine import merge
+from engine.merge import run as merge
 from astolfo_tui.commands import merge as command
 from astolfo_tui.cli import main
 
@@ -190,9 +190,9 @@ def test_kill_9_leaves_no_target_and_resume_gives_identical_bytes(models, tmp_pa
 
 FULL_DISK = """
 import resource, signal, sys
-from engine.merge import MergeError, execute
-from engine.plan import build_plan
-from engine.recipe import load_recipe
+from engine.merge.run import MergeError, execute
+from engine.plan.planner import build_plan
+from engine.recipe.toml_file import load_recipe
 plan = build_plan(load_recipe(sys.argv[1]))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))

@@ -1,6 +1,6 @@
 import pytest
 
-from engine.notation import NotationError, format_line, format_notation, parse_notation, short_id
+from engine.recipe.notation import NotationError, format_line, format_notation, parse_notation, short_id
 
 ARTICLE_TE0 = "te0: --,--,03,05,--,10,11,--,--,16,17,09a,10a,20,11a,22,23,24,25,26,27,32,--,36,--,--,41,--=19"
 

@@ -8,14 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from engine.catalog import Catalog
-from engine.plan import ARANGE, COPY, MEAN, PlanError, build_plan, check_recipe
-from engine.recipe import parse_recipe
-from engine.report import Severity
-from engine.synth import SynthSpec, truncate, write_checkpoint, write_lora
-
 from merge_support import make_models, recipe_text, sdxl_output
+
+from engine.hashes.catalog import Catalog
+from engine.library.report import Severity
+from engine.plan.model import ARANGE, COPY, MEAN, PlanError
+from engine.plan.planner import build_plan, check_recipe
+from engine.recipe.toml_file import parse_recipe
+from engine.synth.checkpoints import SynthSpec, truncate, write_checkpoint, write_lora
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +143,8 @@ def test_shape_mismatch_inside_a_selection(models, tmp_path):
     # same architecture and scale label, but one tensor reshaped
     import torch
 
-    from engine.safetensors_io import write_file
-    from engine.synth import make_state_dict
+    from engine.checkpoint.writer import write_file
+    from engine.synth.checkpoints import make_state_dict
 
     sd = make_state_dict(SynthSpec(seed=5, scale=64))
     key = "model.diffusion_model.out.2.weight"
@@ -186,7 +186,7 @@ def test_pins_and_nan_counts_from_the_catalog(models, tmp_path):
 def test_not_enough_disk(models, tmp_path, monkeypatch):
     text = recipe_text({"a": str(models / "m0.safetensors"), "b": str(models / "m1.safetensors")},
                        {"all": ["a", "b"]}, [sdxl_output(str(tmp_path / "o.safetensors"), "all")])
-    import engine.plan_checks as checks
+    import engine.plan.checks as checks
 
     real = shutil.disk_usage
 

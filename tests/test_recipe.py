@@ -9,16 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.recipe import (
-    ModelEntry,
-    OutputSpec,
-    Recipe,
-    RecipeError,
-    load_recipe,
-    parse_recipe,
-    recipe_to_toml,
-    save_recipe,
-)
+from engine.recipe.model import ModelEntry, OutputSpec, Recipe, RecipeError
+from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml, save_recipe
 
 ISSUE_EXAMPLE = '''
 name = "x17-AstolfoMix"        # titles and default file names

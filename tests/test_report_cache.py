@@ -4,8 +4,8 @@ file is inspected again, and a cache that cannot be used never stops a scan."""
 import os
 import shutil
 
-from engine.report import UNREADABLE
-from engine.scan import scan
+from engine.library.report import UNREADABLE
+from engine.library.scan import scan
 
 
 def _same(a, b):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -16,20 +15,18 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from engine.safetensors_io import (
+from engine.checkpoint.format import (
     DTYPES,
     MAX_HEADER_BYTES,
     Header,
     SafetensorsError,
-    StreamingWriter,
     TensorPlan,
-    TensorReader,
     canonical_order,
     parse_header,
-    partial_path,
     read_header,
-    write_file,
 )
+from engine.checkpoint.reader import TensorReader
+from engine.checkpoint.writer import StreamingWriter, partial_path, write_file
 
 ALL_DTYPES = [d.torch_dtype for d in DTYPES.values()]
 

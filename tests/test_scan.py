@@ -14,11 +14,11 @@ import unicodedata
 import pytest
 
 from astolfo_tui.cli import main
-from engine import synth
-from engine.demo import DEMO_MODELS, make_demo_folder
-from engine.report import CHECKPOINT, LORA, UNREADABLE, Severity
-from engine.scan import article_id, assign_ids, find_model_files, natural_key, scan
-from engine.synth import SynthSpec
+from engine.library.report import CHECKPOINT, LORA, UNREADABLE, Severity
+from engine.library.scan import article_id, assign_ids, find_model_files, natural_key, scan
+from engine.synth import checkpoints as synth
+from engine.synth.checkpoints import SynthSpec
+from engine.synth.demo import DEMO_MODELS, make_demo_folder
 
 # --------------------------------------------------------------------------- natural order
 
@@ -224,7 +224,7 @@ def test_demo_folder_is_idempotent_and_repairs_itself(tmp_path):
 
 
 def test_demo_models_share_base_text_encoders_exactly(demo_folder):
-    from engine.safetensors_io import TensorReader
+    from engine.checkpoint.reader import TensorReader
 
     key = "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight"
     unet_key = "model.diffusion_model.out.2.weight"
@@ -309,7 +309,7 @@ def test_scan_handles_a_file_that_vanishes_midway(tmp_path):
     a = synth.write_checkpoint(tmp_path / "a.safetensors", SynthSpec(scale=64, seed=1))
     files = find_model_files([tmp_path])
     a.unlink()
-    from engine.inspect import inspect_file
+    from engine.library.diagnose import inspect_file
 
     report = inspect_file(files[0], "m01")
     assert report.kind == UNREADABLE and report.model_id == "m01"

@@ -1,7 +1,7 @@
 """scan(on_report=...) hands over each report as it is made, in the final order."""
 
-from engine import synth
-from engine.scan import scan
+from engine.library.scan import scan
+from engine.synth import checkpoints as synth
 
 
 def test_on_report_streams_every_report_in_order(tmp_path):

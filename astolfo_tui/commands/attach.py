@@ -14,7 +14,7 @@ import time
 
 from rich.console import Console
 
-from engine.jobs import CANCELLED, DIED, FINISHED, Job, JobError, follow_events, get_job
+from engine.jobs.launch import CANCELLED, DIED, FINISHED, Job, JobError, follow_events, get_job
 
 from .merge import _Output
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.jobs import CANCELLED, JobError, cancel_job
+from engine.jobs.launch import CANCELLED, JobError, cancel_job
 
 
 def register(subparsers) -> None:

@@ -32,7 +32,7 @@ def run(args) -> int:
     folder = args.dir or default_demo_dir()
     print(f"demo models in {folder}", file=sys.stderr)
     try:
-        from engine.demo import make_demo_folder  # imports torch: only when asked for
+        from engine.synth.demo import make_demo_folder
 
         paths = make_demo_folder(folder)
     except OSError as e:
@@ -47,7 +47,7 @@ def _mark_demo_base(path: Path) -> None:
     models that kept its text encoders show =sd (the real base is recognised by its SHA256)."""
     import hashlib
 
-    from engine.catalog import Catalog, CatalogError
+    from engine.hashes.catalog import Catalog, CatalogError
 
     try:
         with open(path, "rb") as f:

@@ -26,18 +26,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from engine.catalog import (
-    SDXL_BASE_SHA256,
-    Catalog,
-    CatalogError,
-    ComponentGroup,
-    component_groups,
-    same_as_reference,
-)
-from engine.hashing import FileHashes, nonfinite_findings
-from engine.inspect import inspect_file
-from engine.report import UNREADABLE, ModelReport
-from engine.scan import scan
+from engine.hashes.catalog import SDXL_BASE_SHA256, Catalog, CatalogError
+from engine.hashes.model import FileHashes, nonfinite_findings
+from engine.hashes.relations import ComponentGroup, component_groups, same_as_reference
+from engine.library.diagnose import inspect_file
+from engine.library.report import UNREADABLE, ModelReport
+from engine.library.scan import scan
 
 from ..cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 

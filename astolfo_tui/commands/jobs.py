@@ -9,7 +9,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from engine.jobs import CANCELLED, DIED, FAILED, FINISHED, RUNNING, STARTING, Job, list_jobs
+from engine.jobs.launch import CANCELLED, DIED, FAILED, FINISHED, RUNNING, STARTING, Job, list_jobs
 
 STATUS_STYLES = {
     STARTING: "cyan",

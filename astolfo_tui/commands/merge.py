@@ -24,11 +24,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from engine.events import event_to_dict
-from engine.merge import MergeCancelled, MergeError, execute
-from engine.plan import MergePlan, PlanError, Problem, build_plan, check_recipe
-from engine.recipe import Recipe, RecipeError, load_recipe
-from engine.report import Severity
+from engine.library.report import Severity
+from engine.merge.events import event_to_dict
+from engine.merge.run import MergeCancelled, MergeError, execute
+from engine.plan.model import MergePlan, PlanError, Problem
+from engine.plan.planner import build_plan, check_recipe
+from engine.recipe.model import Recipe, RecipeError
+from engine.recipe.toml_file import load_recipe
 
 from ..job_view import JobView, duration
 
@@ -76,7 +78,7 @@ def merge_exclusively(plan: MergePlan, out: "_Output", resume: bool = False, rea
     merge and a job never write (and truncate) the same partial file at once."""
     import os
 
-    from engine.jobs import OutputBusy, output_locks
+    from engine.jobs.launch import OutputBusy, output_locks
 
     try:
         with output_locks([o.path for o in plan.outputs], f"a foreground `astolfo merge` (pid {os.getpid()})"):
@@ -105,7 +107,7 @@ def parse_rate(text: str) -> float:
 def detach(recipe_path: Path, out: "_Output", read_limit: float | None, json_ids: bool) -> int:
     """Start the merge as a detached job (``engine.jobs.start_job``, the TUI's launch path too)
     and print its id on stdout at once: ``id=$(astolfo merge r.toml --detach)`` works."""
-    from engine.jobs import JobError, start_job
+    from engine.jobs.launch import JobError, start_job
 
     try:
         job = start_job(recipe_path, read_limit=read_limit)

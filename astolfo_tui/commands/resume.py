@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.jobs import JobError, resume_job
-from engine.plan import PlanError
-from engine.recipe import RecipeError
+from engine.jobs.launch import JobError, resume_job
+from engine.plan.model import PlanError
+from engine.recipe.model import RecipeError
 
 from .attach import attach
 

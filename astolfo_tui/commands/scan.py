@@ -12,8 +12,8 @@ import sys
 
 from rich.console import Console
 
-from engine.report import Severity
-from engine.scan import scan
+from engine.library.report import Severity
+from engine.library.scan import scan
 
 from ..cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ..scan_table import render_scan, scan_summary

@@ -10,6 +10,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+
 def _legend() -> Table:
     """What the grid's marks mean."""
     table = Table(box=None, show_header=False, padding=(0, 2), title=Text("In the grid", style="bold #7aa2f7"), title_justify="left")

@@ -11,10 +11,10 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.worker import Worker, WorkerState
 
-from engine import jobs as engine_jobs
 from astolfo_tui.job_view import duration
 from astolfo_tui.screens.dialogs import ConfirmDialog
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
+from engine.jobs import launch as engine_jobs
 
 STATUS_STYLE = {"finished": OK, "failed": ERROR, "died": ERROR, "cancelled": WARN, "running": "#7dcfff", "starting": "#7dcfff"}
 

@@ -20,9 +20,6 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
-from engine.notation import format_notation
-from engine.recipe import load_recipe, save_recipe
-from engine.scan import scan
 from astolfo_tui import hash_feed
 from astolfo_tui.screens.dialogs import (
     ColumnDialog,
@@ -34,6 +31,9 @@ from astolfo_tui.screens.outputs import OutputsDialog
 from astolfo_tui.selection_state import SelectionState
 from astolfo_tui.widgets.details import DetailsPane
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN, SelectionGrid
+from engine.library.scan import scan
+from engine.recipe.notation import format_notation
+from engine.recipe.toml_file import load_recipe, save_recipe
 
 # While a big folder is scanned: the rows read so far are shown once, after 0.25 s (a first
 # screenful), then only a count every 0.5 s until the end. Redrawing the grid more often took the

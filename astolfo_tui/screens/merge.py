@@ -24,15 +24,16 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, ProgressBar, RichLog, Sparkline, Static
 from textual.worker import Worker, WorkerState
 
-from engine import devices
-from engine import jobs as engine_jobs
-from engine.notation import short_id
-from engine.plan import Problem, build_plan, check_recipe
-from engine.report import Severity
 from astolfo_tui.job_view import JobView, duration
 from astolfo_tui.screens.dialogs import ConfirmDialog
 from astolfo_tui.widgets.memory_meter import MemoryMeter
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
+from engine.jobs import launch as engine_jobs
+from engine.library.report import Severity
+from engine.merge import devices
+from engine.plan.model import Problem
+from engine.plan.planner import build_plan, check_recipe
+from engine.recipe.notation import short_id
 
 # Used for the estimate only; the dashboard shows the real rate once the merge runs.
 ASSUMED_READ_RATE = 1.0e9

@@ -12,8 +12,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
-from engine.recipe import OutputSpec
 from astolfo_tui.selection_state import SelectionState
+from engine.recipe.model import OutputSpec
 
 DTYPES = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")

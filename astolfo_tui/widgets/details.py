@@ -12,8 +12,8 @@ from rich.text import Text
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Static
 
-from engine.report import ModelReport, Severity
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
+from engine.library.report import ModelReport, Severity
 
 SEVERITY_STYLE = {Severity.OK: OK, Severity.WARNING: WARN, Severity.ERROR: ERROR}
 SEVERITY_GLYPH = {Severity.OK: "·", Severity.WARNING: "!", Severity.ERROR: "✗"}

@@ -19,9 +19,9 @@ from textual.message import Message
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowKey
 
-from engine.notation import short_id
-from engine.report import CHECKPOINT, ModelReport, Severity
 from astolfo_tui.selection_state import SelectionState
+from engine.library.report import CHECKPOINT, ModelReport, Severity
+from engine.recipe.notation import short_id
 
 SEL = "sel:"
 HASH = "hash:"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.demo import make_demo_folder
+from engine.synth.demo import make_demo_folder
 
 SIZE = (160, 48)
 # Fixed-length, fixed-prefix folder so snapshots can hide the random part (see snapshots.py).

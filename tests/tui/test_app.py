@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from engine.notation import format_notation
-from engine.recipe import load_recipe
 from astolfo_tui.app import AstolfoApp
 from astolfo_tui.screens.dialogs import PathDialog
 from astolfo_tui.screens.help import HelpScreen
 from astolfo_tui.widgets.selection_grid import SEL, SelectionGrid
+from engine.recipe.notation import format_notation
+from engine.recipe.toml_file import load_recipe
 from tui.conftest import SIZE
 from tui.helpers import open_library, put_cursor, wait_for
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine import synth
 from astolfo_tui.app import AstolfoApp
 from astolfo_tui.screens.dialogs import PathDialog
+from engine.synth import checkpoints as synth
 from tui.helpers import open_library, wait_for
 
 

@@ -3,12 +3,12 @@ outputs on disk; quitting leaves a job running and reopening reattaches."""
 
 from __future__ import annotations
 
-from engine import jobs as engine_jobs
-from engine.safetensors_io import read_header
 from astolfo_tui.app import AstolfoApp
 from astolfo_tui.job_view import JobView
 from astolfo_tui.screens.jobs import JobsScreen
 from astolfo_tui.screens.merge import MergeScreen
+from engine.checkpoint.format import read_header
+from engine.jobs import launch as engine_jobs
 from tui.conftest import SIZE
 from tui.helpers import open_library, wait_for
 
@@ -109,7 +109,7 @@ async def test_reopening_reattaches_to_a_running_job(work_dir, monkeypatch):
 
 
 def test_job_view_folds_events():
-    from engine import events as ev
+    from engine.merge import events as ev
 
     v = JobView()
     v.apply(ev.Started(outputs=["a", "b"], tensors_total=10, bytes_to_read=100, bytes_to_write=50, device="cpu", sources=3))

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from engine.recipe import parse_recipe, recipe_to_toml
-from engine.scan import scan
 from astolfo_tui.selection_state import SelectionState
+from engine.library.scan import scan
+from engine.recipe.toml_file import parse_recipe, recipe_to_toml
 
 
 def _state(demo_dir) -> SelectionState:

@@ -1,0 +1,3 @@
+"""Detached merge jobs: their folder on disk (store), starting and controlling them (launch),
+and the process that runs one (runner).
+"""

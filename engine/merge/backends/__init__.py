@@ -1,0 +1,1 @@
+"""Where a merge item is computed: the ``Backend`` protocol and its CPU and CUDA implementations."""

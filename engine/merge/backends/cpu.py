@@ -1,0 +1,117 @@
+"""The CPU backend: items computed by worker threads, one item per worker at a time."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+import torch
+
+from engine.checkpoint.format import DTYPES
+from engine.merge.arithmetic import Bad, Kernel, _node_parts, _view, arange_values
+from engine.merge.layout import Item, Segment
+from engine.plan.model import ARANGE, COPY, MergePlan
+
+# CPU workers by default: the work is memory-bound well before this, and each worker in flight
+# holds a read and an output buffer.
+MAX_WORKERS = 8
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+class _Job:
+    def __init__(self, item: Item, read_buf, out_buf, excluded):
+        self.item, self.read_buf, self.out_buf, self.excluded = item, read_buf, out_buf, excluded
+        self.done = threading.Event()
+        self.bads: list[Bad] = []
+        self.error: BaseException | None = None
+
+
+class CpuBackend:
+    """Items computed by worker threads, one item per worker at a time, each worker with one
+    torch thread. Parallel items instead of torch's intra-op threads: OpenMP's barriers stall
+    when another thread (our reader or writer, or another program) holds a core, which made
+    each op ~30x slower on a busy 2-core machine."""
+
+    name = "cpu"
+
+    def __init__(self, plan: MergePlan, sub_elems: int = 1 << 20, workers: int = 0):
+        self.plan = plan
+        self.sub = max(1, sub_elems)
+        self.device = torch.device("cpu")
+        self.depth = workers or min(cpu_count(), MAX_WORKERS)
+        self._jobs: queue.Queue = queue.Queue()
+        self._threads = [threading.Thread(target=self._work, name=f"merge-cpu-{i}", daemon=True)
+                         for i in range(self.depth)]
+        for th in self._threads:
+            th.start()
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def submit(self, item: Item, read_buf: torch.Tensor, out_buf: torch.Tensor, excluded: dict[int, set]) -> _Job:
+        job = _Job(item, read_buf, out_buf, excluded)
+        self._jobs.put(job)
+        return job
+
+    def finish(self, job: _Job) -> list[Bad]:
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.bads
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for th in self._threads:
+            th.join()
+
+    def _work(self) -> None:
+        torch.set_num_threads(1)  # this thread only (an OpenMP per-thread setting)
+        kernel = Kernel(self.device, self.sub)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                for seg in job.item.segments:
+                    for ns in seg.nodes:
+                        bad = self._node(kernel, seg, ns, job)
+                        if bad is not None:
+                            job.bads.append(bad)
+            except BaseException as e:  # handed to the merge thread by finish()
+                job.error = e
+            finally:
+                job.done.set()
+
+    def _node(self, k: Kernel, seg: Segment, ns, job: _Job) -> Bad | None:
+        node, kept, factors = _node_parts(self.plan, seg, ns, job.excluded)
+        n = seg.numel
+        outs = {d: _view(job.out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()}
+        if node.kind == ARANGE:
+            for out in outs.values():
+                out.copy_(arange_values(node.dtype, n))
+            return None
+        if not kept:
+            return Bad(seg, ns.node, [])
+        views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in kept]
+        for a in range(0, n, self.sub):
+            b = min(n, a + self.sub)
+            parts = [o[a:b] for o in outs.values()]
+            if node.kind == COPY:
+                finite = k.copy(views[0][a:b], parts, node.check_finite)
+            else:
+                finite = k.mean([v[a:b] for v in views], factors, node.acc, parts)
+            if finite is not None and not bool(finite):
+                culprits = [(s.file, s.key) for s, v in zip(kept, views) if not k.finite(v[a:b])]
+                return Bad(seg, ns.node, culprits)
+        return None
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

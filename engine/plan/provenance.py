@@ -1,0 +1,238 @@
+"""Where a mix came from: source file hashes and the metadata written into every output.
+
+Metadata values are strings and depend only on the recipe and the input files (never on the
+clock or the run), so a rerun writes byte-identical files:
+
+- ModelSpec (``modelspec.sai_model_spec``, ``.architecture``, ``.implementation``, ``.title``,
+  ``.resolution``, ``.prediction_type``, ``.date`` when the recipe has one, ``.description``);
+- ``astolfo.recipe`` (the recipe as TOML) and ``astolfo.sources`` (JSON: each source file with
+  its SHA256/AutoV2 and what it fed);
+- A1111's ``sd_merge_recipe`` and ``sd_merge_models`` (JSON strings, keyed by SHA256 as A1111
+  does, nesting the sources' own merge history), so web UIs show where the model came from;
+- the recipe's own ``[metadata]`` entries (they may set ``modelspec.author`` and the like).
+
+Hashes come from the catalog cache when the file is unchanged since it was hashed; otherwise
+the merge hashes the file first (one read) and the catalog keeps the result.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Callable
+
+from engine.recipe.toml_file import recipe_to_toml
+
+SPEC_VERSION = "1.0.0"
+_IMPLEMENTATION = {
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+    "sd15": "https://github.com/CompVis/stable-diffusion",
+}
+_RESOLUTION = {"sdxl": "1024x1024", "sd15": "512x512"}
+
+
+def engine_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("astolfo")
+    except Exception:
+        return "0"
+
+
+# --------------------------------------------------------------------------- hashes
+
+
+def _open_catalog():
+    try:
+        from engine.hashes.catalog import Catalog
+
+        return Catalog()
+    except Exception:  # no cache folder, unreadable database, ...: hashes are computed instead
+        return None
+
+
+def cached_hashes(paths: list[Path], model_ids: list[str]) -> dict:
+    """model id -> FileHashes for files the catalog has unchanged; reads no file data."""
+    catalog = _open_catalog()
+    if catalog is None:
+        return {}
+    try:
+        out = {}
+        for path, mid in zip(paths, model_ids):
+            h = catalog.get(path)
+            if h is not None:
+                out[mid] = h
+        return out
+    finally:
+        catalog.close()
+
+
+def compute_hashes(reports: list, on_progress: Callable[[int, int], None] | None,
+                   cancel: threading.Event | None) -> dict:
+    """model id -> FileHashes for ``reports`` (ModelReports), hashing what the catalog lacks and
+    storing the results. Raises HashCancelled / HashError from engine.hashing."""
+    catalog = _open_catalog()
+    if catalog is not None:
+        try:
+            return catalog.hash_reports(reports, on_progress=on_progress, cancel=cancel)
+        finally:
+            catalog.close()
+    from engine.hashes.hasher import hash_file
+
+    out, done = {}, 0
+    total = sum(r.file_size for r in reports)
+    for r in reports:
+        base = done
+        out[r.model_id] = hash_file(
+            r.path, r, on_progress=(lambda n, _t, b=base: on_progress(b + n, total)) if on_progress else None,
+            cancel=cancel,
+        )
+        done += r.file_size
+    return out
+
+
+def pin_matches(pin: str, sha256: str) -> bool:
+    return sha256.lower().startswith(pin.lower())
+
+
+def plan_hashes(plan, on_stage: Callable[[str], None], on_progress: Callable[[int, int], None] | None,
+                cancel: threading.Event | None) -> dict:
+    """model id -> FileHashes for every source of ``plan``: those the plan found in the catalog,
+    the rest hashed now (``on_stage`` is told first). Raises HashCancelled / HashError."""
+    hashes = dict(plan.hashes)
+    todo = [f.report for f in plan.files if f.model_id not in hashes]
+    if todo:
+        on_stage(f"{len(todo)} source file(s) not in the hash cache")
+        hashes.update(compute_hashes(todo, on_progress, cancel))
+    return hashes
+
+
+def pin_mismatch(plan, hashes: dict) -> tuple[str, str] | None:
+    """(model id, message) for the first source whose hash differs from its pin, or None."""
+    for f in plan.files:
+        h = hashes.get(f.model_id)
+        if f.sha256_pin and h is not None and not pin_matches(f.sha256_pin, h.sha256):
+            return f.model_id, (f"model {f.model_id}: {f.path} has SHA256 {h.sha256[:10]}..., the recipe pins "
+                                f"{f.sha256_pin}: the file was replaced or renamed")
+    return None
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def build_metadata(plan, output, hashes: dict) -> dict[str, str]:
+    """The ``__metadata__`` of ``output`` (an OutputPlan of ``plan``); ``hashes``: model id ->
+    FileHashes for every source file."""
+    from engine.plan.checks import PROVENANCE_KEYS
+
+    recipe, arch = plan.recipe, plan.arch
+    used = _models_used(plan, output)
+    meta: dict[str, str] = {
+        "modelspec.sai_model_spec": SPEC_VERSION,
+        "modelspec.architecture": arch.modelspec,
+        "modelspec.implementation": _IMPLEMENTATION.get(arch.id, ""),
+        "modelspec.title": output.title,
+        "modelspec.resolution": _RESOLUTION.get(arch.id, ""),
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.description": _description(recipe, output),
+    }
+    if recipe.date:
+        meta["modelspec.date"] = recipe.date
+    scale = plan.files[0].report.scale if plan.files else 1
+    if scale > 1:
+        meta["astolfo.synthetic_scale"] = str(scale)
+    for k, v in recipe.metadata.items():
+        if k not in PROVENANCE_KEYS:
+            meta[k] = v
+    files = {f.model_id: f for f in plan.files}
+    sources = []
+    for mid, comps in used.items():
+        h = hashes.get(mid)
+        entry = {"id": mid, "file": files[mid].path.name, "sha256": h.sha256 if h else None,
+                 "autov2": h.autov2 if h else None, "weight": recipe.weight(mid), "components": comps}
+        title = files[mid].report.metadata.get("modelspec.title")
+        if title:
+            entry["title"] = title
+        sources.append(entry)
+    meta["astolfo.recipe"] = recipe_to_toml(recipe)
+    meta["astolfo.sources"] = json.dumps(sources, ensure_ascii=False)
+    meta["astolfo.version"] = engine_version()
+    meta["sd_merge_recipe"] = json.dumps(_a1111_recipe(plan, output, used, hashes), ensure_ascii=False)
+    meta["sd_merge_models"] = json.dumps(_a1111_models(plan, used, hashes), ensure_ascii=False)
+    return meta
+
+
+def _models_used(plan, output) -> dict[str, dict[str, str]]:
+    """model id -> {component: selection} for the models feeding ``output``, in recipe order."""
+    recipe = plan.recipe
+    used: dict[str, dict[str, str]] = {}
+    for mid in recipe.models:
+        for cid, sel in output.sources.items():
+            if mid in recipe.select.get(sel, ()):
+                used.setdefault(mid, {})[cid] = sel
+    return used
+
+
+def _description(recipe, output) -> str:
+    parts = []
+    for cid, sel in output.sources.items():
+        n = len(recipe.select.get(sel, ()))
+        parts.append(f"{cid} = {sel} ({n} model{'s' * (n != 1)})")
+    how = "weighted average" if recipe.weights else "average"
+    return f"{recipe.name}: {how} merged by astolfo; " + ", ".join(parts)
+
+
+def _a1111_recipe(plan, output, used, hashes) -> dict:
+    recipe = plan.recipe
+    components = {}
+    for cid, sel in output.sources.items():
+        ids = recipe.select.get(sel, [])
+        total = sum(recipe.weight(m) for m in ids) or 1.0
+        components[cid] = {
+            "selection": sel,
+            "models": [
+                {"id": m, "sha256": hashes[m].sha256 if m in hashes else None, "weight": recipe.weight(m) / total}
+                for m in ids
+            ],
+        }
+    return {
+        "type": "astolfo",
+        "interp_method": "weighted_average" if recipe.weights else "average",
+        "custom_name": output.title,
+        "save_as_half": output.dtype == "F16",
+        "dtype": output.dtype,
+        "components": components,
+    }
+
+
+def _a1111_models(plan, used, hashes) -> dict:
+    """A1111's shape: {sha256: {name, legacy_hash, sd_merge_recipe}} plus the sources' own
+    sd_merge_models, so a mix of mixes keeps its whole history."""
+    files = {f.model_id: f for f in plan.files}
+    out: dict = {}
+    for mid in used:
+        h = hashes.get(mid)
+        if h is None:
+            continue
+        meta = files[mid].report.metadata
+        out[h.sha256] = {
+            "name": files[mid].path.stem,
+            "legacy_hash": h.autov1,
+            "sd_merge_recipe": _json_or_text(meta.get("sd_merge_recipe")),
+        }
+        nested = _json_or_text(meta.get("sd_merge_models"))
+        if isinstance(nested, dict):
+            for k, v in nested.items():
+                out.setdefault(k, v)
+    return out
+
+
+def _json_or_text(value: str | None):
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

@@ -1,0 +1,1 @@
+"""Synthetic checkpoints for tests, benchmarks and the demo, and the demo folder itself."""
