@@ -11,13 +11,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.checkpoint.architectures import component_ids
 from engine.hashes.relations import selection_duplicates
 from engine.library.report import ModelReport, Severity
 from engine.recipe.model import ModelEntry, OutputSpec, Recipe
 
 SDXL_COLUMNS = (("te0", "te0"), ("te1", "te1"), ("unet", "unet"), ("nsfw", "unet"), ("vae", "vae"))
 SD15_COLUMNS = (("te", "te"), ("unet", "unet"), ("vae", "vae"))
-COMPONENT_IDS = ("unet", "te0", "te1", "te", "vae")
+COMPONENT_IDS = component_ids()  # every component a recipe may name
 
 
 @dataclass

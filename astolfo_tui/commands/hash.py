@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from engine.checkpoint.architectures import component_ids
 from engine.hashes.catalog import SDXL_BASE_SHA256, Catalog, CatalogError
 from engine.hashes.model import FileHashes, nonfinite_findings
 from engine.hashes.relations import ComponentGroup, component_groups, same_as_reference
@@ -34,8 +35,6 @@ from engine.library.report import UNREADABLE, ModelReport
 from engine.library.scan import scan
 
 from ..cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-
-_COMPONENT_ORDER = ("unet", "te0", "te1", "te", "vae")
 
 
 def register(subparsers) -> None:
@@ -191,7 +190,7 @@ def _print_table(reports, hashes, errors, flags, labels, groups, known_refs) -> 
     """The table, then the shared-component legend, then the problems, one line each. Where one
     table would not fit the terminal, component hashes get a table of their own."""
     console = Console()
-    cids = [c for c in _COMPONENT_ORDER if any(c in h.components for h in hashes.values())]
+    cids = [c for c in component_ids() if any(c in h.components for h in hashes.values())]
     id_width = max((len(r.model_id) for r in reports), default=2)
     shared_width = max((len(" ".join(v)) for v in labels.values()), default=6)
     one_table = id_width + 10 + 8 * len(cids) + 9 + 3 + shared_width + 2 * (len(cids) + 6) <= console.width

@@ -13,6 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
 from astolfo_tui.selection_state import SelectionState
+from engine.checkpoint.architectures import architectures, get_architecture
 from engine.recipe.model import OutputSpec
 
 DTYPES = ("fp16", "bf16", "fp32")
@@ -55,7 +56,7 @@ class OutputsDialog(ModalScreen[bool]):
     def __init__(self, state: SelectionState) -> None:
         super().__init__(classes="dialog")
         self.state = state
-        self.components = ("te", "unet", "vae") if state.arch == "sd15" else ("te0", "te1", "unet", "vae")
+        self.components = architectures().get(state.arch or "", get_architecture("sdxl")).display_order
         self.choices = {c: [n for n, col in state.columns.items() if col.component == c] for c in self.components}
 
     def compose(self) -> ComposeResult:

@@ -20,6 +20,7 @@ from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowKey
 
 from astolfo_tui.selection_state import SelectionState
+from engine.checkpoint.architectures import Architecture, architectures, get_architecture
 from engine.library.report import CHECKPOINT, ModelReport, Severity
 from engine.recipe.notation import short_id
 
@@ -107,10 +108,11 @@ class SelectionGrid(DataTable):
         self.add_column(" ", key="status", width=1)
         for name in self.state.columns:
             self.add_column(self._sel_label(name), key=SEL + name, width=max(self.short_w, len(name), 3))
-        self.hash_components = tuple(c for c in ("te0", "te1", "te", "unet", "vae") if self._arch_has(c))
+        self.hash_components = self._architecture().display_order
         for comp in self.hash_components:
             self.add_column(Text(f"#{comp}\n", style="italic"), key=HASH + comp, width=SHORT_HASH)
-        self.metric_components = tuple(c for c in ("te0", "te", "vae") if self._arch_has(c))
+        # the toolkit metric exists for the first text encoder and the VAE (hashes.model's references)
+        self.metric_components = tuple(c for c in ("te0", "te", "vae") if c in self._architecture().components)
         for comp in self.metric_components:
             self.add_column(Text(f"m:{comp}\n", style="italic"), key=METRIC + comp, width=max(4, len(comp) + 2))
         self.add_column("=sd", key="sd", width=3)
@@ -118,10 +120,8 @@ class SelectionGrid(DataTable):
         self._fill_rows()
         self._restore_cursor(keep)
 
-    def _arch_has(self, comp: str) -> bool:
-        if self.state.arch == "sd15":
-            return comp in ("te", "unet", "vae")
-        return comp in ("te0", "te1", "unet", "vae")
+    def _architecture(self) -> Architecture:
+        return architectures().get(self.state.arch or "", get_architecture("sdxl"))
 
     def _fill_rows(self) -> None:
         self._visible = self.visible_ids()

@@ -60,6 +60,13 @@ class Architecture:
     def component_ids(self) -> tuple[str, ...]:
         return tuple(self.components)
 
+    @property
+    def display_order(self) -> tuple[str, ...]:
+        """Components as the grid and reports list them: text encoders first (the article's
+        te0, te1 columns), then the rest in schema order."""
+        ids = self.component_ids
+        return tuple(c for c in ids if c.startswith("te")) + tuple(c for c in ids if not c.startswith("te"))
+
 
 _LABELS = {
     "unet": "UNet",
@@ -103,6 +110,15 @@ def _load(arch_id: str) -> Architecture:
 @lru_cache(maxsize=None)
 def architectures() -> dict[str, Architecture]:
     return {arch_id: _load(arch_id) for arch_id in _SCHEMAS}
+
+
+def component_ids() -> tuple[str, ...]:
+    """Every component id of any known architecture (what a recipe may name), SDXL's first."""
+    seen: dict[str, None] = {}
+    for arch in architectures().values():
+        for cid in arch.components:
+            seen.setdefault(cid, None)
+    return tuple(seen)
 
 
 def get_architecture(arch_id: str) -> Architecture:

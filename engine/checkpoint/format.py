@@ -221,8 +221,6 @@ def _parse_metadata(meta: object, path: Path) -> dict[str, str]:
     return dict(meta)
 
 
-def _is_int(v: object) -> bool:
-    return type(v) is int  # JSON integers only: bool and float are rejected
 
 
 def _parse_entry(key: str, entry: object, data_size: int, path: Path) -> TensorInfo:

@@ -25,7 +25,6 @@ from typing import Callable, Iterable
 import platformdirs
 
 from engine.checkpoint.architectures import get_architecture
-from engine.hashes.hasher import hash_file
 from engine.hashes.model import HASH_VERSION, FileHashes, HashCancelled, HashError, ProgressFn
 from engine.library.report import ModelReport
 
@@ -241,6 +240,9 @@ class Catalog:
         cached = self._get(key)
         if cached is not None:
             return cached
+        # here, not at the top: the hasher needs torch, and opening the catalog must not pay its import
+        from engine.hashes.hasher import hash_file
+
         hashes = hash_file(key.path, report, on_progress=on_progress, cancel=cancel)
         try:
             after = file_key(key.path)

@@ -85,10 +85,6 @@ class ComponentHashes:
         return self.exact[:SHORT_HEX]
 
     @property
-    def fp16_short(self) -> str:
-        return self.fp16[:SHORT_HEX]
-
-    @property
     def nonfinite(self) -> int:
         return self.nan_count + self.inf_count
 

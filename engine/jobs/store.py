@@ -33,12 +33,13 @@ import json
 import os
 import secrets
 import socket
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+
+from engine.durable import write_json_atomic
 
 STATE_DIR_ENV = "ASTOLFO_STATE_DIR"
 
@@ -124,22 +125,6 @@ def create_job_dir() -> tuple[str, Path]:
 # --------------------------------------------------------------------------- job.json
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def read_job_json(job_dir: Path) -> dict:

@@ -26,6 +26,14 @@ import humanize
 
 from engine.checkpoint.architectures import Architecture, Component, architectures, infer_scale, scaled_shape
 from engine.checkpoint.format import DTYPES, Header, SafetensorsError, paused_gc, read_header
+from engine.checkpoint.keys import (
+    EXTRA_MODEL_PREFIX,
+    MISSING_MODEL_PREFIX,
+    component_of,
+    is_fp8_scale,
+    prefix_variants,
+    without_model_prefix,
+)
 from engine.checkpoint.reader import TensorReader
 from engine.library.report import (
     ABSENT,
@@ -274,12 +282,8 @@ def _clip_root(arch: Architecture) -> str:
 
 
 def _canonical(key: str, known, clip_root: str) -> tuple[str | None, tuple[str, ...]]:
-    variants = [(key, ())]
-    if key.startswith("model."):
-        variants.append((key[len("model.") :], ("extra_model_prefix",)))
-    if key.startswith("diffusion_model."):
-        variants.append(("model." + key, ("missing_model_prefix",)))
-    for variant, rules in variants:
+    for variant, rule in prefix_variants(key):
+        rules = (rule,) if rule else ()
         if variant in known and rules:
             return variant, rules
         if variant.startswith(clip_root) and not variant.startswith(clip_root + "text_model."):
@@ -359,10 +363,10 @@ def _describe_checkpoint(report: ModelReport, header: Header, match: KeyMatch) -
     scaled_fp8 = "scaled_fp8" in tensors
     unmatched_by_comp: dict[str | None, list[str]] = {}
     for key in match.unmatched:
-        unmatched_by_comp.setdefault(_component_by_prefix(arch, key), []).append(key)
+        unmatched_by_comp.setdefault(component_of(arch, key), []).append(key)
 
     for comp in arch.components.values():
-        unknown = [k for k in unmatched_by_comp.get(comp.id, []) if not _is_fp8_scale(k)]
+        unknown = [k for k in unmatched_by_comp.get(comp.id, []) if not is_fp8_scale(k)]
         status = _component_status(report, header, match, comp, scaled_fp8, len(unknown))
         if unknown:
             status.findings.append(
@@ -379,7 +383,7 @@ def _describe_checkpoint(report: ModelReport, header: Header, match: KeyMatch) -
     _check_position_ids(report, header, match)
     report.extra_keys = list(match.unmatched)
     report.extra_bytes = _nbytes(tensors, match.unmatched)
-    _describe_extras(report, tensors, [k for k in match.unmatched if _component_by_prefix(arch, k) is None])
+    _describe_extras(report, tensors, [k for k in match.unmatched if component_of(arch, k) is None])
     _file_findings(report, header, match)
 
 
@@ -537,7 +541,7 @@ def _rename_findings(status: ComponentStatus, match: KeyMatch, comp: Component) 
                 comp.id,
             )
         )
-    missing_prefix = match.renames.get(("missing_model_prefix", comp.id), 0)
+    missing_prefix = match.renames.get((MISSING_MODEL_PREFIX, comp.id), 0)
     if missing_prefix:
         status.findings.append(
             Finding(
@@ -636,17 +640,8 @@ def _position_ids_problem(path: Path, header: Header, stored: str) -> str | None
 # --------------------------------------------------------------------------- whole file
 
 
-def _component_by_prefix(arch: Architecture, key: str) -> str | None:
-    for candidate in (key, key[len("model.") :] if key.startswith("model.") else None, "model." + key):
-        if candidate is not None:
-            comp = arch.component_of(candidate)
-            if comp is not None:
-                return comp
-    return None
 
 
-def _is_fp8_scale(key: str) -> bool:
-    return key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input"))
 
 
 def _describe_extras(report: ModelReport, tensors, outside: list[str]) -> None:
@@ -654,12 +649,12 @@ def _describe_extras(report: ModelReport, tensors, outside: list[str]) -> None:
     the scaled_fp8 finding."""
     groups: dict[str, list[str]] = {"ema": [], "ddpm": [], "junk": []}
     for key in outside:
-        bare = key[len("model.") :] if key.startswith("model.") else key
+        bare = without_model_prefix(key)
         if bare.startswith("model_ema."):
             groups["ema"].append(key)
         elif bare in DDPM_BUFFERS:
             groups["ddpm"].append(key)
-        elif not _is_fp8_scale(key):
+        elif not is_fp8_scale(key):
             groups["junk"].append(key)
     add = report.findings.append
     if groups["ema"]:
@@ -695,7 +690,7 @@ def _describe_extras(report: ModelReport, tensors, outside: list[str]) -> None:
 def _file_findings(report: ModelReport, header: Header, match: KeyMatch) -> None:
     arch = match.arch
     add = report.findings.append
-    extra_prefix = sum(n for (rule, _), n in match.renames.items() if rule == "extra_model_prefix")
+    extra_prefix = sum(n for (rule, _), n in match.renames.items() if rule == EXTRA_MODEL_PREFIX)
     if extra_prefix:
         add(
             Finding(

@@ -3,7 +3,7 @@
 ``Kernel`` holds the exact-mean recipe used on every device:
 
 - weights scaled to exact integers and sums kept in fp64, where they are exact (see
-  ``engine.plan_build.exact_factors`` for why fp32 is not enough for a correctly rounded mean);
+  ``engine.plan.build.exact_factors`` for why fp32 is not enough for a correctly rounded mean);
 - convert each source into a preallocated buffer and add it (on the CPU a mixed-dtype ``add_``
   is ~10x slower than copy-then-add, and fp16 -> fp64 is fastest through fp32);
 - divide once by the total weight (a true division: on CUDA by a device tensor, because torch
@@ -23,7 +23,6 @@ and lets the caller collect them one item later, so transfers, compute and file 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -31,17 +30,9 @@ from engine.checkpoint.format import DTYPES
 from engine.merge.layout import Segment
 from engine.plan.model import MergePlan
 
-_ACC = {"F32": torch.float32, "F64": torch.float64}
 _NARROW = (torch.float16, torch.bfloat16)
 
 
-@dataclass
-class Bad:
-    """A non-finite result: ``sources`` are the plan Sources (file, key) holding NaN/Inf."""
-
-    segment: Segment
-    node: int
-    sources: list[tuple[int, str]]
 
 
 class Kernel:
@@ -71,11 +62,10 @@ class Kernel:
             return total  # CPU division by a scalar is a true division
         return torch.full((), total, dtype=dtype, device=self.device)
 
-    def mean(self, views: list[torch.Tensor], weights: list[float], acc_dtype: str,
-             outs: list[torch.Tensor]) -> torch.Tensor:
+    def mean(self, views: list[torch.Tensor], weights: list[float], outs: list[torch.Tensor]) -> torch.Tensor:
         """Weighted mean of ``views`` written into each of ``outs``; returns "all finite"."""
         n = views[0].numel()
-        dt = _ACC[acc_dtype]
+        dt = torch.float64
         acc = self.buf("acc", dt, n)
         self.load(acc, views[0])
         if weights[0] != 1.0:

@@ -13,17 +13,22 @@ import re
 import resource
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def device_problem(spec: str) -> str | None:
-    """Why ``spec`` cannot be used on this machine, or None."""
+    """Why ``spec`` cannot be used on this machine, or None (torch is imported only to probe a
+    ``cuda`` device: checking a CPU recipe must not pay its import)."""
     if not isinstance(spec, str) or not _DEVICE_RE.match(spec):
         return f"device {spec!r} is not one of auto, cpu, cuda, cuda:N"
     if spec.startswith("cuda"):
+        import torch
+
         if not torch.cuda.is_available():
             return f"device {spec!r} asked for, but no CUDA GPU is available to torch here"
         if ":" in spec:
@@ -35,6 +40,7 @@ def device_problem(spec: str) -> str | None:
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` is the first CUDA GPU when torch sees one, else the CPU."""
+    import torch
     problem = device_problem(spec)
     if problem:
         raise ValueError(problem)
@@ -47,6 +53,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def describe(device: torch.device) -> str:
     """A human name: ``cpu (2 threads)`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    import torch
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
@@ -108,6 +115,7 @@ class MemoryMonitor:
         return "nvml" if self._nvml else "torch"
 
     def sample(self) -> DeviceMemory:
+        import torch
         if self.device.type != "cuda":
             return DeviceMemory(None, None, None)
         if self._nvml is not None:
@@ -131,6 +139,7 @@ class MemoryMonitor:
 def _nvml_handle(pynvml, device: torch.device):
     """The NVML handle of torch's CUDA device: matched by UUID (CUDA_VISIBLE_DEVICES reorders
     indices), else by index."""
+    import torch
     index = device.index if device.index is not None else torch.cuda.current_device()
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     if uuid is not None:

@@ -137,7 +137,6 @@ EVENT_TYPES: dict[str, type] = {
     cls.type: cls  # type: ignore[attr-defined]
     for cls in (Started, Stage, Progress, MergeWarning, OutputDone, Finished, Failed, Cancelled)
 }
-FINAL_TYPES = frozenset({"finished", "failed", "cancelled"})
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:

@@ -53,13 +53,16 @@ class ReadThrottle:
 
 
 class Readers:
-    """Reader threads: item i goes to thread i % n; buffers are taken in item order."""
+    """Reader threads: item i goes to thread i % n; buffers are taken in item order.
 
-    throttle: "ReadThrottle | None" = None
-    drop_cache = True  # drop source pages once copied (see drop_cache_wanted)
+    ``throttle`` paces the reads (None: as fast as the disk goes); ``drop_cache`` drops source
+    pages once copied (see drop_cache_wanted)."""
 
-    def __init__(self, items, fds, plan, free, stop: threading.Event, n: int):
+    def __init__(self, items, fds, plan, free, stop: threading.Event, n: int,
+                 throttle: ReadThrottle | None = None, drop_cache: bool = True):
         self.items = items
+        self.throttle = throttle
+        self.drop_cache = drop_cache
         self.fds = fds
         self.plan = plan
         self.free = free
@@ -198,6 +201,7 @@ class Writer:
         self.thread = threading.Thread(target=self._loop, name="merge-write", daemon=True)
         self._since_sync = 0
         self._last_sync = time.monotonic()
+        self._closed = False
 
     def start(self) -> None:
         self.thread.start()
@@ -208,11 +212,11 @@ class Writer:
     def give_back(self, out: torch.Tensor) -> None:
         self.free_out.put(out)
 
-    def finish(self) -> None:
-        self.queue.put(None)
-
     def close(self) -> None:
-        self.queue.put(None)
+        """No more items: the writer checkpoints what it has (unless stopped) and ends."""
+        if not self._closed:
+            self._closed = True
+            self.queue.put(None)
 
     def join(self) -> None:
         self.thread.join()

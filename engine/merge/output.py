@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.checkpoint.format import TensorPlan, build_header
 from engine.checkpoint.writer import StreamingWriter, partial_path
+from engine.durable import write_json_atomic
 
 SIDECAR_VERSION = 1
 
@@ -71,7 +72,8 @@ class _ChunkedWriter(StreamingWriter):
 
 
 class OutputStream:
-    def __init__(self, target: Path, plans: list[TensorPlan], metadata: dict[str, str], fingerprint: str):
+    def __init__(self, target: Path, plans: list[TensorPlan], metadata: dict[str, str], fingerprint: str,
+                 drop_cache: bool = True):
         self.target = target
         self.writer = _ChunkedWriter(target, plans, metadata)
         self.fingerprint = fingerprint
@@ -82,7 +84,7 @@ class OutputStream:
         self.bytes_written = 0
         self.synced_tensors = 0
         self._dropped = 0  # output bytes already dropped from the page cache
-        self.drop_cache = True  # see merge_io.drop_cache_wanted
+        self.drop_cache = drop_cache  # drop written pages from the page cache (see io.drop_cache_wanted)
 
     @property
     def header_bytes(self) -> bytes:
@@ -157,7 +159,7 @@ class OutputStream:
         if self.drop_cache:
             self._drop_written()
         n = self.writer.tensors_written
-        _write_json_atomic(sidecar_path(self.target), {
+        write_json_atomic(sidecar_path(self.target), {
             "version": SIDECAR_VERSION,
             "fingerprint": self.fingerprint,
             "tensors_written": n,
@@ -214,13 +216,6 @@ def _named(e: OSError, path: Path) -> OSError:
     return OSError(e.errno, e.strerror or str(e), str(path))
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def plan_fingerprint(plan, format_version: int) -> str:
@@ -230,7 +225,7 @@ def plan_fingerprint(plan, format_version: int) -> str:
     doc = {
         "format": format_version,
         "files": [[str(f.path), f.size, f.mtime_ns] for f in plan.files],
-        "nodes": [[n.kind, n.key, list(n.shape), n.acc, n.dtype, n.check_finite, list(n.factors),
+        "nodes": [[n.kind, n.key, list(n.shape), n.dtype, n.check_finite, list(n.factors),
                    [[s.file, s.key, s.dtype, s.offset, s.weight] for s in n.sources]] for n in plan.nodes],
         "steps": [[s.key, s.nodes] for s in plan.steps],
         "outputs": [[str(o.path), hashlib.sha256(build_header(o.tensors, o.metadata)).hexdigest(), o.nodes]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine.checkpoint.architectures import Architecture
 from engine.checkpoint.format import TensorInfo, TensorPlan, canonical_order, read_header
+from engine.checkpoint.keys import is_fp8_scale, normal_name, stored_variants
 from engine.library.report import CHECKPOINT, Severity
 from engine.plan.model import ARANGE, COPY, MEAN, OUTPUT_DTYPE, MergePlan, Node, OutputPlan, Source, SourceFile, Step
 
@@ -72,9 +73,9 @@ class Builder:
         nid = self.node_ids.get(ident)
         if nid is None:
             shape = sources[0].shape if sources else self.arch.tensors[key].shape
-            acc, factors = exact_factors(sources) if kind == MEAN else ("F32", (1.0,) * len(sources))
+            factors = exact_factors(sources) if kind == MEAN else (1.0,) * len(sources)
             nid = len(self.nodes)
-            self.nodes.append(Node(nid, kind, key, shape, tuple(sources), check, acc, dtype, factors))
+            self.nodes.append(Node(nid, kind, key, shape, tuple(sources), check, dtype, factors))
             self.node_ids[ident] = nid
         return nid
 
@@ -142,8 +143,8 @@ class Builder:
         if key in self.arch.tensors:
             return report.key_map.get(key)
         # a key the architecture lacks: matched by its stored name, prefix renamings undone
-        for variant in (key, *_extra_variants(key)):
-            if variant in self.headers[mid] and _normal_extra_name(self.arch, variant) == key:
+        for variant in stored_variants(key):
+            if variant in self.headers[mid] and normal_name(self.arch, variant) == key:
                 return variant
         return None
 
@@ -153,8 +154,8 @@ class Builder:
         seen: dict[str, None] = {}
         for m in models:
             for stored in self.p.reports[m].extra_keys:
-                name = _normal_extra_name(self.arch, stored)
-                if comp.owns(name) and not _is_fp8_scale(name):
+                name = normal_name(self.arch, stored)
+                if comp.owns(name) and not is_fp8_scale(name):
                     seen.setdefault(name, None)
         return sorted(seen)
 
@@ -196,10 +197,10 @@ class Builder:
         first = models[0]
         ema = scales = 0
         for stored in self.p.reports[first].extra_keys:
-            name = _normal_extra_name(self.arch, stored)
+            name = normal_name(self.arch, stored)
             if self.arch.component_of(name) is not None or name in names:
                 continue
-            if _is_fp8_scale(name):
+            if is_fp8_scale(name):
                 scales += 1
                 continue
             ema += name.startswith("model_ema.")
@@ -251,8 +252,8 @@ class Builder:
         return steps
 
 
-def exact_factors(sources: list[Source]) -> tuple[str, tuple[float, ...]]:
-    """Accumulator dtype and per-source multipliers of a weighted mean.
+def exact_factors(sources: list[Source]) -> tuple[float, ...]:
+    """Per-source multipliers of a weighted mean (summed in fp64).
 
     Weights are taken as the decimals the user wrote (0.3 is 3/10, not the binary double nearest
     it) and scaled to the smallest integers with the same ratios (0.3, 1.7, 5 -> 3, 17, 50): the
@@ -265,35 +266,21 @@ def exact_factors(sources: list[Source]) -> tuple[str, tuple[float, ...]]:
 
 
 @lru_cache(maxsize=256)
-def _exact_factors(pairs: tuple[tuple[float, str], ...]) -> tuple[str, tuple[float, ...]]:
+def _exact_factors(pairs: tuple[tuple[float, str], ...]) -> tuple[float, ...]:
     weights = [Fraction(repr(w)) for w, _ in pairs]
     scale = math.lcm(*(w.denominator for w in weights))
     ints = [int(w * scale) for w in weights]
     widest = max(_SOURCE_BITS.get(d, 53) for _, d in pairs)
     if all(_significant_bits(k) <= 53 - widest for k in ints) and sum(ints) < 2**53:
-        return "F64", tuple(float(k) for k in ints)
-    return "F64", tuple(w for w, _ in pairs)
+        return tuple(float(k) for k in ints)
+    return tuple(w for w, _ in pairs)
 
 
 def _significant_bits(k: int) -> int:
     return (k >> ((k & -k).bit_length() - 1)).bit_length() if k else 0
 
 
-def _normal_extra_name(arch: Architecture, stored: str) -> str:
-    """Undo an extra/missing ``model.`` prefix on a key the architecture does not know."""
-    if stored.startswith("model.") and arch.component_of(stored) is None and arch.component_of(stored[6:]):
-        return stored[6:]
-    if stored.startswith("diffusion_model."):
-        return "model." + stored
-    return stored
 
 
-def _extra_variants(name: str) -> list[str]:
-    out = ["model." + name]
-    if name.startswith("model.diffusion_model."):
-        out.append(name[len("model."):])
-    return out
 
 
-def _is_fp8_scale(key: str) -> bool:
-    return key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input"))

@@ -17,6 +17,7 @@ from engine.checkpoint.architectures import architectures
 from engine.checkpoint.writer import partial_path
 from engine.library.report import CHECKPOINT, Severity
 from engine.merge.devices import device_problem
+from engine.plan.provenance import PROVENANCE_KEYS, cached_hashes, pin_problem
 
 # Problems after which nodes cannot be built (a reference to something that does not exist).
 STRUCTURAL = frozenset({
@@ -25,9 +26,6 @@ STRUCTURAL = frozenset({
 })
 
 _HEX = re.compile(r"^[0-9a-f]+$")
-# Metadata keys the merge writes itself; a [metadata] entry may not replace them.
-PROVENANCE_KEYS = frozenset({"sd_merge_recipe", "sd_merge_models", "astolfo.recipe", "astolfo.sources",
-                             "astolfo.version", "astolfo.outputs"})
 
 
 def check_settings(p, r) -> None:
@@ -140,8 +138,6 @@ def check_models(p, r, used: list[str]):
 def check_hashes(p, r, used: list[str]) -> dict:
     """Hashes the catalog already has (no file is read): pins are checked against them, and
     NaN/Inf counts of the components used are reported before any merging."""
-    from engine.plan.provenance import cached_hashes
-
     hashes = cached_hashes([p.recipe.model_path(m) for m in used], used)
     components_used: dict[str, set[str]] = {}
     for out in r.outputs:
@@ -154,9 +150,10 @@ def check_hashes(p, r, used: list[str]) -> dict:
         if pin and h is None:
             p.note(f"model {m}: pinned hash not checked yet (file not in the hash cache); "
                    "the merge hashes it before writing anything", m, code="pin_unverified")
-        elif pin and not h.sha256.startswith(pin):
-            p.error(f"model {m}: {r.model_path(m)} has SHA256 {h.sha256[:10]}..., the recipe pins {pin}: "
-                    "the file was replaced or renamed", m, code="pin_mismatch")
+        elif pin:
+            mismatch = pin_problem(m, r.model_path(m), pin, h.sha256)
+            if mismatch:
+                p.error(mismatch, m, code="pin_mismatch")
         if h is None:
             continue
         for cid in sorted(components_used.get(m, ())):

@@ -81,9 +81,8 @@ class Node:
     shape: tuple[int, ...]
     sources: tuple[Source, ...]
     check_finite: bool  # stop (or skip, with skip_nan) on NaN/Inf in a source
-    acc: str = "F64"  # accumulator dtype of a mean (see plan_build.exact_factors)
     dtype: str | None = None  # fixed output dtype (copies of buffers, arange); None: the output's
-    factors: tuple[float, ...] = ()  # multiplier of each source in the sum (see plan_build.exact_factors)
+    factors: tuple[float, ...] = ()  # multiplier of each source in the sum (see plan.build.exact_factors)
 
     @property
     def numel(self) -> int:
@@ -147,7 +146,3 @@ class MergePlan:
     def bytes_to_write(self) -> int:
         """Tensor data of every output (headers add a few hundred KB)."""
         return sum(o.data_bytes for o in self.outputs)
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity >= Severity.WARNING]

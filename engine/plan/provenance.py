@@ -93,8 +93,17 @@ def compute_hashes(reports: list, on_progress: Callable[[int, int], None] | None
     return out
 
 
-def pin_matches(pin: str, sha256: str) -> bool:
-    return sha256.lower().startswith(pin.lower())
+# Metadata keys the merge writes itself; a recipe's [metadata] entry may not replace them.
+PROVENANCE_KEYS = frozenset({"sd_merge_recipe", "sd_merge_models", "astolfo.recipe", "astolfo.sources",
+                             "astolfo.version", "astolfo.outputs"})
+
+
+def pin_problem(model_id: str, path, pin: str | None, sha256: str | None) -> str | None:
+    """The message for a file whose SHA256 is not the one its recipe pins (full or AutoV2
+    prefix); None when it matches or when either is unknown."""
+    if not pin or sha256 is None or sha256.lower().startswith(pin.lower()):
+        return None
+    return f"model {model_id}: {path} has SHA256 {sha256[:10]}..., the recipe pins {pin}: the file was replaced or renamed"
 
 
 def plan_hashes(plan, on_stage: Callable[[str], None], on_progress: Callable[[int, int], None] | None,
@@ -113,9 +122,9 @@ def pin_mismatch(plan, hashes: dict) -> tuple[str, str] | None:
     """(model id, message) for the first source whose hash differs from its pin, or None."""
     for f in plan.files:
         h = hashes.get(f.model_id)
-        if f.sha256_pin and h is not None and not pin_matches(f.sha256_pin, h.sha256):
-            return f.model_id, (f"model {f.model_id}: {f.path} has SHA256 {h.sha256[:10]}..., the recipe pins "
-                                f"{f.sha256_pin}: the file was replaced or renamed")
+        message = pin_problem(f.model_id, f.path, f.sha256_pin, h.sha256 if h else None)
+        if message:
+            return f.model_id, message
     return None
 
 
@@ -125,8 +134,6 @@ def pin_mismatch(plan, hashes: dict) -> tuple[str, str] | None:
 def build_metadata(plan, output, hashes: dict) -> dict[str, str]:
     """The ``__metadata__`` of ``output`` (an OutputPlan of ``plan``); ``hashes``: model id ->
     FileHashes for every source file."""
-    from engine.plan.checks import PROVENANCE_KEYS
-
     recipe, arch = plan.recipe, plan.arch
     used = _models_used(plan, output)
     meta: dict[str, str] = {

@@ -6,9 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
 # Component ids an [[output]] may name, over all known architectures.
-COMPONENT_IDS = ("unet", "te0", "te1", "te", "vae")
 
 
 class RecipeError(Exception):

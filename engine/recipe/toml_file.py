@@ -45,7 +45,8 @@ import re
 import tomllib
 from pathlib import Path, PurePath
 
-from engine.recipe.model import COMPONENT_IDS, ModelEntry, OutputSpec, Recipe, RecipeError
+from engine.checkpoint.architectures import component_ids
+from engine.recipe.model import ModelEntry, OutputSpec, Recipe, RecipeError
 
 # Keys each table accepts; anything else is a structural problem (a typo like `skip_nans` must
 # not be silently ignored).
@@ -212,8 +213,8 @@ class _Parser:
             for key, v in table.items():
                 if key in OUTPUT_KEYS:
                     continue
-                if key not in COMPONENT_IDS:
-                    self.bad(f"{where}: unknown key {key!r} (components: {', '.join(COMPONENT_IDS)};"
+                if key not in component_ids():
+                    self.bad(f"{where}: unknown key {key!r} (components: {', '.join(component_ids())};"
                              f" settings: {', '.join(OUTPUT_KEYS)})")
                 elif not isinstance(v, str):
                     self.bad(f"{where}.{key}: expected a selection name, got {_toml_type(v)}")

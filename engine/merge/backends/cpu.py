@@ -9,7 +9,8 @@ import threading
 import torch
 
 from engine.checkpoint.format import DTYPES
-from engine.merge.arithmetic import Bad, Kernel, _node_parts, _view, arange_values
+from engine.merge.arithmetic import Kernel, _node_parts, _view, arange_values
+from engine.merge.backends.base import Bad
 from engine.merge.layout import Item, Segment
 from engine.plan.model import ARANGE, COPY, MergePlan
 
@@ -103,7 +104,7 @@ class CpuBackend:
             if node.kind == COPY:
                 finite = k.copy(views[0][a:b], parts, node.check_finite)
             else:
-                finite = k.mean([v[a:b] for v in views], factors, node.acc, parts)
+                finite = k.mean([v[a:b] for v in views], factors, parts)
             if finite is not None and not bool(finite):
                 culprits = [(s.file, s.key) for s, v in zip(kept, views) if not k.finite(v[a:b])]
                 return Bad(seg, ns.node, culprits)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.checkpoint.format import DTYPES
-from engine.merge.arithmetic import Bad, Kernel, _node_parts, _view, arange_values
+from engine.merge.arithmetic import Kernel, _node_parts, _view, arange_values
+from engine.merge.backends.base import Bad
 from engine.merge.layout import Item, Segment
 from engine.plan.model import ARANGE, COPY, MergePlan
 
@@ -78,7 +79,7 @@ class CudaBackend:
         views = [_view(din, s.buf_offset, s.nbytes, s.dtype) for s in kept]
         if node.kind == COPY:
             return self.kernel.copy(views[0], outs, node.check_finite)
-        return self.kernel.mean(views, factors, node.acc, outs)
+        return self.kernel.mean(views, factors, outs)
 
     def finish(self, pending: _Pending) -> list[Bad]:
         pending.done.synchronize()

@@ -24,7 +24,7 @@ from engine.plan.planner import build_plan
 from engine.recipe.toml_file import load_recipe
 from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs the real CLI, with the engine slowed down through its event callback (tiny buffers, an
 # event per item, a short sleep per event) so that a signal can land in the middle of a merge.
