@@ -1,5 +1,5 @@
 """Feeds hash results to the grid as they arrive: cached files at once (no data read), then each
-remaining file as ``engine.catalog.Catalog.hash_file`` finishes it, with the relations
+remaining file as ``engine.hashes.catalog.Catalog.hash_file`` finishes it, with the relations
 (identical-component groups, "=sd") recomputed by the catalog's own functions each time.
 
 Runs in a worker thread; the callbacks hand results to the UI thread.

@@ -2,7 +2,7 @@
 the single VAE source, and the recipe settings around them (name, outputs, dtype, device).
 
 A plain class with no Textual in it, so it is tested directly; it converts to and from
-``engine.recipe.Recipe``, which is what gets saved, checked and merged.
+``engine.recipe.model.Recipe``, which is what gets saved, checked and merged.
 """
 
 from __future__ import annotations

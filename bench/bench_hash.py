@@ -1,4 +1,4 @@
-"""Hashing throughput: ``engine.hashing.hash_file`` against ``cat FILE > /dev/null`` (the rate the
+"""Hashing throughput: ``engine.hashes.hasher.hash_file`` against ``cat FILE > /dev/null`` (the rate the
 file can be read) and against SHA256 alone (hashlib over the file: the floor for any tool that
 reports a SHA256), on the same files in the same run.
 

@@ -2,7 +2,7 @@
 checkpoints (real key set, shapes shrunk by 256), the real app under ``run_test``.
 
 Measured side by side in one run:
-- scan: ``engine.scan.scan`` of the folder (headers only), with the report cache empty and warm;
+- scan: ``engine.library.scan.scan`` of the folder (headers only), with the report cache empty and warm;
 - open: app start until every row is in the grid (scan included, hashing not waited for), on
   a first visit (report cache empty) and on a reopen (unchanged files come from the cache);
 - toggle: one space press until the cell and the header total are updated (``update_cell``),
@@ -129,7 +129,7 @@ def main() -> None:
     timings.update(scans)
     med = {k: statistics.median(v) * 1000 for k, v in timings.items()}
     rows = [
-        ("scan, every header read (engine.scan, no cache)", med["scan_cold"], "the engine's share of a first visit"),
+        ("scan, every header read (engine.library.scan, no cache)", med["scan_cold"], "the engine's share of a first visit"),
         ("scan, unchanged files from the report cache", med["scan"], "the engine's share of a reopen"),
         ("first visit: app start until every row is in the grid", med["cold"], "report cache empty"),
         ("reopen: app start until the first rows show", med["first"], "rows stream in while the scan goes on"),

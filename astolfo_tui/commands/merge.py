@@ -105,7 +105,7 @@ def parse_rate(text: str) -> float:
 
 
 def detach(recipe_path: Path, out: "_Output", read_limit: float | None, json_ids: bool) -> int:
-    """Start the merge as a detached job (``engine.jobs.start_job``, the TUI's launch path too)
+    """Start the merge as a detached job (``engine.jobs.launch.start_job``, the TUI's launch path too)
     and print its id on stdout at once: ``id=$(astolfo merge r.toml --detach)`` works."""
     from engine.jobs.launch import JobError, start_job
 

@@ -1,4 +1,4 @@
-"""Every merge job on this machine, running and finished (``engine.jobs.list_jobs``); enter opens
+"""Every merge job on this machine, running and finished (``engine.jobs.launch.list_jobs``); enter opens
 the dashboard on one, which reattaches to a running job."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The merge dashboard.
 
 Before launch: what will be merged (models per component per output), bytes to read and write,
-free disk, an estimated time, and every problem ``engine.plan.check_recipe`` finds. Launch saves
-the recipe and calls ``engine.jobs.start_job`` — the detached job that ``astolfo merge --detach``
+free disk, an estimated time, and every problem ``engine.plan.planner.check_recipe`` finds. Launch saves
+the recipe and calls ``engine.jobs.launch.start_job`` — the detached job that ``astolfo merge --detach``
 starts — so closing the app leaves it running. Then: overall and per-output progress, throughput
 with a sparkline, ETA, the current tensor, GPU and host memory, and the log tail, all folded from
 the job's event stream; cancel asks first.

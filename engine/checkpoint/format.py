@@ -1,5 +1,5 @@
-"""The safetensors file format: a header parser that trusts nothing, a reader that reads one
-tensor by key, and a writer that streams tensors after a header computed up front.
+"""The safetensors file format: dtypes, a header parser that trusts nothing, and the header a
+writer puts in front of tensors it will stream (``reader`` and ``writer`` beside this use it).
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the
 data section. The JSON maps each tensor key to ``{"dtype", "shape", "data_offsets": [begin, end]}``

@@ -1,7 +1,7 @@
 """Detached merge jobs: merges that outlive the terminal (and the SSH connection) that started them.
 
 ``start_job(recipe)`` validates the recipe, makes a job folder (see ``job_store``), and starts
-``python -m engine.job_runner JOBDIR`` in a session of its own, with no terminal: stdin from
+``python -m engine.jobs.runner JOBDIR`` in a session of its own, with no terminal: stdin from
 /dev/null, stdout and stderr to the job log. When the terminal goes away (sshd closes the
 pseudo-terminal and the kernel sends SIGHUP to that session) the job is not in that session and
 goes on. The CLI's ``astolfo merge --detach`` and the TUI's launch button both call it.
@@ -329,7 +329,7 @@ def _resolved_outputs(recipe: Recipe) -> list[Path]:
 
 def start_job(recipe_path: str | os.PathLike, read_limit: float | None = None) -> Job:
     """Validate ``recipe_path`` and start merging it in a detached process; returns at once.
-    ``read_limit``: bytes per second the merge may read (``engine.merge.execute``), kept for a
+    ``read_limit``: bytes per second the merge may read (``engine.merge.run.execute``), kept for a
     resume too.
 
     Raises RecipeError / PlanError (with every problem) for a recipe that cannot be merged, and

@@ -1,6 +1,6 @@
-"""The process that runs one detached job: ``python -m engine.job_runner JOBDIR [--resume]``.
+"""The process that runs one detached job: ``python -m engine.jobs.runner JOBDIR [--resume]``.
 
-``engine.jobs`` starts it in a session of its own with no terminal, stdout and stderr going to the
+``engine.jobs.launch`` starts it in a session of its own with no terminal, stdout and stderr going to the
 job log. It merges the job's recipe copy, appends the merge's events to events.jsonl and records
 the outcome in job.json. SIGTERM or SIGINT (``astolfo cancel``) and the job folder's ``cancel``
 flag set the merge's cancel event, so the merge stops cleanly and leaves no output; SIGHUP is
@@ -177,7 +177,7 @@ def _install_signal_handlers(cancel: threading.Event) -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.job_runner", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.jobs.runner", description=__doc__.splitlines()[0])
     parser.add_argument("job_dir", type=Path)
     parser.add_argument("--resume", action="store_true", help="continue from the partial output of an earlier run")
     parser.add_argument("--lock-fds", default="", help="fds of locks taken by the launcher (internal)")

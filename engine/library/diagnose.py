@@ -59,7 +59,7 @@ MODEL_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES
 
 OK, WARNING, ERROR = Severity.OK, Severity.WARNING, Severity.ERROR
 
-# Written by engine.synth; real files are judged by their shapes alone.
+# Written by engine.synth.checkpoints; real files are judged by their shapes alone.
 SCALE_METADATA_KEY = "astolfo.synthetic_scale"
 
 # Top-level noise diffusion schedule buffers that ldm-era trainers save with the model.

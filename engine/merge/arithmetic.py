@@ -14,10 +14,7 @@
 A NaN or Inf in any source makes the sum non-finite; the kernel returns that flag (a 0-dim
 tensor, so the GPU need not synchronise) and the backend then finds which source it was.
 
-``CpuBackend`` computes items on worker threads (one per core, one torch thread each), walking
-each slice in sub-chunks that stay in cache. ``CudaBackend`` copies an item's read buffer (pinned host memory) to the GPU on a
-copy stream, computes on a compute stream, copies the results back to a pinned output buffer
-and lets the caller collect them one item later, so transfers, compute and file I/O overlap.
+The backends (``backends/cpu.py``, ``backends/cuda.py``) run this per node of an item.
 """
 
 from __future__ import annotations

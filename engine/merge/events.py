@@ -151,8 +151,12 @@ def event_from_dict(d: dict[str, Any]) -> Event:
         cls = EVENT_TYPES[d["type"]]
     except KeyError:
         raise ValueError(f"unknown event type {d.get('type')!r}") from None
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in d.items() if k in names}
+    kwargs = _known_fields(cls, d)
     if cls is Progress:
-        kwargs["outputs"] = [OutputProgress(**o) for o in kwargs.get("outputs", [])]
+        kwargs["outputs"] = [OutputProgress(**_known_fields(OutputProgress, o)) for o in kwargs.get("outputs", [])]
     return cls(**kwargs)
+
+
+def _known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}

@@ -16,7 +16,7 @@ class Tuning:
     read_buffers: int = 4
     out_buffers: int = 3
     readers: int = 1
-    workers: int = 0  # CPU compute threads; 0: one per core, at most merge_compute.MAX_WORKERS
+    workers: int = 0  # CPU compute threads; 0: one per core, at most backends.cpu.MAX_WORKERS
     sub_elems: int = 1 << 17  # CPU: elements per pass (1 MB of fp64: stays in L2)
     sync_bytes: int = 256 << 20
     sync_seconds: float = 5.0

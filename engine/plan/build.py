@@ -1,7 +1,7 @@
 """Building a merge plan from a checked recipe: nodes (what to compute), their exact weight
 factors, outputs in canonical order, and steps (nodes grouped by key so each source tensor is
 read once). Problems found on the way (shapes that differ, missing keys) go to the planner.
-See ``engine.plan`` for the vocabulary."""
+See ``plan.model`` for the vocabulary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The checks ``engine.plan`` runs before building a plan, each adding ``Problem`` values to the
+"""The checks ``plan.planner`` runs before building a plan, each adding ``Problem`` values to the
 planner so that one run lists every problem of a recipe: settings, model files and components,
 pinned hashes and NaN counts known to the catalog, output paths and free disk space."""
 

@@ -1,9 +1,6 @@
-"""From a recipe to a merge plan: every problem found at once, then what to compute and write.
-
-``check_recipe`` reports every problem of a recipe (unknown ids, unreadable files, missing or
-broken components, shapes that differ inside a selection, outputs that would overwrite an input
-or do not fit on the disk, pinned hashes that do not match) as a list of ``Problem`` values.
-``build_plan`` does the same checks and, when nothing is an error, returns a ``MergePlan``:
+"""The merge plan's data model (a leaf: it imports no other part of the plan). ``Problem`` is
+what the checks report; a ``MergePlan`` is what ``plan.planner.build_plan`` returns when no
+problem is an error:
 
 - **nodes**: one per distinct tensor to compute. A node is the weighted mean of one key over
   the models of a selection that have it (``mean``), one model's tensor (``copy``: one-model
@@ -14,7 +11,7 @@ or do not fit on the disk, pinned hashes that do not match) as a list of ``Probl
   each source tensor it needs once and feeds every node that uses it.
 - **outputs**: per file, its tensors in safetensors' canonical order and the node of each.
 
-The merge itself (``engine.merge.execute``) only follows the plan.
+The merge itself (``engine.merge.run.execute``) only follows the plan.
 """
 
 from __future__ import annotations

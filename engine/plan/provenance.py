@@ -72,7 +72,7 @@ def cached_hashes(paths: list[Path], model_ids: list[str]) -> dict:
 def compute_hashes(reports: list, on_progress: Callable[[int, int], None] | None,
                    cancel: threading.Event | None) -> dict:
     """model id -> FileHashes for ``reports`` (ModelReports), hashing what the catalog lacks and
-    storing the results. Raises HashCancelled / HashError from engine.hashing."""
+    storing the results. Raises HashCancelled / HashError from engine.hashes.model."""
     catalog = _open_catalog()
     if catalog is not None:
         try:

@@ -4,7 +4,7 @@ The TUI writes recipes with ``recipe_to_toml`` and the merge reads them with ``l
 ``parse_recipe(recipe_to_toml(r), r.base_dir) == r`` for every recipe, so nothing is lost on the
 way. Parsing checks only the file's structure (TOML syntax, known keys, value types) and reports
 every structural problem at once; whether ids, files, components and outputs make sense is the
-planner's job (``engine.plan.check_recipe``), which also reports every problem at once.
+planner's job (``engine.plan.planner.check_recipe``), which also reports every problem at once.
 
 Format::
 

@@ -1,4 +1,4 @@
-"""engine.catalog: the SQLite hash cache on real files, and the relations computed from hashes."""
+"""engine.hashes.catalog: the SQLite hash cache on real files, and the relations computed from hashes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""engine.hashing against independent computations on the same bytes: hashlib for file hashes,
+"""engine.hashes.hasher against independent computations on the same bytes: hashlib for file hashes,
 the safetensors library + blake3 for component hashes, numpy for the toolkit metric."""
 
 from __future__ import annotations

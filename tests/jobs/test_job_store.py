@@ -1,4 +1,4 @@
-"""engine.job_store: process identity that survives pid reuse, output locks held by processes,
+"""engine.jobs.store: process identity that survives pid reuse, output locks held by processes,
 atomic job.json. Real processes, real files."""
 
 from __future__ import annotations

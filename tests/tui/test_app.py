@@ -199,3 +199,20 @@ async def test_fast_toggle_draws_what_a_rebuild_draws(demo_dir):
         put_cursor(grid, "_x00", "id")
         await pilot.pause(0.1)
         assert app.export_screenshot() == fast
+
+
+async def test_fast_toggle_uses_datatable_internals_without_falling_back(demo_dir, monkeypatch):
+    """redraw_cell leans on DataTable's private caches (textual is pinned in pyproject to the
+    range this was checked with); if textual changes them this fails instead of silently
+    falling back to the slow full redraw."""
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot)
+        grid = _grid(app)
+        fell_back = []
+        monkeypatch.setattr(grid, "update_cell", lambda *a, **k: fell_back.append(a))
+        put_cursor(grid, "_x01", SEL + "te0")
+        await pilot.pause()
+        await pilot.press("space")
+        await pilot.pause()
+        assert fell_back == []
