@@ -153,13 +153,14 @@ def main() -> int:
             "~393 KiB), one in ten with a deviation (renamed keys, drifted position_ids, pruned layer, EMA).",
             f"Medians of {args.repeat} interleaved runs on a machine shared with other engineers' work",
             f"(1-minute load average {load_before:.1f} before, {load_after:.1f} after)."
-            + (" \"cold\": page cache dropped before each step." if "cold" in results else ""),
+            + (' "cold": page cache dropped before each step.' if "cold" in results else ""),
             "",
             f"Machine: {machine()}.",
             "",
             *md,
             "",
-            f"Scanning {n} files took {scan_ms:,.0f} ms wall, {scan_cpu_ms:,.0f} ms of CPU ({scan_cpu_ms / n:.1f} ms per file): the",
+            f"Scanning {n} files took {scan_ms:,.0f} ms wall, {scan_cpu_ms:,.0f} ms of CPU "
+            f"({scan_cpu_ms / n:.1f} ms per file): the",
             "CPU column is the cost on an idle machine; wall includes waiting for the shared cores. Reading a header",
             "builds ~15,000 small Python objects; the cyclic GC is paused while they are built (with torch",
             "imported, its collections walked torch's whole object graph and made parsing 3-4x slower).",

@@ -50,7 +50,9 @@ async def measure(folder: Path, n: int, repeats: int) -> dict[str, list[float]]:
     from astolfo_tui.widgets.selection_grid import SEL, SelectionGrid
     from engine.library.report_cache import default_path as report_cache_path
 
-    out: dict[str, list[float]] = {k: [] for k in ("cold", "first", "open", "whole", "build", "noop", "toggle", "update_cell", "rebuild", "column")}
+    out: dict[str, list[float]] = {
+        k: [] for k in ("cold", "first", "open", "whole", "build", "noop", "toggle", "update_cell", "rebuild", "column")
+    }
     streaming = library.STREAM_FIRST_S
     for _ in range(repeats):  # the two ways of opening, interleaved so that load hits both alike
         for variant in ("cold", "whole", "open"):
@@ -129,7 +131,11 @@ def main() -> None:
     timings.update(scans)
     med = {k: statistics.median(v) * 1000 for k, v in timings.items()}
     rows = [
-        ("scan, every header read (engine.library.scan, no cache)", med["scan_cold"], "the engine's share of a first visit"),
+        (
+            "scan, every header read (engine.library.scan, no cache)",
+            med["scan_cold"],
+            "the engine's share of a first visit",
+        ),
         ("scan, unchanged files from the report cache", med["scan"], "the engine's share of a reopen"),
         ("first visit: app start until every row is in the grid", med["cold"], "report cache empty"),
         ("reopen: app start until the first rows show", med["first"], "rows stream in while the scan goes on"),
@@ -139,17 +145,30 @@ def main() -> None:
         ("key press that does nothing (Pilot's own waits)", med["noop"], "baseline for the next two rows"),
         ("space: toggle one cell, screen redrawn", med["toggle"], "only the changed cell and total re-render"),
         (f"c: toggle a whole column ({args.models} cells), screen redrawn", med["column"], ""),
-        ("toggle call alone (the cell and its column total)", med["update_cell"], "rendering happens on the next frame"),
-        ("same change by rebuilding the table", med["rebuild"], f"{med['rebuild'] / med['update_cell']:.0f}x the toggle call"),
+        (
+            "toggle call alone (the cell and its column total)",
+            med["update_cell"],
+            "rendering happens on the next frame",
+        ),
+        (
+            "same change by rebuilding the table",
+            med["rebuild"],
+            f"{med['rebuild'] / med['update_cell']:.0f}x the toggle call",
+        ),
     ]
-    machine = (f"{platform.node() or 'this machine'}: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
-               f"Python {platform.python_version()}, load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
-               "(other work on the machine shows up in every row)")
+    machine = (
+        f"{platform.node() or 'this machine'}: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, load average {load_before:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end "
+        "(other work on the machine shows up in every row)"
+    )
     lines = [
         SECTION,
         "",
-        f"`python bench/bench_tui.py --models {args.models}` — {args.models} synthetic SDXL files (full key set, 1/256 shapes), "
-        f"the real app under Textual's run_test at 160x48, median of {args.repeats} opens each way / 10 key presses / 4 column toggles. "
+        f"`python bench/bench_tui.py --models {args.models}` — {args.models} synthetic SDXL files "
+        "(full key set, 1/256 shapes), "
+        f"the real app under Textual's run_test at 160x48, median of {args.repeats} opens each way / "
+        "10 key presses / 4 column toggles. "
         f"Machine: {machine}.",
         "",
         "| what | ms | note |",

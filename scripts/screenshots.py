@@ -42,9 +42,20 @@ def to_png(svg: Path, browser: str) -> Path | None:
     png = svg.with_suffix(".png")
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
-            browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-            f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}", svg.as_uri(),
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            f"--window-size={width},{height}",
+            svg.as_uri(),
         ]
         subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=False)
     return png if png.exists() else None
@@ -131,7 +142,11 @@ async def shoot_merge(big: Path, out: Path) -> list[Path]:
         await wait_for(pilot, lambda: getattr(app.screen, "plan", None) is not None)
         await pilot.press("l")
         screen = app.screen
-        await wait_for(pilot, lambda: screen.job is not None and screen.view.stage == "merging" and screen.view.fraction > 0.55, timeout=600)
+        await wait_for(
+            pilot,
+            lambda: screen.job is not None and screen.view.stage == "merging" and screen.view.fraction > 0.55,
+            timeout=600,
+        )
         app.clear_notifications()
         await pilot.pause(0.1)
         shots.append(save(app, out, "merge-running"))

@@ -13,7 +13,13 @@ from textual.widgets import Static
 
 def _legend() -> Table:
     """What the grid's marks mean."""
-    table = Table(box=None, show_header=False, padding=(0, 2), title=Text("In the grid", style="bold #7aa2f7"), title_justify="left")
+    table = Table(
+        box=None,
+        show_header=False,
+        padding=(0, 2),
+        title=Text("In the grid", style="bold #7aa2f7"),
+        title_justify="left",
+    )
     table.add_column(no_wrap=True, min_width=22)
     table.add_column()
     rows = [
@@ -22,7 +28,10 @@ def _legend() -> Table:
         (Text("✗", style="#f7768e"), "cannot be ticked: the component is broken or missing (the details say why)"),
         (Text("◉ ○", style="bold #9ece6a"), "the VAE source (one model)"),
         (Text("=19", style="#9ece6a"), "how many models a selection has"),
-        (Text("#te0 3630852f", style="italic"), "short component hash; the same colour in a column = the identical component"),
+        (
+            Text("#te0 3630852f", style="italic"),
+            "short component hash; the same colour in a column = the identical component",
+        ),
         (Text("m:te0 0000", style="italic"), "the model-toolkit metric: 0000 is the original SD CLIP/VAE"),
         (Text("=sd", style="bold #7dcfff"), "same text encoders as SDXL base (or a model you marked with =)"),
         (Text("✓ ! ✗", style="bold"), "file status: fine / warnings (still mergeable) / errors"),
@@ -38,7 +47,9 @@ def _key_name(binding: Binding) -> str:
 
 
 def bindings_table(title: str, bindings) -> Table:
-    table = Table(title=Text(title, style="bold #7aa2f7"), title_justify="left", box=None, show_header=False, padding=(0, 2))
+    table = Table(
+        title=Text(title, style="bold #7aa2f7"), title_justify="left", box=None, show_header=False, padding=(0, 2)
+    )
     table.add_column(style="bold #e0af68", no_wrap=True, min_width=22)
     table.add_column()
     for b in bindings:
@@ -72,4 +83,8 @@ class HelpScreen(ModalScreen[None]):
             yield Static(bindings_table("Library", LibraryScreen.BINDINGS))
             yield Static(bindings_table("Merge dashboard", MergeScreen.BINDINGS))
             yield Static(bindings_table("Jobs", JobsScreen.BINDINGS))
-            yield Static(bindings_table("Everywhere", [*AstolfoApp.BINDINGS, Binding("ctrl+p", "", "Command palette: every action by name")]))
+            yield Static(
+                bindings_table(
+                    "Everywhere", [*AstolfoApp.BINDINGS, Binding("ctrl+p", "", "Command palette: every action by name")]
+                )
+            )

@@ -64,7 +64,11 @@ class StreamingWriter:
         plan = self.plans[self._index]
         if key != plan.key:
             raise ValueError(f"expected tensor {plan.key!r} next, got {key!r}")
-        view = memoryview(data).cast("B") if isinstance(data, (bytes, bytearray, memoryview)) else _byte_view(data.contiguous())
+        view = (
+            memoryview(data).cast("B")
+            if isinstance(data, (bytes, bytearray, memoryview))
+            else _byte_view(data.contiguous())
+        )
         if len(view) != plan.nbytes:
             raise ValueError(f"tensor {key!r}: {len(view)} bytes, header promised {plan.nbytes}")
         self._file.write(view)
@@ -120,9 +124,7 @@ def write_file(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write a whole dict of CPU tensors atomically (for small files: tests, synthetic models)."""
-    plans = canonical_order(
-        TensorPlan(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()
-    )
+    plans = canonical_order(TensorPlan(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items())
     writer = StreamingWriter(path, plans, metadata)
     writer.open()
     try:

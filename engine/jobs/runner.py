@@ -139,8 +139,9 @@ class Outcome:
     result: object = None
 
 
-def run_merge(job_dir: Path, resume: bool, on_event, cancel: threading.Event, log: IO[str],
-              read_limit: float | None = None) -> Outcome:
+def run_merge(
+    job_dir: Path, resume: bool, on_event, cancel: threading.Event, log: IO[str], read_limit: float | None = None
+) -> Outcome:
     """Merge the job's recipe; every way it can end becomes an Outcome (nothing escapes)."""
     from engine.jobs.launch import load_job_recipe
     from engine.merge.run import MergeCancelled, MergeError, execute
@@ -202,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             log_line(log, str(e))
             if not isinstance(e, store.OutputBusy):
                 return EXIT_FAILED
-            store.update_job_json(job_dir, status=FAILED, ended=store.now_iso(), exit_code=EXIT_FAILED, exit_reason=str(e))
+            store.update_job_json(
+                job_dir, status=FAILED, ended=store.now_iso(), exit_code=EXIT_FAILED, exit_reason=str(e)
+            )
             return EXIT_FAILED
 
     store.update_job_json(job_dir, status=RUNNING, **store.identify(os.getpid()).as_json())

@@ -54,7 +54,12 @@ RUNNER_LOCK = "runner.lock"
 # Recorded statuses. "died" is never recorded: it is what a recorded "starting"/"running" job
 # whose process is gone is shown as.
 STARTING, RUNNING, FINISHED, FAILED, CANCELLED, DIED = (
-    "starting", "running", "finished", "failed", "cancelled", "died",
+    "starting",
+    "running",
+    "finished",
+    "failed",
+    "cancelled",
+    "died",
 )
 ACTIVE = (STARTING, RUNNING)
 
@@ -72,7 +77,8 @@ class OutputBusy(JobError):
         self.holder = holder
         self.owner = owner
         if holder:
-            who = f"job {holder} is already writing this output (see `astolfo attach {holder}`, or `astolfo cancel {holder}`)"
+            who = (f"job {holder} is already writing this output "
+                   f"(see `astolfo attach {holder}`, or `astolfo cancel {holder}`)")
         else:
             who = f"{owner or 'another merge'} is already writing this output"
         super().__init__(f"{output}: {who}")
@@ -123,8 +129,6 @@ def create_job_dir() -> tuple[str, Path]:
 
 
 # --------------------------------------------------------------------------- job.json
-
-
 
 
 def read_job_json(job_dir: Path) -> dict:

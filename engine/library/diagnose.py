@@ -90,7 +90,12 @@ _LORA_RE = re.compile(
 )
 _LYCORIS_RE = re.compile(r"hada_w[12]_|lokr_w[12]|\.oft_(?:blocks|diag)")
 _DIFFUSERS_SEGMENTS = frozenset({"down_blocks", "up_blocks", "mid_block"})
-_DIFFUSERS_ROOTS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder", "vae": "VAE"}
+_DIFFUSERS_ROOTS = {
+    "unet": "UNet",
+    "text_encoder": "text encoder",
+    "text_encoder_2": "second text encoder",
+    "vae": "VAE",
+}
 _LAYER_RE = re.compile(r"\.(?:encoder\.layers|transformer\.resblocks)\.(\d+)\.")
 
 # modelspec.architecture values start with these for each architecture family.
@@ -312,9 +317,7 @@ def _expected_keys(arch_id: str, comp_id: str) -> frozenset[str]:
     """A component's weight keys: what must be there for it to be complete. position_ids is
     left out (many good files lack it, and merges write arange(77) anyway)."""
     arch = architectures()[arch_id]
-    return frozenset(
-        k for k in arch.components[comp_id].keys if k != arch.position_ids_key and k not in arch.buffers
-    )
+    return frozenset(k for k in arch.components[comp_id].keys if k != arch.position_ids_key and k not in arch.buffers)
 
 
 @lru_cache(maxsize=16)
@@ -432,7 +435,11 @@ def _component_status(
         add(Finding(ERROR, "component_missing", f"no {comp.label} in this file ({where})", comp.id))
         return status
     if state == PARTIAL:
-        add(_missing_keys_finding(comp, [k for k in comp.keys if k in expected and k not in match.key_map], len(expected)))
+        add(
+            _missing_keys_finding(
+                comp, [k for k in comp.keys if k in expected and k not in match.key_map], len(expected)
+            )
+        )
 
     shapes = _expected_shapes(arch.id, report.scale)
     wrong = [(k, i.shape, shapes[k]) for k, i in zip(mapped, infos) if i.shape != shapes[k]]
@@ -447,7 +454,9 @@ def _component_status(
                 comp.id,
             )
         )
-    _dtype_findings(status, comp, arch, scaled_fp8, [(k, i) for k, i in zip(mapped, infos) if k != arch.position_ids_key])
+    _dtype_findings(
+        status, comp, arch, scaled_fp8, [(k, i) for k, i in zip(mapped, infos) if k != arch.position_ids_key]
+    )
     _rename_findings(status, match, comp)
     return status
 
@@ -509,8 +518,7 @@ def _dtype_findings(status: ComponentStatus, comp: Component, arch: Architecture
             Finding(
                 WARNING,
                 "fp8_storage",
-                f"stored as {'/'.join(fp8)} (8-bit float): precision already lost; merging averages the "
-                "rounded values",
+                f"stored as {'/'.join(fp8)} (8-bit float): precision already lost; merging averages the rounded values",
                 comp.id,
             )
         )
@@ -630,18 +638,13 @@ def _position_ids_problem(path: Path, header: Header, stored: str) -> str | None
     misread = [i for i in wrong if truncated[i] != i]
     shown = (misread[-2:] + [i for i in wrong if i not in misread])[:3] if misread else wrong[:3]
     examples = ", ".join(
-        f"[{i}] = {values[i]:.6g}" + (f" (reads as {truncated[i]})" if i in misread else "")
-        for i in sorted(shown)
+        f"[{i}] = {values[i]:.6g}" + (f" (reads as {truncated[i]})" if i in misread else "") for i in sorted(shown)
     )
     reads = f"; {len(misread)} of them truncate to the wrong position" if misread else ""
     return f"position_ids corrupted by earlier merges: {len(wrong)} of 77 values are not 0..76, e.g. {examples}{reads}"
 
 
 # --------------------------------------------------------------------------- whole file
-
-
-
-
 
 
 def _describe_extras(report: ModelReport, tensors, outside: list[str]) -> None:

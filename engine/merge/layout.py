@@ -118,7 +118,9 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list
             n = stop - start
             read = sum(_align(n * DTYPES[s.dtype].itemsize) for s in step.sources)
             out = sum(_align(n * DTYPES[d].itemsize) for nid in step.nodes for d in dtypes[nid])
-            if current.segments and (current.read_bytes + read > buffer_bytes or current.out_bytes + out > buffer_bytes):
+            if current.segments and (
+                current.read_bytes + read > buffer_bytes or current.out_bytes + out > buffer_bytes
+            ):
                 items.append(current)
                 current = Item(len(items))
             current.segments.append(_segment(plan, si, start, stop, current, dtypes))

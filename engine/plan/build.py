@@ -44,8 +44,15 @@ class Builder:
         outputs = [self.output(i, spec) for i, spec in enumerate(self.r.outputs)]
         steps = self.steps(outputs)
         return MergePlan(
-            recipe=self.r, arch=self.arch, device=self.r.device, files=self.files, nodes=self.nodes,
-            steps=steps, outputs=outputs, problems=[], hashes=self.hashes,
+            recipe=self.r,
+            arch=self.arch,
+            device=self.r.device,
+            files=self.files,
+            nodes=self.nodes,
+            steps=steps,
+            outputs=outputs,
+            problems=[],
+            hashes=self.hashes,
         )
 
     def open(self, mid: str) -> None:
@@ -58,15 +65,29 @@ class Builder:
             self.p.error(f"model {mid}: {report.path}: cannot read the header: {e}", mid, code="unreadable")
             return
         self.file_index[mid] = len(self.files)
-        self.files.append(SourceFile(mid, Path(os.path.abspath(report.path)), header.file_size,
-                                     report.mtime_ns, report, self.r.models[mid].sha256))
+        self.files.append(
+            SourceFile(
+                mid,
+                Path(os.path.abspath(report.path)),
+                header.file_size,
+                report.mtime_ns,
+                report,
+                self.r.models[mid].sha256,
+            )
+        )
         self.headers[mid] = header.tensors
         self.data_start[mid] = header.data_start
 
     def source(self, mid: str, stored: str) -> Source:
         info = self.headers[mid][stored]
-        return Source(self.file_index[mid], stored, info.dtype, tuple(info.shape),
-                      self.data_start[mid] + info.begin, self.r.weight(mid))
+        return Source(
+            self.file_index[mid],
+            stored,
+            info.dtype,
+            tuple(info.shape),
+            self.data_start[mid] + info.begin,
+            self.r.weight(mid),
+        )
 
     def node(self, kind: str, key: str, sources: list[Source], check: bool, dtype: str | None = None) -> int:
         ident = (kind, key, dtype, tuple((s.file, s.key, s.weight) for s in sources))
@@ -96,8 +117,7 @@ class Builder:
             entries[key] = (self.nodes[nid].dtype or dtype, nid)
         plans = canonical_order(TensorPlan(k, d, self.nodes[n].shape) for k, (d, n) in entries.items())
         title = spec.title or Path(spec.path).stem
-        return OutputPlan(index, path, dtype, title, dict(spec.sources), plans,
-                          [entries[t.key][1] for t in plans])
+        return OutputPlan(index, path, dtype, title, dict(spec.sources), plans, [entries[t.key][1] for t in plans])
 
     def component(self, cid: str, sel: str, models: list[str], label: str):
         arch = self.arch
@@ -115,9 +135,13 @@ class Builder:
                     if s is None:
                         missing.setdefault(m, []).append(key)
             if not present:
-                self.report_once(("absent", sel, key), Severity.WARNING,
-                                 f"{key} is in no model of selection {sel!r}: {label} will not have it",
-                                 output=label, code="key_absent")
+                self.report_once(
+                    ("absent", sel, key),
+                    Severity.WARNING,
+                    f"{key} is in no model of selection {sel!r}: {label} will not have it",
+                    output=label,
+                    code="key_absent",
+                )
                 continue
             sources = [self.source(m, s) for m, s in present]
             if not self.same_shapes(sel, key, present, sources):
@@ -125,18 +149,29 @@ class Builder:
             kind = MEAN if len(sources) > 1 else COPY
             yield key, self.node(kind, key, sources, check=True)
         if extras:
-            self.report_once(("extras", sel, cid), Severity.OK,
-                             f"selection {sel!r}: {len(extras)} {cid} tensors that {arch.name} does not have "
-                             f"(e.g. {extras[0]}) are kept, averaged over the models that have them",
-                             output=label, code="extra_kept")
+            self.report_once(
+                ("extras", sel, cid),
+                Severity.OK,
+                f"selection {sel!r}: {len(extras)} {cid} tensors that {arch.name} does not have "
+                f"(e.g. {extras[0]}) are kept, averaged over the models that have them",
+                output=label,
+                code="extra_kept",
+            )
         for m, keys_missing in missing.items():
             severity = Severity.ERROR if self.r.strict else Severity.WARNING
             example = ", ".join(keys_missing[:2]) + (", ..." if len(keys_missing) > 2 else "")
-            action = ("strict = true refuses this" if self.r.strict
-                      else "those keys are averaged over the models of the selection that have them")
-            self.report_once(("missing", sel, cid, m), severity,
-                             f"model {m} lacks {len(keys_missing)} {cid} keys of selection {sel!r} ({example}); {action}",
-                             model_id=m, code="key_missing")
+            action = (
+                "strict = true refuses this"
+                if self.r.strict
+                else "those keys are averaged over the models of the selection that have them"
+            )
+            self.report_once(
+                ("missing", sel, cid, m),
+                severity,
+                f"model {m} lacks {len(keys_missing)} {cid} keys of selection {sel!r} ({example}); {action}",
+                model_id=m,
+                code="key_missing",
+            )
 
     def stored_key(self, mid: str, key: str) -> str | None:
         report = self.p.reports[mid]
@@ -163,10 +198,14 @@ class Builder:
         first = sources[0].shape
         for (m, _), s in zip(present, sources):
             if s.shape != first:
-                self.report_once(("shape", sel, present[0][0], m), Severity.ERROR,
-                                 f"selection {sel!r}: {key} is {list(first)} in {present[0][0]} but "
-                                 f"{list(s.shape)} in {m} (models of different architectures or sizes)",
-                                 model_id=m, code="shape_mismatch")
+                self.report_once(
+                    ("shape", sel, present[0][0], m),
+                    Severity.ERROR,
+                    f"selection {sel!r}: {key} is {list(first)} in {present[0][0]} but "
+                    f"{list(s.shape)} in {m} (models of different architectures or sizes)",
+                    model_id=m,
+                    code="shape_mismatch",
+                )
                 return False
         return True
 
@@ -206,20 +245,35 @@ class Builder:
             ema += name.startswith("model_ema.")
             names[name] = (first, stored)
         if ema:
-            self.report_once(("ema", first), Severity.WARNING,
-                             f"model {first}: its {ema} EMA tensors (model_ema.*) are copied unchanged into "
-                             f"{label}: they are {first}'s EMA weights, not an average", model_id=first,
-                             output=label, code="ema_copied")
+            self.report_once(
+                ("ema", first),
+                Severity.WARNING,
+                f"model {first}: its {ema} EMA tensors (model_ema.*) are copied unchanged into "
+                f"{label}: they are {first}'s EMA weights, not an average",
+                model_id=first,
+                output=label,
+                code="ema_copied",
+            )
         if scales:
-            self.report_once(("fp8-scale", first), Severity.WARNING,
-                             f"model {first}: {scales} fp8 scale factors left out of {label}: they belong to its "
-                             "fp8 weights, not to the merged ones", model_id=first, output=label,
-                             code="extra_dropped")
+            self.report_once(
+                ("fp8-scale", first),
+                Severity.WARNING,
+                f"model {first}: {scales} fp8 scale factors left out of {label}: they belong to its "
+                "fp8 weights, not to the merged ones",
+                model_id=first,
+                output=label,
+                code="extra_dropped",
+            )
         for name, (m, stored) in names.items():
             if name in entries:
-                self.report_once(("collide", name), Severity.WARNING,
-                                 f"model {m}: extra tensor {stored!r} has the name of a merged tensor; left out",
-                                 model_id=m, output=label, code="extra_collision")
+                self.report_once(
+                    ("collide", name),
+                    Severity.WARNING,
+                    f"model {m}: extra tensor {stored!r} has the name of a merged tensor; left out",
+                    model_id=m,
+                    output=label,
+                    code="extra_collision",
+                )
                 continue
             source = self.source(m, stored)
             yield name, self.node(COPY, name, [source], check=False, dtype=source.dtype)
@@ -278,9 +332,3 @@ def _exact_factors(pairs: tuple[tuple[float, str], ...]) -> tuple[float, ...]:
 
 def _significant_bits(k: int) -> int:
     return (k >> ((k & -k).bit_length() - 1)).bit_length() if k else 0
-
-
-
-
-
-

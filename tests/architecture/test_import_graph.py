@@ -61,7 +61,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state:
                 found = visit(n)
                 if found:
@@ -103,11 +103,21 @@ print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("
 """
 
 
-@pytest.mark.parametrize("module", [
-    "engine.hashes.catalog", "engine.hashes.relations", "engine.recipe.toml_file", "engine.recipe.notation",
-    "engine.plan.checks", "engine.plan.planner", "engine.library.scan", "engine.jobs.launch",
-    "astolfo_tui.app", "astolfo_tui.cli",
-])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "engine.hashes.catalog",
+        "engine.hashes.relations",
+        "engine.recipe.toml_file",
+        "engine.recipe.notation",
+        "engine.plan.checks",
+        "engine.plan.planner",
+        "engine.library.scan",
+        "engine.jobs.launch",
+        "astolfo_tui.app",
+        "astolfo_tui.cli",
+    ],
+)
 def test_importing_imports_no_torch(module):
     done = subprocess.run([sys.executable, "-c", _PROBE, module], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -118,20 +128,28 @@ def test_checking_a_cpu_recipe_imports_no_torch(tmp_path):
     """Plan checks import torch only for the ``device = "cuda"`` probe."""
     models = tmp_path / "m"
     models.mkdir()
-    make = ("import sys\nfrom pathlib import Path\nfrom engine.synth.checkpoints import SynthSpec, write_checkpoint\n"
-            "for i in range(2):\n    write_checkpoint(Path(sys.argv[1]) / f'm{i}.safetensors', SynthSpec(seed=i, scale=64))\n")
+    make = (
+        "import sys\nfrom pathlib import Path\nfrom engine.synth.checkpoints import SynthSpec, write_checkpoint\n"
+        "for i in range(2):\n"
+        "    write_checkpoint(Path(sys.argv[1]) / f'm{i}.safetensors', SynthSpec(seed=i, scale=64))\n"
+    )
     subprocess.run([sys.executable, "-c", make, str(models)], check=True, timeout=120)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'name = "t"\ndevice = "cpu"\n[models]\na = "{models}/m0.safetensors"\n'
-                      f'b = "{models}/m1.safetensors"\n[select]\nunet = ["a", "b"]\n'
-                      f'[[output]]\npath = "{tmp_path}/out.safetensors"\nunet = "unet"\n')
-    check = ("import json, sys\nfrom engine.recipe.toml_file import load_recipe\n"
-             "from engine.plan.planner import check_recipe\n"
-             "problems = check_recipe(load_recipe(sys.argv[1]))\n"
-             "print(json.dumps([sorted(m for m in sys.modules if m == 'torch'), [p.message for p in problems]]))\n")
+    recipe.write_text(
+        f'name = "t"\ndevice = "cpu"\n[models]\na = "{models}/m0.safetensors"\n'
+        f'b = "{models}/m1.safetensors"\n[select]\nunet = ["a", "b"]\n'
+        f'[[output]]\npath = "{tmp_path}/out.safetensors"\nunet = "unet"\n'
+    )
+    check = (
+        "import json, sys\nfrom engine.recipe.toml_file import load_recipe\n"
+        "from engine.plan.planner import check_recipe\n"
+        "problems = check_recipe(load_recipe(sys.argv[1]))\n"
+        "print(json.dumps([sorted(m for m in sys.modules if m == 'torch'), [p.message for p in problems]]))\n"
+    )
     env = {**os.environ, "ASTOLFO_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", check, str(recipe)], capture_output=True, text=True, timeout=120,
-                          env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", check, str(recipe)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr
     torch_loaded, _messages = json.loads(done.stdout.strip().splitlines()[-1])
     assert torch_loaded == []

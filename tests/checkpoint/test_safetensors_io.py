@@ -32,8 +32,10 @@ ALL_DTYPES = [d.torch_dtype for d in DTYPES.values()]
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
     )
 
 
@@ -290,7 +292,18 @@ def _mutated_headers(draw):
     for _ in range(draw(st.integers(1, 3))):
         what = draw(
             st.sampled_from(
-                ["dtype", "shape", "shape_item", "offsets", "offset_item", "entry", "metadata", "metadata_value", "drop", "overlap"]
+                [
+                    "dtype",
+                    "shape",
+                    "shape_item",
+                    "offsets",
+                    "offset_item",
+                    "entry",
+                    "metadata",
+                    "metadata_value",
+                    "drop",
+                    "overlap",
+                ]
             )
         )
         if what == "metadata":

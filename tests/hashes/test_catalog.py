@@ -126,7 +126,9 @@ def test_cache_hit_reads_no_tensor_data(tmp_path, catalog):
 
     seen, progress = [], []
     reports = scan([tmp_path])
-    out = catalog.hash_reports(reports, on_progress=lambda d, t: progress.append((d, t)), on_file=lambda r, c: seen.append(c))
+    out = catalog.hash_reports(
+        reports, on_progress=lambda d, t: progress.append((d, t)), on_file=lambda r, c: seen.append(c)
+    )
     assert out[reports[0].model_id] == first
     assert seen == [True]
     assert progress == [(0, 0)]  # nothing to read

@@ -74,7 +74,7 @@ def _independent_component(path, arch_id: str, cid: str) -> tuple[str, str]:
     for key, t in _tensors(path).items():
         if not key.startswith(prefix):
             continue
-        rel = key[len(prefix):]
+        rel = key[len(prefix) :]
         if cid == "te0":
             rel = rel.removeprefix("transformer.")
         exact.append((rel, _DTYPE_NAME[t.dtype], tuple(t.shape), _raw(t)))
@@ -279,7 +279,9 @@ def test_nan_and_inf_are_counted_and_named(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
 def test_nan_counted_in_other_dtypes(tmp_path, dtype):
-    path = write_checkpoint(tmp_path / "nan.safetensors", SynthSpec(arch="sd15", scale=64, dtype=dtype, nan_in=("vae",)))
+    path = write_checkpoint(
+        tmp_path / "nan.safetensors", SynthSpec(arch="sd15", scale=64, dtype=dtype, nan_in=("vae",))
+    )
     expected = sum(int(torch.isnan(t).sum()) for k, t in _tensors(path).items() if k.startswith("first_stage_model."))
     assert hash_file(path).components["vae"].nan_count == expected > 0
 
@@ -317,9 +319,7 @@ def test_metric_string_follows_the_toolkit_definition():
         assert metric_string(total, VAE_METRIC) == f"{n:04}"
 
 
-@pytest.mark.parametrize(
-    "arch_id, dtype, te", [("sd15", "F32", "te"), ("sdxl", "F16", "te0"), ("sdxl", "BF16", "te0")]
-)
+@pytest.mark.parametrize("arch_id, dtype, te", [("sd15", "F32", "te"), ("sdxl", "F16", "te0"), ("sdxl", "BF16", "te0")])
 def test_metric_matches_independent_implementation(tmp_path, arch_id, dtype, te):
     path = write_checkpoint(tmp_path / "m.safetensors", SynthSpec(arch=arch_id, seed=11, dtype=dtype))
     h = hash_file(path)
@@ -327,9 +327,7 @@ def test_metric_matches_independent_implementation(tmp_path, arch_id, dtype, te)
     clip = _toolkit_metric(
         path, arch.components[te].prefix, lambda k: "mlp." in k and ".23." not in k, -2097.8596, 1_000_000
     )
-    vae = _toolkit_metric(
-        path, "first_stage_model.", lambda k: "encoder." in k or "decoder." in k, 17870.7051, 10_000
-    )
+    vae = _toolkit_metric(path, "first_stage_model.", lambda k: "encoder." in k or "decoder." in k, 17870.7051, 10_000)
     assert h.components[te].metric == clip
     assert h.components["vae"].metric == vae
     assert h.components["unet"].metric is None

@@ -54,15 +54,27 @@ def models(tmp_path_factory) -> list[Path]:
     return [write_checkpoint(folder / f"m{i}.safetensors", SynthSpec(scale=SCALE, seed=i + 1)) for i in range(3)]
 
 
-def write_recipe(folder: Path, models: list[Path], output: str = "out/mix.safetensors", name: str = "jobs-test") -> Path:
+def write_recipe(
+    folder: Path, models: list[Path], output: str = "out/mix.safetensors", name: str = "jobs-test"
+) -> Path:
     """A recipe averaging every component over the models but the VAE (copied from one); the
     output path is relative, so it resolves against the recipe's folder."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f'name = "{name}"', "", "[models]"]
     lines += [f'm{i} = "{p}"' for i, p in enumerate(models)]
-    lines += ["", "[select]", f"all = [{', '.join(f'{chr(34)}m{i}{chr(34)}' for i in range(len(models)))}]",
-              'one = ["m0"]', "", "[[output]]", f'path = "{output}"', 'unet = "all"', 'te0 = "all"',
-              'te1 = "all"', 'vae = "one"']
+    lines += [
+        "",
+        "[select]",
+        f"all = [{', '.join(f'{chr(34)}m{i}{chr(34)}' for i in range(len(models)))}]",
+        'one = ["m0"]',
+        "",
+        "[[output]]",
+        f'path = "{output}"',
+        'unet = "all"',
+        'te0 = "all"',
+        'te1 = "all"',
+        'vae = "one"',
+    ]
     path = folder / "recipe.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -79,8 +91,13 @@ def reference_bytes(recipe_path: Path) -> bytes:
 
 
 def astolfo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "astolfo_tui", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "astolfo_tui", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def wait_until(predicate, timeout: float, what: str):
@@ -119,8 +136,14 @@ def test_a_job_survives_the_terminal_it_was_started_from_closing(tmp_path, model
     # The child is a shell whose controlling terminal is the pty, as sshd sets up a login.
     pid, master = pty.fork()
     if pid == 0:
-        os.execvp("bash", ["bash", "-c", f"{sys.executable} -m astolfo_tui merge {recipe} --detach "
-                                         f"--read-limit {READ_LIMIT:.0f}; sleep 60"])
+        os.execvp(
+            "bash",
+            [
+                "bash",
+                "-c",
+                f"{sys.executable} -m astolfo_tui merge {recipe} --detach --read-limit {READ_LIMIT:.0f}; sleep 60",
+            ],
+        )
     seen = b""
     deadline = time.monotonic() + 120
     while not JOB_ID.search(seen.decode(errors="replace")) and time.monotonic() < deadline:
@@ -278,8 +301,15 @@ def test_a_dead_runner_whose_pid_was_reused_shows_as_died(tmp_path, models):
     job = wait_for_job(start_job(recipe).id, timeout_s=120)
     assert job.status == FINISHED
     me = store.identify(os.getpid())
-    store.update_job_json(job.dir, status=RUNNING, ended=None, pid=me.pid, pid_start_ticks=me.start_ticks + 1,
-                          boot_id=me.boot_id, host=me.host)
+    store.update_job_json(
+        job.dir,
+        status=RUNNING,
+        ended=None,
+        pid=me.pid,
+        pid_start_ticks=me.start_ticks + 1,
+        boot_id=me.boot_id,
+        host=me.host,
+    )
     assert get_job(job.id).status == DIED
     store.update_job_json(job.dir, pid_start_ticks=me.start_ticks)
     assert get_job(job.id).status == RUNNING  # the same pid and start time: the very process

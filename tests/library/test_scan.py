@@ -25,7 +25,14 @@ from engine.synth.demo import DEMO_MODELS, make_demo_folder
 
 def test_natural_key_compares_numbers_as_numbers_and_ignores_case():
     names = ["m10.safetensors", "M2.safetensors", "m1.safetensors", "m02.safetensors", "a.safetensors", "B.safetensors"]
-    expected = ["a.safetensors", "B.safetensors", "m1.safetensors", "M2.safetensors", "m02.safetensors", "m10.safetensors"]
+    expected = [
+        "a.safetensors",
+        "B.safetensors",
+        "m1.safetensors",
+        "M2.safetensors",
+        "m02.safetensors",
+        "m10.safetensors",
+    ]
     for seed in range(5):
         shuffled = names[:]
         random.Random(seed).shuffle(shuffled)
@@ -228,9 +235,11 @@ def test_demo_models_share_base_text_encoders_exactly(demo_folder):
 
     key = "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight"
     unet_key = "model.diffusion_model.out.2.weight"
-    with TensorReader(demo_folder / "_x00-SDXL-Base.safetensors") as base, TensorReader(
-        demo_folder / "_x03-BaseClipTune.safetensors"
-    ) as same, TensorReader(demo_folder / "_x01-AnimagineLike.safetensors") as other:
+    with (
+        TensorReader(demo_folder / "_x00-SDXL-Base.safetensors") as base,
+        TensorReader(demo_folder / "_x03-BaseClipTune.safetensors") as same,
+        TensorReader(demo_folder / "_x01-AnimagineLike.safetensors") as other,
+    ):
         assert base.read_bytes(key) == same.read_bytes(key)
         assert base.read_bytes(key) != other.read_bytes(key)
         assert base.read_bytes(unet_key) != same.read_bytes(unet_key)

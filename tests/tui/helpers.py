@@ -29,4 +29,6 @@ async def open_library(pilot, hashed: bool = True) -> None:
 
 
 def put_cursor(grid, model_id: str, column_key: str) -> None:
-    grid.cursor_coordinate = Coordinate(grid.get_row_index(RowKey(model_id)), grid.get_column_index(ColumnKey(column_key)))
+    grid.cursor_coordinate = Coordinate(
+        grid.get_row_index(RowKey(model_id)), grid.get_column_index(ColumnKey(column_key))
+    )

@@ -30,7 +30,9 @@ UPDATE_ENV = "ASTOLFO_UPDATE_SNAPSHOTS"
 
 
 def normalise(svg: str, tmp_root: Path) -> str:
-    svg = svg.replace(str(tmp_root), re.sub(r"[^/]+$", lambda m: "astolfo-tui-" + "X" * (len(m.group(0)) - 12), str(tmp_root)))
+    svg = svg.replace(
+        str(tmp_root), re.sub(r"[^/]+$", lambda m: "astolfo-tui-" + "X" * (len(m.group(0)) - 12), str(tmp_root))
+    )
     return re.sub(r"terminal-\d+", "terminal", svg)
 
 
@@ -56,8 +58,10 @@ def assert_snapshot(app, name: str, tmp_root: Path, out_dir: Path) -> None:
         SNAPSHOT_DIR.mkdir(exist_ok=True)
         VERSIONS.write_text(drawing_versions(), "utf-8")
     elif VERSIONS.exists() and VERSIONS.read_text("utf-8") != drawing_versions():
-        pytest.skip(f"snapshots were drawn by {VERSIONS.read_text('utf-8').strip()!r}, this is {drawing_versions().strip()!r}; "
-                    f"{UPDATE_ENV}=1 redraws them")
+        pytest.skip(
+            f"snapshots were drawn by {VERSIONS.read_text('utf-8').strip()!r}, this is {drawing_versions().strip()!r}; "
+            f"{UPDATE_ENV}=1 redraws them"
+        )
     if os.environ.get(UPDATE_ENV) == "1" or not path.exists():
         if os.environ.get(UPDATE_ENV) != "1":
             got = out_dir / f"{name}.svg"
@@ -70,7 +74,9 @@ def assert_snapshot(app, name: str, tmp_root: Path, out_dir: Path) -> None:
     if actual != expected:
         got = out_dir / f"{name}.svg"
         got.write_text(actual, "utf-8")
-        diff = "\n".join(difflib.unified_diff(_visible_text(expected), _visible_text(actual), "stored", "now", lineterm="", n=1))
+        diff = "\n".join(
+            difflib.unified_diff(_visible_text(expected), _visible_text(actual), "stored", "now", lineterm="", n=1)
+        )
         raise AssertionError(
             f"screen {name!r} differs from {path} (this run's: {got}; "
             f"{UPDATE_ENV}=1 accepts it)\n{diff or '(same text, different styles or layout)'}"
