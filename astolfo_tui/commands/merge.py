@@ -290,8 +290,10 @@ class _Display:
             parts.append(f"ETA {duration(v.eta_s)}")
         if v.host_rss:
             parts.append(f"RAM {v.host_rss / 1e9:,.2f} GB")
-        if v.device_mem_used is not None and v.device_mem_total:
-            parts.append(f"VRAM {v.device_mem_used / 1e9:,.1f}/{v.device_mem_total / 1e9:,.1f} GB")
+        if v.card_mem_used is not None and v.card_mem_total:
+            parts.append(f"card VRAM {v.card_mem_used / 1e9:,.1f}/{v.card_mem_total / 1e9:,.1f} GB")
+        if v.process_mem_peak:
+            parts.append(f"merge peak {v.process_mem_peak / 1e9:,.1f} GB")
         self.progress.update(self.overall, description=v.stage, total=max(v.bytes_total, 1), completed=done,
                              detail="  ".join(parts))
         for path, state in v.outputs.items():

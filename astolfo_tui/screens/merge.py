@@ -308,9 +308,10 @@ class MergeScreen(Screen):
     def _render_memory(self) -> None:
         v = self.view
         gpu = self.query_one("#gpu-meter", MemoryMeter)
-        snap = devices.gpu_snapshot(v.device) if v.device.startswith("cuda") else None
-        if v.device_mem_total:
-            gpu.show(v.device_mem_used, v.device_mem_total, v.device_mem_peak, snap.util if snap else None)
+        snap = devices.gpu_snapshot(v.device, v.device_uuid) if v.device.startswith("cuda") else None
+        if v.card_mem_total:  # the card's used/total; the peak is the merge process's own
+            gpu.show(v.card_mem_used, v.card_mem_total, v.process_mem_peak, snap.util if snap else None,
+                     peak_label="merge peak")
         elif snap is not None:
             gpu.show(snap.used, snap.total, None, snap.util)
         else:

@@ -76,8 +76,8 @@ class ProgressMeter:
             elapsed_s=round(now - self.t0, 3), gbps=round(gbps, 3),
             eta_s=None if eta is None else round(eta, 1),
             current_key=current_key, host_rss=host_rss(),
-            device_mem_used=mem.used if mem else None, device_mem_total=mem.total if mem else None,
-            device_mem_peak=mem.peak if mem else None,
+            card_mem_used=mem.card_used if mem else None, card_mem_total=mem.card_total if mem else None,
+            process_mem_peak=mem.process_peak if mem else None,
             outputs=[ev.OutputProgress(str(s.target), s.tensors_done, s.total,
                                        min(s.bytes_written + len(s.header_bytes), s.total_bytes), s.total_bytes)
                      for s in streams],
