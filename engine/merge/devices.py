@@ -2,7 +2,7 @@
 
 Two GPU figures, never mixed: the *card's* used/total (all processes, as ``nvidia-smi`` shows)
 and *this process's* peak (``torch.cuda.max_memory_reserved``: what torch's allocator held at
-most). The card's figures come from NVML (``nvidia-ml-py``) when it is installed and a driver
+most). The card's figures come from NVML (``nvidia-ml-py``, a default dependency) when a driver
 answers, else from ``torch.cuda.mem_get_info`` (which needs no NVML). Drivers >= 515 count
 reserved memory as "used" unless asked for the v2 structure, so v2 is tried first.
 

@@ -145,11 +145,12 @@ def test_scratch_is_sized_by_its_own_use(models, tmp_path):
     sizes = scratch_sizes(one, build_items(one, 1 << 20))
     assert sizes["acc"] == sizes["tmp"] == sizes["via32"] == sizes["odd_low"] == 0
     plan = build_plan(_recipe(models, tmp_path, select={"all": ["a", "b", "c"], "one": ["a"]},
-                              outputs=[sdxl_output(str(tmp_path / "o.safetensors"), "all", vae="one")]))
+                              outputs=[sdxl_output(str(tmp_path / "o.safetensors"), "all", vae="one", te0="one",
+                                                  te1="one")]))
     items = build_items(plan, 16 << 10)  # large tensors cut in slices, by the cost of their sources
     sizes = scratch_sizes(plan, items)
     largest = max(seg.numel for it in items for seg in it.segments)
-    assert 0 < sizes["acc"] < largest  # copies (the VAE) cut larger slices than means
+    assert 0 < sizes["acc"] < largest  # copies (text encoders, VAE) cut larger slices than means
 
 
 def test_buffer_reuse_is_guarded_by_events_and_the_download_has_its_own_stream(models, tmp_path):
