@@ -37,7 +37,7 @@ from engine.checkpoint.format import DTYPES
 from engine.merge.arithmetic import Kernel, _node_parts, _view, all_finite
 from engine.merge.backends.base import Bad
 from engine.merge.errors import MergeError
-from engine.merge.layout import Item, Segment
+from engine.merge.layout import Item
 from engine.plan.model import ARANGE, COPY, MEAN, MergePlan
 
 SLOTS = 2  # device buffer sets: one item uploads or downloads while the other computes
