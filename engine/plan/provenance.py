@@ -72,7 +72,8 @@ def cached_hashes(paths: list[Path], model_ids: list[str]) -> dict:
 def compute_hashes(reports: list, on_progress: Callable[[int, int], None] | None,
                    cancel: threading.Event | None) -> dict:
     """model id -> FileHashes for ``reports`` (ModelReports), hashing what the catalog lacks and
-    storing the results. Raises HashCancelled / HashError from engine.hashing."""
+    storing the results, several files at once where the cores allow (``hashes.parallel``).
+    Raises HashCancelled / HashError from engine.hashing."""
     catalog = _open_catalog()
     if catalog is not None:
         try:
@@ -80,16 +81,13 @@ def compute_hashes(reports: list, on_progress: Callable[[int, int], None] | None
         finally:
             catalog.close()
     from engine.hashes.hasher import hash_file
+    from engine.hashes.parallel import HashPool, default_jobs
 
-    out, done = {}, 0
-    total = sum(r.file_size for r in reports)
-    for r in reports:
-        base = done
-        out[r.model_id] = hash_file(
-            r.path, r, on_progress=(lambda n, _t, b=base: on_progress(b + n, total)) if on_progress else None,
-            cancel=cancel,
-        )
-        done += r.file_size
+    out: dict = {}
+    pool = HashPool(lambda r, progress, c: hash_file(r.path, r, on_progress=progress, cancel=c),
+                    {id(r): r.file_size for r in reports}, default_jobs(), cancel, on_progress=on_progress,
+                    on_done=lambda r, h: out.__setitem__(r.model_id, h))
+    pool.run(reports)
     return out
 
 
@@ -103,7 +101,8 @@ def pin_problem(model_id: str, path, pin: str | None, sha256: str | None) -> str
     prefix); None when it matches or when either is unknown."""
     if not pin or sha256 is None or sha256.lower().startswith(pin.lower()):
         return None
-    return f"model {model_id}: {path} has SHA256 {sha256[:10]}..., the recipe pins {pin}: the file was replaced or renamed"
+    return (f"model {model_id}: {path} has SHA256 {sha256[:10]}..., the recipe pins {pin}: the file was replaced "
+            "or renamed")
 
 
 def plan_hashes(plan, on_stage: Callable[[str], None], on_progress: Callable[[int, int], None] | None,
