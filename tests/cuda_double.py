@@ -11,6 +11,10 @@ an event recorded elsewhere, a device-wide synchronize. Schedules:
   bytes.
 - ``eager``: work runs as soon as what it waits for has run (the GPU far ahead of the host).
 - ``random``: after each call some ready work of random streams runs (seeded).
+- ``lazy`` with ``eager_streams`` (indexes in creation order): those streams run ahead as far
+  as their waits allow, the others only when forced; one stream far ahead of another is what
+  exposes a buffer reused without an event (an upload overwriting an input that a compute has
+  not read yet, a compute overwriting results that a download has not copied yet).
 
 Device memory starts as garbage (0xFF: NaN in every float dtype) and pinned buffers as 0xAB,
 so a read of memory nobody wrote shows. Every call is appended to ``log`` as a tuple, for tests
@@ -54,8 +58,10 @@ class CudaRuntimeDouble:
     """CPU test double of the CUDA runtime (see the module docstring)."""
 
     def __init__(self, schedule: str = "lazy", seed: int = 0, free: int = 64 << 30, total: int = 80 << 30,
-                 oom_after_bytes: int | None = None, fail_run: int | None = None):
+                 oom_after_bytes: int | None = None, fail_run: int | None = None, eager_streams: tuple = ()):
         assert schedule in ("lazy", "eager", "random")
+        assert not eager_streams or schedule == "lazy"
+        self.eager_streams = set(eager_streams)
         self.device = torch.device("cpu")
         self.schedule = schedule
         self.rng = random.Random(seed)
@@ -187,13 +193,14 @@ class CudaRuntimeDouble:
             fn()
 
     def _progress(self) -> None:
-        if self.schedule == "lazy":
+        if self.schedule == "lazy" and not self.eager_streams:
             return
-        if self.schedule == "eager":
+        if self.schedule in ("eager", "lazy"):
+            eager = [s for i, s in enumerate(self.streams) if self.schedule == "eager" or i in self.eager_streams]
             moved = True
             while moved:
                 moved = False
-                for s in self.streams:
+                for s in eager:
                     while s.queue and self._ready(s):
                         self._step(s, force=False)
                         moved = True

@@ -31,6 +31,8 @@ from engine.synth.checkpoints import SynthSpec, write_checkpoint
 SMALL = Tuning(buffer_bytes=256 << 10, sub_elems=4096, read_buffers=3, out_buffers=2)
 TINY = Tuning(buffer_bytes=64 << 10, sub_elems=1000, read_buffers=2, out_buffers=2, readers=2)
 SCHEDULES = [("lazy", 0), ("eager", 0), ("random", 1), ("random", 2)]
+# one stream far ahead of the others (streams in creation order: upload, compute, download)
+AHEAD = [(0,), (1,), (2,), (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,8 @@ class Recorder:
     """A backend factory: CudaBackend over the runtime double, with every backend it made, how
     often each was closed, and a checksum check of each read buffer between submit and finish."""
 
-    def __init__(self, schedule: str = "lazy", seed: int = 0, **runtime):
+    def __init__(self, schedule: str = "lazy", seed: int = 0, backend=CudaBackend, **runtime):
+        self.backend_class = backend
         self.schedule, self.seed, self.runtime = schedule, seed, runtime
         self.backends: list[CudaBackend] = []
         self.closes: list[int] = []
@@ -53,7 +56,7 @@ class Recorder:
 
     def __call__(self, plan, device, tuning, items):
         rt = CudaRuntimeDouble(self.schedule, self.seed + len(self.backends), **self.runtime)
-        backend = CudaBackend(plan, device, tuning.buffer_bytes, items, runtime=rt)
+        backend = self.backend_class(plan, device, tuning.buffer_bytes, items, runtime=rt)
         index = len(self.backends)
         self.backends.append(backend)
         self.closes.append(0)
@@ -110,6 +113,44 @@ def test_uniform_mean_gives_the_cpu_bytes(models, tmp_path, schedule, seed):
     recorder = Recorder(schedule, seed)
     _cpu_then_cuda(_recipe(models, tmp_path), [tmp_path / "out.safetensors"], SMALL, recorder)
     assert recorder.backends[0]._count > 10  # many items, so buffer sets and rings were reused
+
+
+@pytest.mark.parametrize("ahead", AHEAD)
+def test_one_stream_running_ahead_gives_the_cpu_bytes(models, tmp_path, ahead):
+    recorder = Recorder("lazy", eager_streams=ahead)
+    _cpu_then_cuda(_recipe(models, tmp_path), [tmp_path / "out.safetensors"], SMALL, recorder)
+
+
+class _NoReuseWait(CudaBackend):
+    """A broken backend for the tests below: one of the reuse waits left out."""
+
+    skip = ""
+
+    def _submit(self, item, read_buf, out_buf, excluded):
+        real = self.rt.wait
+        events = {"computed": self.computed, "downloaded": self.downloaded}[self.skip]
+        stream = {"computed": self.up, "downloaded": self.compute}[self.skip]
+        self.rt.wait = lambda s, e: None if (s is stream and any(e is x for x in events)) else real(s, e)
+        try:
+            return super()._submit(item, read_buf, out_buf, excluded)
+        finally:
+            self.rt.wait = real
+
+
+@pytest.mark.parametrize("skip,ahead", [("computed", (0,)), ("downloaded", (0, 1))])
+def test_a_buffer_reused_without_its_event_is_caught(models, tmp_path, skip, ahead):
+    """The double can fail: without the wait that guards a device buffer, the stream that runs
+    ahead overwrites data another stream has not consumed, and the bytes differ."""
+    broken = type("Broken", (_NoReuseWait,), {"skip": skip})
+    recipe = _recipe(models, tmp_path)
+    execute(build_plan(recipe), tuning=SMALL)
+    expected = sha256(tmp_path / "out.safetensors")
+    (tmp_path / "out.safetensors").unlink()
+    try:
+        execute(build_plan(recipe), tuning=SMALL, backend_factory=Recorder("lazy", backend=broken, eager_streams=ahead))
+    except MergeError:
+        return  # garbage read as NaN: caught too
+    assert sha256(tmp_path / "out.safetensors") != expected
 
 
 @pytest.mark.parametrize("tuning", [TINY, SMALL, Tuning()], ids=["tiny", "small", "default"])
