@@ -20,7 +20,8 @@ Device memory starts as garbage (0xFF: NaN in every float dtype) and pinned buff
 so a read of memory nobody wrote shows. Every call is appended to ``log`` as a tuple, for tests
 that assert the order of operations. Allocation failures can be injected
 (``oom_after_bytes``: device bytes before ``empty`` raises ``torch.OutOfMemoryError``;
-``fail_run``: the n-th ``run`` raises it, as an allocation inside a kernel launch would).
+``fail_run``: the n-th ``run`` raises it, as an allocation inside a kernel launch would;
+``fail_pinned``: the n-th pinned allocation fails as ``cudaHostAlloc`` does).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class CudaRuntimeDouble:
     """CPU test double of the CUDA runtime (see the module docstring)."""
 
     def __init__(self, schedule: str = "lazy", seed: int = 0, free: int = 64 << 30, total: int = 80 << 30,
-                 oom_after_bytes: int | None = None, fail_run: int | None = None, eager_streams: tuple = ()):
+                 oom_after_bytes: int | None = None, fail_run: int | None = None, eager_streams: tuple = (),
+                 fail_pinned: int | None = None):
         assert schedule in ("lazy", "eager", "random")
         assert not eager_streams or schedule == "lazy"
         self.eager_streams = set(eager_streams)
@@ -68,6 +70,8 @@ class CudaRuntimeDouble:
         self.free, self.total = free, total
         self.oom_after_bytes = oom_after_bytes
         self.fail_run = fail_run
+        self.fail_pinned = fail_pinned
+        self.pins = 0
         self.device_bytes = 0
         self.runs = 0
         self.streams: list[_Stream] = []
@@ -114,6 +118,10 @@ class CudaRuntimeDouble:
         self._progress()
 
     def pinned(self, nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        self.pins += 1
+        if self.fail_pinned is not None and self.pins == self.fail_pinned:
+            self.log.append(("oom", "pinned", nbytes))
+            raise RuntimeError("CUDA error: out of memory (injected by the test double)")
         self.log.append(("pinned", nbytes, str(dtype)))
         if dtype == torch.bool:
             return torch.zeros(nbytes, dtype=torch.bool)  # False: "not finite" unless written

@@ -336,6 +336,13 @@ def test_out_of_memory_at_start_is_a_clear_error_and_frees_what_it_had(models, t
     assert not any(e[0] == "alloc" for e in rt.log)
 
 
+def test_a_failed_pinned_allocation_still_closes_the_backend(models, tmp_path):
+    recorder = Recorder("lazy", fail_pinned=6)  # 3 flag buffers in the constructor, then the pipeline's
+    with pytest.raises(MergeError, match="cannot pin .* MB more of host memory.*device = \"cpu\""):
+        execute(build_plan(_recipe(models, tmp_path)), tuning=SMALL, backend_factory=recorder)
+    assert recorder.closes == [1] and list(tmp_path.iterdir()) == []
+
+
 class _Kill(BaseException):
     """Ends a merge the way kill -9 does for its files: no cleanup runs (it is none of the
     exceptions the run handles), so the partial files and their progress marks stay."""

@@ -191,8 +191,12 @@ class CudaBackend:
     def alloc(self, nbytes: int) -> torch.Tensor:
         try:
             return self.rt.pinned(nbytes)
-        except BaseException as e:
-            raise self._translate(e, "allocating pinned host buffers") from None
+        except RuntimeError as e:  # cudaHostAlloc fails with a plain "CUDA error: out of memory"
+            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
+                raise MergeError(
+                    f"cannot pin {nbytes / 1e6:.0f} MB more of host memory for the merge's buffers ({e}). Close "
+                    'other programs that use much memory, or set device = "cpu" in the recipe.') from None
+            raise
 
     def submit(self, item: Item, read_buf: torch.Tensor, out_buf: torch.Tensor, excluded: dict[int, set]) -> _Handle:
         try:
