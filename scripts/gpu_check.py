@@ -421,8 +421,17 @@ def check_oom(ctx) -> dict:
     text = recipe_text(models, {"all": list(models)}, [sdxl_output(work / "o.safetensors")])
     found = {}
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    hog = torch.empty(max(0, free - (8 << 20)), dtype=torch.uint8, device="cuda")  # 8 MB left
+    hog = None
+    for leave in (8, 12, 16, 24):  # MB left free; a block right at the limit may not be granted
+        free, _ = torch.cuda.mem_get_info()
+        try:
+            hog = torch.empty(max(0, free - (leave << 20)), dtype=torch.uint8, device="cuda")
+            break
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    if hog is None:
+        return {"status": FAIL, "detail": "could not fill the card to leave a few MB free"}
+    ctx["details"]["oom_free_bytes"] = torch.cuda.mem_get_info()[0]
     try:
         try:
             merge(text, work, "cuda")
