@@ -119,7 +119,8 @@ class JobView:
     def _on_output_done(self, e: ev.OutputDone) -> None:
         state = self.outputs.setdefault(e.path, OutputState(e.path))
         state.done = True
-        self._log("ok", f"written {Path(e.path).name} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors) in {Path(e.path).parent}")
+        self._log("ok", f"written {Path(e.path).name} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors) "
+                        f"in {Path(e.path).parent}")
 
     def _on_finished(self, e: ev.Finished) -> None:
         self.final = "finished"

@@ -221,7 +221,8 @@ class _Output:
             })
             return
         if errors:
-            self.console.print(f"[bold red]{len(errors)} problem{'s' * (len(errors) != 1)}: the recipe cannot be merged[/]")
+            self.console.print(f"[bold red]{len(errors)} problem{'s' * (len(errors) != 1)}: "
+                               "the recipe cannot be merged[/]")
             return
         table = Table(title="ready to merge", show_edge=False, header_style="bold")
         table.add_column("output")
