@@ -223,6 +223,31 @@ def test_buffer_reuse_is_guarded_by_events_and_the_download_has_its_own_stream(m
     assert SLOTS < b.depth  # the events, not the host loop's depth, protect the device buffers
 
 
+def test_flags_come_back_through_pinned_memory_and_position_ids_are_built_once(models, tmp_path):
+    from engine.merge.arithmetic import arange_values
+    from engine.merge.backends.cuda import DEPTH
+
+    plan = build_plan(_recipe(models, tmp_path))
+    rt = CudaRuntimeDouble("lazy")
+    b = CudaBackend(plan, torch.device("cpu"), 256 << 10, build_items(plan, 256 << 10), runtime=rt)
+    pinned_flags = [e for e in rt.log if e[0] == "pinned" and e[2] == "torch.bool"]
+    assert len(pinned_flags) == DEPTH  # one per item in flight, read after that item's event
+    first = b._arange_on_device("F16", 77)
+    assert b._arange_on_device("F16", 77) is first and first.device == b.device
+    assert torch.equal(first, arange_values("F16", 77))
+    b.close()
+
+
+def test_the_cuda_runtime_makes_blocking_events(monkeypatch):
+    """A host thread waiting for an event sleeps (blocking) instead of spinning on a core."""
+    from engine.merge.backends.cuda import CudaRuntime
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kw: made.append(kw) or object())
+    CudaRuntime.__new__(CudaRuntime).event()
+    assert made == [{"blocking": True}]
+
+
 def test_a_host_that_reads_results_before_their_event_is_caught(models, tmp_path):
     """The double can fail: a backend that skips the wait for the item's event reads flags
     and results that the lazy schedule has not produced yet."""
