@@ -16,10 +16,10 @@ Event types (``type`` field):
     ``merging``, ``finishing`` (fsync and rename).
 ``progress``
     Tensors and bytes done/total, throughput (GB/s of source data read), ETA, the tensor being
-    merged, GPU memory in bytes (None where unknown): ``card_mem_used``/``card_mem_total`` for
-    the whole card (every process on it) and ``process_mem_peak``, the most this merge's
-    process held (torch's reserved memory), host RSS, and per-output
-    progress (``OutputProgress``).
+    merged (in the hashing stage: the files being hashed at once, each with its progress), GPU
+    memory in bytes (None where unknown): ``card_mem_used``/``card_mem_total`` for the whole
+    card (every process on it) and ``process_mem_peak``, the most this merge's process held
+    (torch's reserved memory), host RSS, and per-output progress (``OutputProgress``).
 ``warning``
     Something the user must know but that does not stop the merge: a key missing from some
     models of a selection, a source skipped for NaN/Inf (``skip_nan``), an integer tensor copied

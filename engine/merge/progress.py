@@ -47,7 +47,8 @@ class ProgressMeter:
         t_old, b_old = self._rate[0]
         return (counted - b_old) / (now - t_old) if now > t_old else 0.0
 
-    def hashing(self, done: int, total: int) -> None:
+    def hashing(self, done: int, total: int, files: str | None = None) -> None:
+        """``files``: the files being hashed now, with their progress (in ``current_key``)."""
         now = self.due()
         if now is None:
             return
@@ -55,7 +56,7 @@ class ProgressMeter:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate else None
         self.emit(ev.Progress("hashing", 0, self.tensors_total, done, total, 0, round(now - self.t0, 3),
-                              round(rate / 1e9, 3), None if eta is None else round(eta, 1), None, host_rss()))
+                              round(rate / 1e9, 3), None if eta is None else round(eta, 1), files, host_rss()))
 
     def merging(self, stage: str, bytes_read: int, bytes_done: int, bytes_total: int, resumed_bytes: int,
                 streams, current_key: str | None, force: bool = False) -> None:

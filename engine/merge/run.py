@@ -258,8 +258,20 @@ class _Run:
             self.meter.start_stage()
             self.emit(ev.Stage("hashing", message))
 
+        in_flight: dict[str, tuple[int, int]] = {}  # files hashed at once (callbacks come one at a time)
+
+        def file_progress(report, done: int, total: int) -> None:
+            in_flight[report.path.name] = (done, total)
+
+        def file_done(report) -> None:
+            in_flight.pop(report.path.name, None)
+
+        def progress(done: int, total: int) -> None:
+            files = ", ".join(f"{name} {d / max(t, 1):.0%}" for name, (d, t) in in_flight.items())
+            self.meter.hashing(done, total, files or None)
+
         try:
-            hashes = plan_hashes(self.plan, on_stage, self.meter.hashing, self.cancel)
+            hashes = plan_hashes(self.plan, on_stage, progress, self.cancel, file_progress, file_done)
         except HashCancelled:
             raise MergeCancelled("cancelled while hashing") from None
         except HashError as e:

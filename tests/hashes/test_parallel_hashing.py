@@ -2,7 +2,7 @@
 one file at a time in the calling thread where the cores are few, the first error stops the
 rest (unless taken), cancel stops all; the catalog gives the same hashes whatever the number of
 jobs and stays consistent with concurrent writers (threads of one catalog and two catalogs on
-one file)."""
+one file); a merge's hashing stage names the files in flight."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ import threading
 import time
 
 import pytest
+from merge_support import make_models, recipe_text, sdxl_output
 
 from engine.hashes.catalog import Catalog
 from engine.hashes.model import HashCancelled, HashError
 from engine.hashes.parallel import HashPool, default_jobs
 from engine.library.diagnose import inspect_file
+from engine.merge.run import execute
+from engine.merge.tuning import Tuning
+from engine.plan.planner import build_plan
+from engine.recipe.toml_file import parse_recipe
 from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
 
@@ -164,3 +169,14 @@ def test_two_catalogs_on_one_file_write_concurrently(files, tmp_path):
     with Catalog(path) as catalog:
         assert {r.model_id: catalog.get(r.path) for r in files} == out["a"]
         assert len(catalog.files()) == len(files)
+
+
+def test_a_merge_names_the_files_it_is_hashing(tmp_path):
+    paths = make_models(tmp_path / "models", 3)
+    text = recipe_text({f"m{i}": str(p) for i, p in enumerate(paths)}, {"all": ["m0", "m1", "m2"]},
+                       [sdxl_output(str(tmp_path / "o.safetensors"), "all")])
+    events: list = []
+    execute(build_plan(parse_recipe(text, tmp_path)), on_event=events.append, tuning=Tuning(progress_interval=0.0))
+    named = [e.current_key for e in events if e.type == "progress" and e.stage == "hashing" and e.current_key]
+    assert named and all(".safetensors" in k and "%" in k for k in named)
+    assert {p.name for p in paths} <= {part.split(" ")[0] for k in named for part in k.split(", ")}

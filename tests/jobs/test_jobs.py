@@ -54,7 +54,8 @@ def models(tmp_path_factory) -> list[Path]:
     return [write_checkpoint(folder / f"m{i}.safetensors", SynthSpec(scale=SCALE, seed=i + 1)) for i in range(3)]
 
 
-def write_recipe(folder: Path, models: list[Path], output: str = "out/mix.safetensors", name: str = "jobs-test") -> Path:
+def write_recipe(folder: Path, models: list[Path], output: str = "out/mix.safetensors",
+                 name: str = "jobs-test") -> Path:
     """A recipe averaging every component over the models but the VAE (copied from one); the
     output path is relative, so it resolves against the recipe's folder."""
     folder.mkdir(parents=True, exist_ok=True)
