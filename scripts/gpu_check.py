@@ -4,7 +4,8 @@
     python scripts/gpu_check.py --out DIR
 
 It writes DIR/gpu_check.json and prints a short table last. Nothing to install beyond the
-project, no network; about 1-3 minutes on one H100/H200 (most of it the sparse-file rate).
+project, no network. Expected to take 1-3 minutes on one H100/H200 with 16 cores (an estimate:
+it has not run on a GPU yet); it needs ~7 GB of real disk for the sparse-rate output.
 Every check compares against the CPU backend of the same build:
 
   kernel_cpu       CPU kernel vs an independent fp64 reference (mul, then add; one rounding)
