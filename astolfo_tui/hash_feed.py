@@ -1,5 +1,6 @@
 """Feeds hash results to the grid as they arrive: cached files at once (no data read), then each
-remaining file as ``engine.hashes.catalog.Catalog.hash_file`` finishes it, with the relations
+remaining file as ``engine.hashes.catalog.Catalog.hash_file`` finishes it (several files at once where
+the cores allow: ``engine.hashes.parallel``), with the relations
 (identical-component groups, "=sd") recomputed by the catalog's own functions each time.
 
 Runs in a worker thread; the callbacks hand results to the UI thread.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from astolfo_tui.widgets.selection_grid import HashView
 from engine.hashes.catalog import Catalog
 from engine.hashes.model import FileHashes, HashCancelled, HashError
+from engine.hashes.parallel import HashPool, default_jobs
 from engine.hashes.relations import component_groups, same_as_reference
 from engine.library.report import UNREADABLE, ModelReport
 
@@ -102,42 +104,50 @@ def _feed(catalog, reports, on_result, on_progress, cancel) -> None:
     bytes_total = sum(r.file_size for r in todo)
     on_progress(Progress(done, total, 0, bytes_total))
     started = time.monotonic()
-    read = 0
     last = [0.0]
-    for r in todo:
-        if cancel.is_set():
+    state = {"done": done, "read": 0, "references": references}
+
+    def progress(n: int, _total: int) -> None:  # bytes of all files in flight (one call at a time)
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY_S:
             return
-        base = read
+        last[0] = now
+        rate = f"{n / max(now - started, 1e-6) / 1e6:,.0f} MB/s"
+        on_progress(Progress(state["done"], total, n, bytes_total, rate))
 
-        def progress(n: int, _size: int, base: int = base) -> None:
-            now = time.monotonic()
-            if now - last[0] < PROGRESS_EVERY_S:
-                return
-            last[0] = now
-            rate = f"{(base + n) / max(now - started, 1e-6) / 1e6:,.0f} MB/s"
-            on_progress(Progress(done, total, base + n, bytes_total, rate))
-
+    def finished(r, fh: FileHashes | None, reason: str | None = None) -> None:
         result = Results()
-        try:
-            fh = catalog.hash_file(r.path, r, on_progress=progress, cancel=cancel)
-        except HashCancelled:
-            return
-        except HashError as e:
-            result.failed[r.model_id] = e.reason
-            result.views = {r.model_id: HashView(failed=e.reason)}
+        if fh is None:
+            result.failed[r.model_id] = reason
+            result.views = {r.model_id: HashView(failed=reason)}
         else:
             result.hashes[r.model_id] = fh
             all_hashes[r.model_id] = fh
             if fh.sha256 in catalog.reference_sha256s():
-                references = catalog.reference_hashes()
-            result.views = changed(views_for(all_hashes, references))
-        read += r.file_size
-        done += 1
-        on_progress(Progress(done, total, read, bytes_total))
+                state["references"] = catalog.reference_hashes()
+            result.views = changed(views_for(all_hashes, state["references"]))
+        state["read"] += r.file_size
+        state["done"] += 1
+        on_progress(Progress(state["done"], total, state["read"], bytes_total))
         on_result(result)
 
+    def failed(r, e: BaseException) -> None:
+        if not isinstance(e, HashError):
+            raise e
+        finished(r, None, e.reason)
 
-def toggle_reference(sha256: str, label: str, all_hashes: dict[str, FileHashes], catalog: Catalog | None = None) -> tuple[bool, dict[str, HashView]]:
+    # several files at once where the cores allow (one file per three cores; one on 2 cores)
+    pool = HashPool(lambda r, prog, c: catalog.hash_file(r.path, r, on_progress=prog, cancel=c),
+                    {id(r): r.file_size for r in todo}, default_jobs(), cancel, on_progress=progress,
+                    on_done=finished, on_error=failed)
+    try:
+        pool.run(todo)
+    except HashCancelled:
+        return
+
+
+def toggle_reference(sha256: str, label: str, all_hashes: dict[str, FileHashes],
+                     catalog: Catalog | None = None) -> tuple[bool, dict[str, HashView]]:
     """Mark a file as an "=sd" reference in the catalog, or unmark it if it was; returns whether
     it is marked now and the grid's views with the flag recomputed."""
     own = catalog is None

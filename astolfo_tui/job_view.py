@@ -44,9 +44,10 @@ class JobView:
     current_key: str | None = None
     host_rss: int | None = None
     host_rss_peak: int | None = None
-    device_mem_used: int | None = None
-    device_mem_total: int | None = None
-    device_mem_peak: int | None = None
+    card_mem_used: int | None = None  # the whole card, every process
+    card_mem_total: int | None = None
+    process_mem_peak: int | None = None  # the merge's own process at most
+    device_uuid: str | None = None
     outputs: dict[str, OutputState] = field(default_factory=dict)
     throughput: deque = field(default_factory=lambda: deque(maxlen=SPARK_POINTS))
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
@@ -77,6 +78,7 @@ class JobView:
 
     def _on_started(self, e: ev.Started) -> None:
         self.device = e.device
+        self.device_uuid = e.device_uuid
         self.tensors_total = e.tensors_total
         self.bytes_total = e.bytes_to_read
         for path in e.outputs:
@@ -99,9 +101,9 @@ class JobView:
         self.host_rss = e.host_rss
         if e.host_rss is not None:
             self.host_rss_peak = max(self.host_rss_peak or 0, e.host_rss)
-        self.device_mem_used, self.device_mem_total = e.device_mem_used, e.device_mem_total
-        if e.device_mem_peak is not None:
-            self.device_mem_peak = e.device_mem_peak
+        self.card_mem_used, self.card_mem_total = e.card_mem_used, e.card_mem_total
+        if e.process_mem_peak is not None:
+            self.process_mem_peak = e.process_mem_peak
         if e.stage == "merging":
             self.throughput.append(e.gbps)
         for o in e.outputs:
@@ -117,15 +119,16 @@ class JobView:
     def _on_output_done(self, e: ev.OutputDone) -> None:
         state = self.outputs.setdefault(e.path, OutputState(e.path))
         state.done = True
-        self._log("ok", f"written {Path(e.path).name} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors) in {Path(e.path).parent}")
+        self._log("ok", f"written {Path(e.path).name} ({e.bytes / 1e9:,.2f} GB, {e.tensors} tensors) "
+                        f"in {Path(e.path).parent}")
 
     def _on_finished(self, e: ev.Finished) -> None:
         self.final = "finished"
         self.elapsed_s = e.elapsed_s
         self.eta_s = 0.0
         self.current_key = None
-        if e.device_mem_peak is not None:
-            self.device_mem_peak = e.device_mem_peak
+        if e.process_mem_peak is not None:
+            self.process_mem_peak = e.process_mem_peak
         if e.host_rss_peak is not None:
             self.host_rss_peak = e.host_rss_peak
         self.final_message = (f"finished in {e.elapsed_s:,.1f} s: read {e.bytes_read / 1e9:,.2f} GB at "

@@ -8,8 +8,13 @@ the median taken, with the runs of the three contenders interleaved, because the
 shared. "cold" drops the page cache before every run (needs root; skipped otherwise).
 
     .venv/bin/python bench/bench_hash.py [--repeat 5] [--dir /tmp/astolfo-bench-hash] [--no-cold]
+                                         [--jobs 1,2,4] [--sweep-only]
 
-Prints a table and writes the "## hashing" section of docs/benchmarks.md.
+``--jobs`` sweeps the number of files hashed at once (``engine.hashes.parallel``; the files are
+hashed several times over so that every job has a file): aggregate GB/s per number of jobs,
+page cache warm. The default sweep is 1, the default jobs of this machine, and twice that.
+
+Prints tables and writes the "## hashing" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from common import cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 from engine.hashes.hasher import hash_file
+from engine.hashes.parallel import HashPool, default_jobs
 from engine.library.diagnose import inspect_file
 from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
@@ -121,6 +127,26 @@ def measure(path: Path, repeat: int, cold: bool) -> dict[str, float]:
     return out
 
 
+def sweep(files: list[Path], jobs_list: list[int], repeat: int) -> list[tuple[int, int, float]]:
+    """(jobs, bytes, median seconds) of hashing ``max(jobs_list)`` passes over ``files`` with each
+    number of jobs, page cache warm, runs interleaved."""
+    reports = {p: inspect_file(p) for p in files}
+    work = [p for _ in range(max(jobs_list)) for p in files]
+    size = sum(p.stat().st_size for p in work)
+    for p in files:
+        time_cat(p)
+    times: dict[int, list[float]] = {j: [] for j in jobs_list}
+    for _ in range(repeat):
+        for j in jobs_list:
+            items = [(p, reports[p]) for p in work]
+            pool = HashPool(lambda it, prog, c: hash_file(it[0], it[1], on_progress=prog, cancel=c),
+                            {id(it): it[0].stat().st_size for it in items}, j)
+            t = time.perf_counter()
+            pool.run(items)
+            times[j].append(time.perf_counter() - t)
+    return [(j, size, statistics.median(times[j])) for j in jobs_list]
+
+
 def machine() -> str:
     cpu = cpu_name()
     mem = memory_gib()
@@ -129,7 +155,9 @@ def machine() -> str:
         sha_ni = ", SHA-NI" if " sha_ni" in Path("/proc/cpuinfo").read_text() else ", no SHA-NI"
     except OSError:
         pass
-    return f"{platform.node() or 'this machine'}: {cpu} ({os.cpu_count()} CPUs{sha_ni}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{platform.node() or 'this machine'}: {cpu} ({os.cpu_count()} CPUs, {cores} usable{sha_ni}), "
+            f"{mem:.0f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
 def main() -> int:
@@ -138,9 +166,22 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/astolfo-bench-hash"))
     parser.add_argument("--no-cold", action="store_true", help="skip the dropped-page-cache runs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--jobs", default="", help="comma-separated jobs to sweep (default: 1, default, 2 x default)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the --jobs sweep (implies --no-write)")
     args = parser.parse_args()
 
     files = make_files(args.dir)
+    d = default_jobs()
+    jobs_list = sorted({int(j) for j in args.jobs.split(",") if j}) if args.jobs else sorted({1, d, 2 * d})
+    rates = sweep(files, jobs_list, args.repeat)
+    base = next((t for j, _, t in rates if j == 1), rates[0][2])
+    sweep_lines = ["| jobs | GB hashed | GB/s | vs 1 job |", "|---:|---:|---:|---:|"]
+    sweep_lines += [f"| {j}{' (default)' if j == d else ''} | {n / 1e9:.2f} | {n / t / 1e9:.2f} | {base / t:.2f}x |"
+                    for j, n, t in rates]
+    sweep_table = "\n".join(sweep_lines)
+    print(sweep_table)
+    if args.sweep_only:
+        return 0
     modes = ["warm"]
     if not args.no_cold:
         if drop_caches():
@@ -154,7 +195,9 @@ def main() -> int:
         for mode in modes:
             t = measure(path, args.repeat, mode == "cold")
             rows.append((path.name, size, mode, t))
-            print(f"{path.name} {mode}: " + ", ".join(f"{k} {size / t[k] / 1e9:.2f} GB/s" for k in ("cat", "sha256", "two_sha256", "hash_file")), file=sys.stderr)
+            print(f"{path.name} {mode}: " + ", ".join(f"{k} {size / t[k] / 1e9:.2f} GB/s"
+                                                     for k in ("cat", "sha256", "two_sha256", "hash_file")),
+                  file=sys.stderr)
     load_after = os.getloadavg()[0]
 
     header = (
@@ -190,7 +233,8 @@ def main() -> int:
             "alone (`hashlib.file_digest`) and against two SHA256 of the file on two threads (the floor for",
             "SHA256 + AutoV3, which hash nearly the same bytes twice), same synthetic files, same run. Medians of",
             f"{args.repeat} interleaved runs: the machine is shared with other engineers' test runs (1-minute",
-            f"load average {load_before:.1f} before, {load_after:.1f} after). \"cold\" drops the page cache before each run.",
+            f"load average {load_before:.1f} before, {load_after:.1f} after). \"cold\" drops the page cache "
+            "before each run.",
             "",
             f"Machine: {machine()}.",
             "",
@@ -207,6 +251,11 @@ def main() -> int:
             "the disk's rate; the line below says whether any run here was in that regime.",
             "",
             verdict,
+            "",
+            f"Files hashed at once (`--jobs`; default here {d}: one per three usable cores), the files above",
+            f"hashed {max(jobs_list)} times over, page cache warm, medians of {args.repeat} runs:",
+            "",
+            sweep_table,
             "",
         ]
     )

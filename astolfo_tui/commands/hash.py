@@ -56,6 +56,8 @@ def register(subparsers) -> None:
         help="mark a model (id or path) as a reference for =sd; remembered in the catalog "
         "(SDXL base, by its SHA256, always is one)",
     )
+    parser.add_argument("--jobs", type=int, default=0, metavar="N",
+                        help="files hashed at once (default: one per three usable cores)")
     parser.set_defaults(run=run)
 
 
@@ -83,7 +85,7 @@ def run(args) -> int:
         extra = [r for r in references if not any(r is m for m in reports)]
         errors: dict[str, str] = {}
         try:
-            hashes = _hash_all(catalog, reports + extra, errors)
+            hashes = _hash_all(catalog, reports + extra, errors, args.jobs or None)
             for ref in references:
                 if ref.model_id in hashes:
                     catalog.mark_reference(hashes[ref.model_id].sha256, ref.model_id or ref.path.name)
@@ -120,7 +122,9 @@ def _find_reference(name: str, reports: list[ModelReport]) -> ModelReport | None
     return inspect_file(path, "")
 
 
-def _hash_all(catalog: Catalog, reports: list[ModelReport], errors: dict[str, str]) -> dict[str, FileHashes]:
+def _hash_all(catalog: Catalog, reports: list[ModelReport], errors: dict[str, str],
+              jobs: int | None = None) -> dict[str, FileHashes]:
+    """Hash what the catalog lacks, several files at once: an overall bar and one per file."""
     console = Console(stderr=True)
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -131,10 +135,20 @@ def _hash_all(catalog: Catalog, reports: list[ModelReport], errors: dict[str, st
     )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("hashing", total=None)
+        per_file: dict[int, object] = {}
 
         def on_file(report: ModelReport, cached: bool) -> None:
             if not cached:
-                progress.update(task, description=f"hashing {report.model_id or report.path.name}")
+                per_file[id(report)] = progress.add_task(f"  {report.model_id or report.path.name}",
+                                                         total=report.file_size or None)
+
+        def on_file_progress(report: ModelReport, done: int, total: int) -> None:
+            if id(report) in per_file:
+                progress.update(per_file[id(report)], completed=done, total=total)
+
+        def on_file_done(report: ModelReport) -> None:
+            if id(report) in per_file:
+                progress.remove_task(per_file.pop(id(report)))
 
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
@@ -143,7 +157,8 @@ def _hash_all(catalog: Catalog, reports: list[ModelReport], errors: dict[str, st
             errors[report.model_id] = message
             console.print(f"[red]cannot hash {report.path}: {message}")
 
-        return catalog.hash_reports(reports, on_progress=on_progress, on_error=on_error, on_file=on_file)
+        return catalog.hash_reports(reports, on_progress=on_progress, on_error=on_error, on_file=on_file, jobs=jobs,
+                                    on_file_progress=on_file_progress, on_file_done=on_file_done)
 
 
 def _shared(hashes: dict[str, FileHashes]) -> tuple[list[ComponentGroup], dict[str, list[str]]]:

@@ -221,7 +221,8 @@ class _Output:
             })
             return
         if errors:
-            self.console.print(f"[bold red]{len(errors)} problem{'s' * (len(errors) != 1)}: the recipe cannot be merged[/]")
+            self.console.print(f"[bold red]{len(errors)} problem{'s' * (len(errors) != 1)}: "
+                               "the recipe cannot be merged[/]")
             return
         table = Table(title="ready to merge", show_edge=False, header_style="bold")
         table.add_column("output")
@@ -290,8 +291,10 @@ class _Display:
             parts.append(f"ETA {duration(v.eta_s)}")
         if v.host_rss:
             parts.append(f"RAM {v.host_rss / 1e9:,.2f} GB")
-        if v.device_mem_used is not None and v.device_mem_total:
-            parts.append(f"VRAM {v.device_mem_used / 1e9:,.1f}/{v.device_mem_total / 1e9:,.1f} GB")
+        if v.card_mem_used is not None and v.card_mem_total:
+            parts.append(f"card VRAM {v.card_mem_used / 1e9:,.1f}/{v.card_mem_total / 1e9:,.1f} GB")
+        if v.process_mem_peak:
+            parts.append(f"merge peak {v.process_mem_peak / 1e9:,.1f} GB")
         self.progress.update(self.overall, description=v.stage, total=max(v.bytes_total, 1), completed=done,
                              detail="  ".join(parts))
         for path, state in v.outputs.items():

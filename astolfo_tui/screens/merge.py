@@ -45,7 +45,8 @@ class MergeScreen(Screen):
     BINDINGS = [
         Binding("escape", "close", "Back", tooltip="Back to the library (a running merge goes on)"),
         Binding("l", "launch", "Launch", tooltip="Save the recipe and start the merge as a detached job"),
-        Binding("ctrl+c", "cancel_job", "Cancel merge", tooltip="Cancel the running merge (asks first; no output is left)"),
+        Binding("ctrl+c", "cancel_job", "Cancel merge",
+                tooltip="Cancel the running merge (asks first; no output is left)"),
         Binding("j", "jobs", "Jobs", tooltip="All jobs, running and finished"),
     ]
 
@@ -130,7 +131,8 @@ class MergeScreen(Screen):
     def _summary(self, recipe) -> Text:
         t = Text()
         t.append(f"{recipe.name}", style="bold #7aa2f7")
-        t.append(f"   {len(recipe.models)} models · {len(recipe.outputs)} outputs · dtype {recipe.dtype} · device {recipe.device}\n")
+        t.append(f"   {len(recipe.models)} models · {len(recipe.outputs)} outputs · dtype {recipe.dtype} "
+                 f"· device {recipe.device}\n")
         if self.plan is not None:
             read, write = self.plan.bytes_to_read, self.plan.bytes_to_write
             free = _free_disk(recipe.resolve(recipe.outputs[0].path)) if recipe.outputs else None
@@ -151,7 +153,8 @@ class MergeScreen(Screen):
         return t
 
     def _outputs_table(self, recipe) -> Table:
-        table = Table(title="what goes where", title_justify="left", title_style="bold", expand=True, box=None, padding=(0, 1))
+        table = Table(title="what goes where", title_justify="left", title_style="bold", expand=True, box=None,
+                      padding=(0, 1))
         table.add_column("output", style="bold", no_wrap=True)
         table.add_column("component", no_wrap=True)
         table.add_column("selection", no_wrap=True)
@@ -250,7 +253,8 @@ class MergeScreen(Screen):
         self.query_one("#cancel", Button).disabled = True
         self.refresh_bindings()
         if self.view.final is None and self.job.exit_reason:
-            self.query_one("#job-log", RichLog).write(Text(f"job {self.job.status}: {self.job.exit_reason}", style=ERROR))
+            self.query_one("#job-log", RichLog).write(Text(f"job {self.job.status}: {self.job.exit_reason}",
+                                                           style=ERROR))
 
     def _render_job(self) -> None:
         v, job = self.view, self.job
@@ -268,7 +272,8 @@ class MergeScreen(Screen):
             title.append(f"\n{v.final_message}", style=OK)
         self.query_one("#job-title", Static).update(title)
 
-        stage = {"hashing": "hashing sources", "merging": "merging", "finishing": "fsync + rename"}.get(v.stage, "overall")
+        stage = {"hashing": "hashing sources", "merging": "merging",
+                 "finishing": "fsync + rename"}.get(v.stage, "overall")
         self.query_one("#overall-label", Label).update("overall" if v.final else stage)
         overall = self.query_one("#overall", ProgressBar)
         overall.update(total=max(v.bytes_total, 1), progress=v.bytes_total if v.final == "finished" else v.bytes_done)
@@ -308,9 +313,10 @@ class MergeScreen(Screen):
     def _render_memory(self) -> None:
         v = self.view
         gpu = self.query_one("#gpu-meter", MemoryMeter)
-        snap = devices.gpu_snapshot(v.device) if v.device.startswith("cuda") else None
-        if v.device_mem_total:
-            gpu.show(v.device_mem_used, v.device_mem_total, v.device_mem_peak, snap.util if snap else None)
+        snap = devices.gpu_snapshot(v.device, v.device_uuid) if v.device.startswith("cuda") else None
+        if v.card_mem_total:  # the card's used/total; the peak is the merge process's own
+            gpu.show(v.card_mem_used, v.card_mem_total, v.process_mem_peak, snap.util if snap else None,
+                     peak_label="merge peak")
         elif snap is not None:
             gpu.show(snap.used, snap.total, None, snap.util)
         else:
@@ -334,7 +340,8 @@ class MergeScreen(Screen):
                 self._cancelling = True  # set before the worker starts: polling must go on
                 self.cancel(job_id)
 
-        self.app.push_screen(ConfirmDialog(f"Cancel merge job {job_id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"), done)
+        self.app.push_screen(ConfirmDialog(f"Cancel merge job {job_id}? Nothing it wrote will be kept.", "Cancel merge",
+                                           "Keep running"), done)
 
     @work(thread=True, group="cancel", exit_on_error=False, name="cancelling the merge")
     def cancel(self, job_id: str) -> None:

@@ -1,4 +1,7 @@
-"""A one-line memory meter: ``GPU  ▕██████▌░░░░▏  12.3 / 80.0 GB  peak 14.1 GB  util 97%``."""
+"""A one-line memory meter: ``GPU  ▕██████▌░░░░▏  12.3 / 80.0 GB  merge peak 9.1 GB  util 97%``.
+
+The bar is the whole card (or machine); the peak may be another quantity (the merge process's
+own peak on a GPU), so its label is the caller's."""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class MemoryMeter(Static):
         peak: int | None = None,
         util: int | None = None,
         note: str | None = None,
+        peak_label: str = "peak",
     ) -> None:
         t = Text()
         t.append(f"{self.label:<5}", style="bold")
@@ -51,7 +55,7 @@ class MemoryMeter(Static):
         t.append("  ")
         t.append(f"{gb(used)} / {gb(total)} GB", style="bold")
         if peak is not None:
-            t.append(f"  peak {gb(peak)} GB", style="#7aa2f7")
+            t.append(f"  {peak_label} {gb(peak)} GB", style="#7aa2f7")
         if util is not None:
             t.append(f"  util {util}%", style="#bb9af7")
         self.update(t)

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import platformdirs
 
 from engine.checkpoint.architectures import get_architecture
-from engine.hashes.model import HASH_VERSION, FileHashes, HashCancelled, HashError, ProgressFn
+from engine.hashes.model import HASH_VERSION, FileHashes, HashError, ProgressFn
 from engine.library.report import ModelReport
 
 CACHE_DIR_ENV = "ASTOLFO_CACHE_DIR"
@@ -108,7 +108,8 @@ class Catalog:
         if read_only:  # a reader beside a writer (or on a read-only disk): never creates or moves
             try:
                 uri = self.path.absolute().as_uri() + "?mode=ro"
-                self._db = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+                self._db = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
+                                           check_same_thread=False)
                 self._db.execute("SELECT count(*) FROM files").fetchone()
             except sqlite3.Error as e:
                 raise CatalogError(self.path, f"cannot read the catalog: {e}") from None
@@ -260,12 +261,21 @@ class Catalog:
         cancel: threading.Event | None = None,
         on_error: Callable[[ModelReport, str], None] | None = None,
         on_file: Callable[[ModelReport, bool], None] | None = None,
+        jobs: int | None = None,
+        on_file_progress: Callable[[ModelReport, int, int], None] | None = None,
+        on_file_done: Callable[[ModelReport], None] | None = None,
     ) -> dict[str, FileHashes]:
         """Hashes for each report's file, by model id: cached ones first (no data read), then
-        the rest hashed in order, each stored as soon as it is done. ``on_progress`` counts the
-        bytes of the files that need hashing; ``on_file(report, cached)`` announces each file;
-        ``on_error(report, message)`` gets files that cannot be hashed (the rest go on).
-        Cancelling raises ``HashCancelled``; files finished before it stay stored."""
+        the rest hashed, ``jobs`` files at once (default: ``parallel.default_jobs()``, one per
+        three usable cores), each stored as soon as it is done (one transaction, under the
+        connection's lock: concurrent writers stay consistent). ``on_progress`` counts the
+        bytes of the files that need hashing; ``on_file(report, cached)`` announces each file
+        as it starts, ``on_file_progress(report, done, total)`` follows it and
+        ``on_file_done(report)`` ends it; ``on_error(report, message)`` gets files that cannot
+        be hashed (the rest go on). Callbacks come one at a time, possibly from worker
+        threads. Cancelling raises ``HashCancelled``; files finished before it stay stored."""
+        from engine.hashes.parallel import HashPool, default_jobs
+
         out: dict[str, FileHashes] = {}
         todo: list[ModelReport] = []
         for r in reports:
@@ -276,35 +286,37 @@ class Catalog:
                     on_file(r, True)
             else:
                 todo.append(r)
-        total = 0
+        sizes = {}
         for r in todo:
             try:
-                total += os.stat(r.path).st_size
+                sizes[id(r)] = os.stat(r.path).st_size
             except OSError:
-                pass
-        done = 0
-        for r in todo:
-            if on_file:
-                on_file(r, False)
+                sizes[id(r)] = 0
 
-            def progress(n: int, _size: int, base: int = done) -> None:
-                if on_progress:
-                    on_progress(base + n, max(total, base + n))
+        def hash_one(r: ModelReport, progress, pool_cancel) -> FileHashes:
+            return self.hash_file(r.path, r, on_progress=progress, cancel=pool_cancel)
 
-            try:
-                out[r.model_id] = self.hash_file(r.path, r, on_progress=progress, cancel=cancel)
-            except HashCancelled:
-                raise
-            except HashError as e:
-                if on_error is None:
-                    raise
+        def done(r: ModelReport, hashes: FileHashes) -> None:
+            out[r.model_id] = hashes
+            if on_file_done:
+                on_file_done(r)
+
+        def failed(r: ModelReport, e: BaseException) -> None:
+            if isinstance(e, HashError) and on_error is not None:
                 on_error(r, e.reason)
-            try:
-                done += os.stat(r.path).st_size
-            except OSError:
-                pass
+                if on_file_done:
+                    on_file_done(r)
+                return
+            raise e
+
+        pool = HashPool(hash_one, sizes, jobs if jobs is not None else default_jobs(), cancel,
+                        on_progress=on_progress, on_file_progress=on_file_progress,
+                        on_start=(lambda r: on_file(r, False)) if on_file else None,
+                        on_done=done, on_error=failed if on_error is not None else None)
+        pool.run(todo)
         if on_progress:
-            on_progress(done, max(total, done))
+            total = sum(sizes.values())
+            on_progress(total, total)
         return out
 
     # ------------------------------------------------------------------ reference marks

@@ -1,9 +1,15 @@
-"""Where the merge runs and how much memory it uses: device names, host RSS, GPU memory.
+"""Where the merge runs and how much memory it uses: device names, host cores and RSS, GPU memory.
 
-GPU memory comes from NVML (``nvidia-ml-py``, the optional ``gpu`` extra) when it is present: it
-sees the whole card, as ``nvidia-smi`` does, and needs no CUDA context. Drivers >= 515 count
-reserved memory as "used" unless asked for the v2 structure, so v2 is tried first. Without NVML
-the figures come from torch's allocator (this process only).
+Two GPU figures, never mixed: the *card's* used/total (all processes, as ``nvidia-smi`` shows)
+and *this process's* peak (``torch.cuda.max_memory_reserved``: what torch's allocator held at
+most). The card's figures come from NVML (``nvidia-ml-py``, a default dependency) when a driver
+answers, else from ``torch.cuda.mem_get_info`` (which needs no NVML). Drivers >= 515 count
+reserved memory as "used" unless asked for the v2 structure, so v2 is tried first.
+
+NVML numbers cards in PCI order and ignores ``CUDA_VISIBLE_DEVICES``; CUDA numbers them
+fastest first, among the visible ones. So the card is found by torch's device UUID (a MIG
+instance by its MIG UUID), and by index only where both orders provably agree; otherwise the
+torch figures are used, never another card's.
 """
 
 from __future__ import annotations
@@ -59,6 +65,24 @@ def describe(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def host_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container or ``taskset`` may
+    allow fewer than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_free_bytes(device: torch.device) -> int | None:
+    """Free memory of the card of ``device`` now (all processes), or None where unknown."""
+    import torch
+    try:
+        return int(torch.cuda.mem_get_info(device)[0])
+    except Exception:
+        return None
+
+
 def host_rss() -> int | None:
     """Resident set size of this process in bytes (Linux /proc; None where unknown)."""
     try:
@@ -78,35 +102,44 @@ def host_rss_peak() -> int:
 
 @dataclass
 class DeviceMemory:
-    used: int | None
-    total: int | None
-    peak: int | None
+    card_used: int | None  # the whole card, every process
+    card_total: int | None
+    process_peak: int | None  # this process: the most torch's allocator reserved
 
 
 class MemoryMonitor:
     """Device memory figures for progress events. For the CPU everything is None (host RSS is
-    reported separately)."""
+    reported separately). ``pynvml`` may be given (tests pass a fake NVML module)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, pynvml=None):
         self.device = device
         self._nvml = None
         self._handle = None
-        self._peak = 0
         if device.type == "cuda":
-            self._open_nvml()
+            self._open_nvml(pynvml)
 
-    def _open_nvml(self) -> None:
-        try:
-            import pynvml  # type: ignore[import-not-found]
-        except ImportError:
-            return
+    def _open_nvml(self, pynvml=None) -> None:
+        if pynvml is None:
+            try:
+                import pynvml  # type: ignore[import-not-found]
+            except ImportError:
+                return
         try:
             pynvml.nvmlInit()
-            self._handle = _nvml_handle(pynvml, self.device)
-            self._nvml = pynvml
-        except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: fall back to torch
-            self._nvml = None
+        except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: the torch figures
+            return
+        try:
+            index = self.device.index if self.device.index is not None else 0
+            self._handle = nvml_handle(pynvml, torch_uuid(self.device), os.environ, index)
+        except Exception:
             self._handle = None
+        if self._handle is None:
+            try:
+                pynvml.nvmlShutdown()
+            except Exception:
+                pass
+            return
+        self._nvml = pynvml
 
     @property
     def source(self) -> str:
@@ -118,14 +151,13 @@ class MemoryMonitor:
         import torch
         if self.device.type != "cuda":
             return DeviceMemory(None, None, None)
+        peak = int(torch.cuda.max_memory_reserved(self.device))
         if self._nvml is not None:
             used, total = _nvml_memory(self._nvml, self._handle)
             if used is not None:
-                self._peak = max(self._peak, used)
-                return DeviceMemory(used, total, self._peak)
-        used = torch.cuda.memory_reserved(self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return DeviceMemory(used, total, torch.cuda.max_memory_allocated(self.device))
+                return DeviceMemory(used, total, peak)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return DeviceMemory(int(total - free), int(total), peak)
 
     def close(self) -> None:
         if self._nvml is not None:
@@ -136,19 +168,49 @@ class MemoryMonitor:
             self._nvml = None
 
 
-def _nvml_handle(pynvml, device: torch.device):
-    """The NVML handle of torch's CUDA device: matched by UUID (CUDA_VISIBLE_DEVICES reorders
-    indices), else by index."""
+def torch_uuid(device: torch.device) -> str | None:
+    """torch's UUID of the CUDA device (``GPU-...``, or ``MIG-...`` on a MIG instance, or bare
+    hex groups, depending on the torch version), or None where torch has none."""
     import torch
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    if uuid is not None:
-        text = str(uuid)
-        try:
-            return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith("GPU-") else f"GPU-{text}")
-        except Exception:
-            pass
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    except Exception:
+        return None
+    return str(uuid) if uuid else None
+
+
+def _uuid_forms(uuid: str) -> list[str]:
+    """The names NVML may know the card by: as given when prefixed, else as a GPU or a MIG
+    instance (torch drops the prefix; CUDA reports a MIG instance's own UUID)."""
+    text = uuid.strip()
+    if text.startswith(("GPU-", "MIG-")):
+        return [text]
+    return [f"GPU-{text}", f"MIG-{text}"]
+
+
+def nvml_handle(pynvml, uuid: str | None, env, index: int | None = None):
+    """The NVML handle of the card torch calls ``uuid`` (``index`` in CUDA's numbering), or
+    None. By UUID first; by index only when ``CUDA_VISIBLE_DEVICES`` is unset and the numbering
+    of NVML (PCI order) is CUDA's too: one card, or ``CUDA_DEVICE_ORDER=PCI_BUS_ID``."""
+    if uuid:
+        for name in _uuid_forms(uuid):
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(name)
+            except Exception:
+                continue
+    if index is None or env.get("CUDA_VISIBLE_DEVICES") is not None:
+        return None
+    try:
+        one_card = pynvml.nvmlDeviceGetCount() == 1
+    except Exception:
+        return None
+    if not (one_card or env.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"):
+        return None
+    try:
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return None
 
 
 def _nvml_memory(pynvml, handle) -> tuple[int | None, int | None]:
@@ -198,19 +260,23 @@ def _nvml():
     return _nvml_state["module"]
 
 
-def gpu_snapshot(device: str = "cuda:0") -> GpuSnapshot | None:
+def gpu_snapshot(device: str = "cuda:0", uuid: str | None = None, pynvml=None) -> GpuSnapshot | None:
     """Memory used/total and utilisation of the card named like ``cuda:1`` or
     ``cuda:1 (NVIDIA H100 ...)`` (the form progress events carry), from NVML; None where there
-    is no NVML, no driver or no such card. Creates no CUDA context."""
+    is no NVML, no driver or no such card. ``uuid`` (the ``started`` event's ``device_uuid``)
+    finds the card whatever the merge process's ``CUDA_VISIBLE_DEVICES`` was; without it the
+    index is trusted only where ``nvml_handle`` says so. Creates no CUDA context."""
     match = re.match(r"^cuda(?::(\d+))?", device or "")
     if not match:
         return None
-    pynvml = _nvml()
+    pynvml = pynvml or _nvml()
     if pynvml is None:
         return None
     index = int(match.group(1) or 0)
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = nvml_handle(pynvml, uuid, os.environ, index)
+        if handle is None:
+            return None
         name = pynvml.nvmlDeviceGetName(handle)
         used, total = _nvml_memory(pynvml, handle)
         try:

@@ -8,15 +8,18 @@ into the same renderer as a live merge. The merge emits at most ~10 progress eve
 Event types (``type`` field):
 
 ``started``
-    The merge is about to read data: outputs, totals, device, and how many tensors a resumed
+    The merge is about to read data: outputs, totals, device (and the GPU's UUID, so a
+    dashboard in another process finds the same card in NVML), and how many tensors a resumed
     run already had on disk.
 ``stage``
     The merge moved to a new stage: ``hashing`` (source hashes for provenance/pins),
     ``merging``, ``finishing`` (fsync and rename).
 ``progress``
     Tensors and bytes done/total, throughput (GB/s of source data read), ETA, the tensor being
-    merged, device memory (used/total/peak, bytes; None where unknown), host RSS, and per-output
-    progress (``OutputProgress``).
+    merged (in the hashing stage: the files being hashed at once, each with its progress), GPU
+    memory in bytes (None where unknown): ``card_mem_used``/``card_mem_total`` for the whole
+    card (every process on it) and ``process_mem_peak``, the most this merge's process held
+    (torch's reserved memory), host RSS, and per-output progress (``OutputProgress``).
 ``warning``
     Something the user must know but that does not stop the merge: a key missing from some
     models of a selection, a source skipped for NaN/Inf (``skip_nan``), an integer tensor copied
@@ -52,6 +55,7 @@ class Started:
     device: str
     sources: int  # number of distinct source files read
     resumed_tensors: int = 0  # tensors already on disk from an interrupted run (0: fresh)
+    device_uuid: str | None = None  # the CUDA device's UUID (GPU-... or MIG-...); None on the CPU
     type: str = "started"
 
 
@@ -75,9 +79,9 @@ class Progress:
     eta_s: float | None
     current_key: str | None
     host_rss: int | None
-    device_mem_used: int | None = None
-    device_mem_total: int | None = None
-    device_mem_peak: int | None = None
+    card_mem_used: int | None = None
+    card_mem_total: int | None = None
+    process_mem_peak: int | None = None
     outputs: list[OutputProgress] = field(default_factory=list)
     type: str = "progress"
 
@@ -113,7 +117,7 @@ class Finished:
     gbps: float
     warnings: int
     host_rss_peak: int | None = None
-    device_mem_peak: int | None = None
+    process_mem_peak: int | None = None
     type: str = "finished"
 
 

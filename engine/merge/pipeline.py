@@ -46,12 +46,11 @@ class PassHooks:
 
 
 def open_backend(plan: MergePlan, device: torch.device, tuning: Tuning, items: list[Item]) -> Backend:
-    """The backend for ``device``: CUDA (segments sized by this pass's largest) or CPU threads."""
+    """The backend for ``device``: CUDA (scratch sized by this pass's items) or CPU threads."""
     if device.type == "cuda":
         from engine.merge.backends.cuda import CudaBackend  # only a GPU run pays for it
 
-        max_elems = max((seg.numel for it in items for seg in it.segments), default=1)
-        return CudaBackend(plan, device, tuning.buffer_bytes, max_elems)
+        return CudaBackend(plan, device, tuning.buffer_bytes, items)
     from engine.merge.backends.cpu import CpuBackend
 
     return CpuBackend(plan, tuning.sub_elems, tuning.workers)

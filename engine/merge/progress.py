@@ -47,7 +47,8 @@ class ProgressMeter:
         t_old, b_old = self._rate[0]
         return (counted - b_old) / (now - t_old) if now > t_old else 0.0
 
-    def hashing(self, done: int, total: int) -> None:
+    def hashing(self, done: int, total: int, files: str | None = None) -> None:
+        """``files``: the files being hashed now, with their progress (in ``current_key``)."""
         now = self.due()
         if now is None:
             return
@@ -55,7 +56,7 @@ class ProgressMeter:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate else None
         self.emit(ev.Progress("hashing", 0, self.tensors_total, done, total, 0, round(now - self.t0, 3),
-                              round(rate / 1e9, 3), None if eta is None else round(eta, 1), None, host_rss()))
+                              round(rate / 1e9, 3), None if eta is None else round(eta, 1), files, host_rss()))
 
     def merging(self, stage: str, bytes_read: int, bytes_done: int, bytes_total: int, resumed_bytes: int,
                 streams, current_key: str | None, force: bool = False) -> None:
@@ -76,8 +77,8 @@ class ProgressMeter:
             elapsed_s=round(now - self.t0, 3), gbps=round(gbps, 3),
             eta_s=None if eta is None else round(eta, 1),
             current_key=current_key, host_rss=host_rss(),
-            device_mem_used=mem.used if mem else None, device_mem_total=mem.total if mem else None,
-            device_mem_peak=mem.peak if mem else None,
+            card_mem_used=mem.card_used if mem else None, card_mem_total=mem.card_total if mem else None,
+            process_mem_peak=mem.process_peak if mem else None,
             outputs=[ev.OutputProgress(str(s.target), s.tensors_done, s.total,
                                        min(s.bytes_written + len(s.header_bytes), s.total_bytes), s.total_bytes)
                      for s in streams],

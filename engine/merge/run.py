@@ -31,13 +31,13 @@ import torch
 from engine.checkpoint.format import SafetensorsError
 from engine.library.report import Severity
 from engine.merge import events as ev
-from engine.merge.devices import MemoryMonitor, describe, host_rss_peak, resolve_device
+from engine.merge.devices import MemoryMonitor, describe, host_rss_peak, resolve_device, torch_uuid
 from engine.merge.errors import MergeCancelled, MergeError
 from engine.merge.io import drop_cache_wanted
 from engine.merge.layout import Item
 from engine.merge.nan_policy import NanPolicy
 from engine.merge.output import OutputStream, plan_fingerprint
-from engine.merge.pipeline import PassHooks, Pipeline, Restart
+from engine.merge.pipeline import PassHooks, Pipeline, Restart, open_backend
 from engine.merge.progress import ProgressMeter
 from engine.merge.resume import first_needed_step, open_streams, reopen_at_durable, resumed_source_bytes
 from engine.merge.tuning import Tuning
@@ -45,7 +45,10 @@ from engine.plan.model import MergePlan
 
 __all__ = ["MergeCancelled", "MergeError", "MergeResult", "OutputResult", "Tuning", "execute"]
 
-FORMAT_VERSION = 2  # of the resume fingerprint: 2 dropped the accumulator dtype from nodes
+# Of the resume fingerprint: 2 dropped the accumulator dtype from nodes; 3: products multiply then
+# add on every device (a partial from before may hold CUDA's fused products). The device is not
+# in the fingerprint: every device writes the same bytes, so a resume may change device.
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -65,29 +68,34 @@ class MergeResult:
     resumed_tensors: int = 0
     warnings: list[str] = field(default_factory=list)
     host_rss_peak: int | None = None
-    device_mem_peak: int | None = None
+    process_mem_peak: int | None = None
 
 
 def execute(plan: MergePlan, on_event: Callable[[ev.Event], None] | None = None,
             cancel: threading.Event | None = None, resume: bool = False,
-            tuning: Tuning | None = None, read_limit: float | None = None) -> MergeResult:
+            tuning: Tuning | None = None, read_limit: float | None = None,
+            backend_factory: Callable | None = None) -> MergeResult:
     """Merge ``plan``. Raises MergeCancelled when ``cancel`` is set (nothing left behind) and
     MergeError when the merge cannot complete (nothing left behind either).
 
     ``read_limit``: at most this many bytes per second read from the sources (None: as fast as
-    the disk goes), for shared disks and network storage that a full-speed merge would hog."""
-    return _Run(plan, on_event, cancel or threading.Event(), tuning, read_limit).run(resume)
+    the disk goes), for shared disks and network storage that a full-speed merge would hog.
+
+    ``backend_factory``: builds the backend of each pass (``pipeline.open_backend``, by device,
+    when None); the tests pass the CUDA backend over a CPU test double of the CUDA runtime."""
+    return _Run(plan, on_event, cancel or threading.Event(), tuning, read_limit, backend_factory).run(resume)
 
 
 class _Run:
     def __init__(self, plan: MergePlan, on_event, cancel: threading.Event, tuning: Tuning | None,
-                 read_limit: float | None):
+                 read_limit: float | None, backend_factory: Callable | None = None):
         self.plan = plan
         self.on_event = on_event
         self.cancel = cancel
         self.tuning_given = tuning
         self.tuning = tuning or Tuning()
         self.read_limit = read_limit
+        self.backend_factory = backend_factory or open_backend
         self.device = torch.device("cpu")
         self.memory: MemoryMonitor | None = None
         self.warnings: list[str] = []
@@ -182,6 +190,7 @@ class _Run:
             outputs=[str(o.path) for o in plan.outputs], tensors_total=plan.tensor_count,
             bytes_to_read=plan.bytes_to_read, bytes_to_write=sum(s.total_bytes for s in self.streams),
             device=describe(self.device), sources=len(plan.files), resumed_tensors=resumed_tensors,
+            device_uuid=torch_uuid(self.device) if self.device.type == "cuda" else None,
         ))
         for p in plan.problems:
             if p.severity >= Severity.WARNING:
@@ -190,7 +199,7 @@ class _Run:
         self.meter.start_stage()
         pipeline = Pipeline(plan, self.fds, self.streams, self.tuning, self.device, self.nan,
                             PassHooks(self.check_cancel, self.progress, self.item_done), self.read_limit,
-                            drop_cache_wanted(plan.bytes_to_read + plan.bytes_to_write))
+                            drop_cache_wanted(plan.bytes_to_read + plan.bytes_to_write), self.backend_factory)
         while True:
             try:
                 pipeline.run(start)
@@ -229,11 +238,11 @@ class _Run:
         elapsed = time.monotonic() - self.t0
         merge_time = max(time.monotonic() - self.meter.stage_start, 1e-9)
         written = sum(r.bytes for r in results)
-        peak = self.memory.sample().peak
+        peak = self.memory.sample().process_peak
         self.emit(ev.Finished(
             outputs=[r.path for r in results], elapsed_s=round(elapsed, 3), bytes_read=self.bytes_read,
             bytes_written=written, gbps=round(self.bytes_read / merge_time / 1e9, 3),
-            warnings=len(self.warnings), host_rss_peak=host_rss_peak(), device_mem_peak=peak,
+            warnings=len(self.warnings), host_rss_peak=host_rss_peak(), process_mem_peak=peak,
         ))
         return MergeResult(results, elapsed, self.bytes_read, written, describe(self.device), resumed_tensors,
                            list(self.warnings), host_rss_peak(), peak)
@@ -249,8 +258,20 @@ class _Run:
             self.meter.start_stage()
             self.emit(ev.Stage("hashing", message))
 
+        in_flight: dict[str, tuple[int, int]] = {}  # files hashed at once (callbacks come one at a time)
+
+        def file_progress(report, done: int, total: int) -> None:
+            in_flight[report.path.name] = (done, total)
+
+        def file_done(report) -> None:
+            in_flight.pop(report.path.name, None)
+
+        def progress(done: int, total: int) -> None:
+            files = ", ".join(f"{name} {d / max(t, 1):.0%}" for name, (d, t) in in_flight.items())
+            self.meter.hashing(done, total, files or None)
+
         try:
-            hashes = plan_hashes(self.plan, on_stage, self.meter.hashing, self.cancel)
+            hashes = plan_hashes(self.plan, on_stage, progress, self.cancel, file_progress, file_done)
         except HashCancelled:
             raise MergeCancelled("cancelled while hashing") from None
         except HashError as e:

@@ -70,26 +70,32 @@ def cached_hashes(paths: list[Path], model_ids: list[str]) -> dict:
 
 
 def compute_hashes(reports: list, on_progress: Callable[[int, int], None] | None,
-                   cancel: threading.Event | None) -> dict:
+                   cancel: threading.Event | None, on_file_progress: Callable | None = None,
+                   on_file_done: Callable | None = None) -> dict:
     """model id -> FileHashes for ``reports`` (ModelReports), hashing what the catalog lacks and
-    storing the results. Raises HashCancelled / HashError from engine.hashes.model."""
+    storing the results, several files at once where the cores allow (``hashes.parallel``).
+    Raises HashCancelled / HashError from engine.hashes.model."""
     catalog = _open_catalog()
     if catalog is not None:
         try:
-            return catalog.hash_reports(reports, on_progress=on_progress, cancel=cancel)
+            return catalog.hash_reports(reports, on_progress=on_progress, cancel=cancel,
+                                        on_file_progress=on_file_progress, on_file_done=on_file_done)
         finally:
             catalog.close()
     from engine.hashes.hasher import hash_file
+    from engine.hashes.parallel import HashPool, default_jobs
 
-    out, done = {}, 0
-    total = sum(r.file_size for r in reports)
-    for r in reports:
-        base = done
-        out[r.model_id] = hash_file(
-            r.path, r, on_progress=(lambda n, _t, b=base: on_progress(b + n, total)) if on_progress else None,
-            cancel=cancel,
-        )
-        done += r.file_size
+    out: dict = {}
+
+    def done(r, h) -> None:
+        out[r.model_id] = h
+        if on_file_done:
+            on_file_done(r)
+
+    pool = HashPool(lambda r, progress, c: hash_file(r.path, r, on_progress=progress, cancel=c),
+                    {id(r): r.file_size for r in reports}, default_jobs(), cancel, on_progress=on_progress,
+                    on_file_progress=on_file_progress, on_done=done)
+    pool.run(reports)
     return out
 
 
@@ -103,18 +109,20 @@ def pin_problem(model_id: str, path, pin: str | None, sha256: str | None) -> str
     prefix); None when it matches or when either is unknown."""
     if not pin or sha256 is None or sha256.lower().startswith(pin.lower()):
         return None
-    return f"model {model_id}: {path} has SHA256 {sha256[:10]}..., the recipe pins {pin}: the file was replaced or renamed"
+    return (f"model {model_id}: {path} has SHA256 {sha256[:10]}..., the recipe pins {pin}: the file was replaced "
+            "or renamed")
 
 
 def plan_hashes(plan, on_stage: Callable[[str], None], on_progress: Callable[[int, int], None] | None,
-                cancel: threading.Event | None) -> dict:
+                cancel: threading.Event | None, on_file_progress: Callable | None = None,
+                on_file_done: Callable | None = None) -> dict:
     """model id -> FileHashes for every source of ``plan``: those the plan found in the catalog,
     the rest hashed now (``on_stage`` is told first). Raises HashCancelled / HashError."""
     hashes = dict(plan.hashes)
     todo = [f.report for f in plan.files if f.model_id not in hashes]
     if todo:
         on_stage(f"{len(todo)} source file(s) not in the hash cache")
-        hashes.update(compute_hashes(todo, on_progress, cancel))
+        hashes.update(compute_hashes(todo, on_progress, cancel, on_file_progress, on_file_done))
     return hashes
 
 

@@ -254,7 +254,8 @@ def test_cancelling_a_job_that_died_removes_its_partial_output(tmp_path, models)
 def test_a_second_job_for_the_same_output_is_refused(tmp_path, models):
     first_recipe = write_recipe(tmp_path / "a", models, output=str(tmp_path / "shared" / "mix.safetensors"))
     second_recipe = write_recipe(tmp_path / "b", models[:2], output="../shared/mix.safetensors", name="other")
-    first = start_job(first_recipe, read_limit=READ_LIMIT)
+    # slow enough (~30 s) to still be running after three CLI runs on a loaded machine; cancelled below
+    first = start_job(first_recipe, read_limit=READ_LIMIT / 4)
     try:
         with pytest.raises(OutputBusy, match=first.id) as refused:
             start_job(second_recipe)

@@ -40,4 +40,4 @@ def test_host_memory_figures():
     assert rss is not None and rss > 10 << 20
     assert host_rss_peak() >= rss
     sample = MemoryMonitor(torch.device("cpu")).sample()
-    assert (sample.used, sample.total, sample.peak) == (None, None, None)
+    assert (sample.card_used, sample.card_total, sample.process_peak) == (None, None, None)
