@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
 import os
 import platform
 import shutil
@@ -47,7 +49,7 @@ from engine.checkpoint.writer import StreamingWriter
 POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut from
 
 ASTOLFO = """
-import os, sys
+import json, os, sys, threading, time
 from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan
@@ -58,7 +60,31 @@ lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"'
 lines += [f'{i} = "{p}"' for i, p in zip(ids, paths)]
 lines += ["[select]", "all = [" + ", ".join(f'"{i}"' for i in ids) + "]", "[[output]]", f'path = "{out}"']
 lines += [f'{c} = "all"' for c in ("unet", "te0", "te1", "vae")]
-execute(build_plan(parse_recipe("\\n".join(lines) + "\\n", Path(out).parent)))
+# CPU seconds of each merge thread, sampled from /proc (threads are gone when the merge returns)
+cpu, marks, stop = {}, {}, threading.Event()
+def sample():
+    tick = os.sysconf("SC_CLK_TCK")
+    while not stop.wait(0.02):
+        for t in threading.enumerate():
+            try:
+                f = open(f"/proc/self/task/{t.native_id}/stat").read().rsplit(")", 1)[1].split()
+            except (OSError, TypeError):
+                continue
+            cpu[t.name] = max(cpu.get(t.name, 0.0), (int(f[11]) + int(f[12])) / tick)
+threading.Thread(target=sample, daemon=True).start()
+def on_event(e):
+    if e.type == "stage":
+        marks.setdefault(e.stage, time.monotonic())
+result = execute(build_plan(parse_recipe("\\n".join(lines) + "\\n", Path(out).parent)), on_event=on_event)
+stop.set()
+role = lambda n: "read" if n.startswith("merge-read") else "write" if n == "merge-write" else \\
+    "compute" if n.startswith("merge-cpu") else None
+stats = {"merge_s": marks["finishing"] - marks["merging"], "bytes_read": result.bytes_read, "cpu": {}}
+for name, sec in cpu.items():
+    if role(name):
+        stats["cpu"][role(name)] = stats["cpu"].get(role(name), 0.0) + sec
+if os.environ.get("BENCH_STATS_FILE"):
+    Path(os.environ["BENCH_STATS_FILE"]).write_text(json.dumps(stats))
 """
 
 PLAIN = """
@@ -100,7 +126,9 @@ def _report_peak():
 atexit.register(_report_peak)
 """
 
-SCRIPTS = {"astolfo": ASTOLFO, "plain": PLAIN, "sd-mecha": MECHA}
+SCRIPTS = {"astolfo": ASTOLFO, "astolfo-torch": ASTOLFO, "plain": PLAIN, "sd-mecha": MECHA}
+# astolfo-torch: astolfo with the torch kernel instead of the fused numba kernels (engine.kernels)
+ENGINE_ENV = {"astolfo-torch": {"ASTOLFO_CPU_KERNELS": "torch"}}
 
 
 # --------------------------------------------------------------------------- data
@@ -177,16 +205,22 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
-def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[float, int, bool, str]:
-    """(wall seconds, peak RSS bytes, ok, error tail) of one engine in its own process."""
+def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[float, int, bool, str, dict]:
+    """(wall seconds, peak RSS bytes, ok, error tail, astolfo's stats) of one engine in its own
+    process. The stats: the merge stage's seconds (first read to the last result handed to the
+    writer, the final fsync excluded), bytes read, and CPU seconds of the read, compute and
+    write threads."""
     out.unlink(missing_ok=True)
     rss_file = out.with_name(out.name + ".rss")
+    stats_file = out.with_name(out.name + ".stats")
     rss_file.unlink(missing_ok=True)
+    stats_file.unlink(missing_ok=True)
     with tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
+        child_env = dict(env, BENCH_RSS_FILE=str(rss_file), BENCH_STATS_FILE=str(stats_file),
+                         **ENGINE_ENV.get(name, {}))
         proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS + SCRIPTS[name], str(out), *map(str, paths)],
-                                stdout=subprocess.DEVNULL, stderr=err, env=dict(env, BENCH_RSS_FILE=str(rss_file)),
-                                cwd=ROOT)
+                                stdout=subprocess.DEVNULL, stderr=err, env=child_env, cwd=ROOT)
         proc.wait()
         wall = time.monotonic() - t0
         err.seek(0)
@@ -196,8 +230,22 @@ def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[floa
         rss_file.unlink()
     except (OSError, ValueError):
         rss = 0
+    try:
+        stats = json.loads(stats_file.read_text())
+        stats_file.unlink()
+    except (OSError, ValueError):
+        stats = {}
     ok = proc.returncode == 0 and out.exists()
-    return wall, rss, ok, tail
+    return wall, rss, ok, tail, stats
+
+
+def merge_cells(stats: dict) -> list[str]:
+    """The merge stage's input rate and where its CPU time went."""
+    if not stats.get("merge_s"):
+        return ["", ""]
+    cpu = stats["cpu"]
+    where = " / ".join(f"{cpu.get(k, 0.0):.1f}" for k in ("read", "compute", "write"))
+    return [f"{stats['bytes_read'] / stats['merge_s'] / 1e9:.2f} ({stats['merge_s']:.1f} s)", where]
 
 
 def floor(paths: list[Path], out_bytes: int, scratch: Path) -> tuple[float, float]:
@@ -218,7 +266,29 @@ def floor(paths: list[Path], out_bytes: int, scratch: Path) -> tuple[float, floa
 def machine() -> str:
     cpu = cpu_name()
     mem = memory_gib()
-    return f"{cpu}, {os.cpu_count()} vCPU, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+    return (f"{cpu}{_cpu_detail()}, {os.cpu_count()} vCPU, {mem:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}")
+
+
+def _cpu_detail() -> str:
+    """lscpu's model number and vector extensions, and LLVM's name for the core (the generic
+    "Intel Xeon Processor" of a VM says little)."""
+    detail = []
+    try:
+        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                                 check=True).stdout.splitlines() if ":" in line)
+        flags = info.get("Flags", "").split()
+        detail.append(f"family {info.get('CPU family', '?').strip()} model {info.get('Model', '?').strip()}")
+        detail.append("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        pass
+    try:
+        from llvmlite import binding
+
+        detail.append(f"LLVM core {binding.get_host_cpu_name()}")
+    except ImportError:
+        pass
+    return f" ({', '.join(detail)})" if detail else ""
 
 
 def gb(n: float) -> str:
@@ -235,8 +305,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cached-scale", type=int, default=2, help="scale of the page-cache run (must fit in RAM)")
     ap.add_argument("--rss-scale", type=int, default=4, help="scale of the N = 4, 8, 16 RSS sweep")
     ap.add_argument("--rss-n", default="4,8,16")
-    ap.add_argument("--engines", default="astolfo,plain,sd-mecha", help="comma list: astolfo, plain, sd-mecha")
-    ap.add_argument("--runs", default="cold,cached,rss", help="comma list: cold, cached, rss")
+    ap.add_argument("--engines", default="astolfo,astolfo-torch,plain,sd-mecha",
+                    help="comma list: astolfo, astolfo-torch (the torch kernel), plain, sd-mecha")
+    ap.add_argument("--runs", default="kernel,cold,cached,rss", help="comma list: kernel, cold, cached, rss")
     ap.add_argument("--device", default="cpu", help="merge device for astolfo and sd-mecha: cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="small files (scale 16/16/32): checks the script")
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/merge", help="folder for synthetic files")
@@ -262,6 +333,11 @@ def main(argv=None) -> int:
     dropped = True
     load_before = os.getloadavg()[0]
 
+    kernel_table = ""
+    if "kernel" in runs:
+        log("kernel alone: one thread, 3 sources x 131072 elements")
+        kernel_table = _kernel_table(kernel_rows())
+
     if "cold" in runs:
         log(f"cold run: {args.n} models at scale {args.scale}")
         paths = synth_files(args.data / f"s{args.scale}", args.n, args.scale, log)
@@ -271,15 +347,16 @@ def main(argv=None) -> int:
         dropped = drop_caches()
         t_read, t_write = floor(paths, out_bytes, out_dir)
         base = t_read + t_write
-        rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", f"{size / t_read / 1e9:.2f}", "1.00", "", "-",
-                     f"cat {t_read:.1f} s ({size / t_read / 1e9:.2f} GB/s) + dd {t_write:.1f} s"])
+        rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", f"{size / t_read / 1e9:.2f}", "", "", "1.00", "",
+                     "-", f"cat {t_read:.1f} s ({size / t_read / 1e9:.2f} GB/s) + dd {t_write:.1f} s"])
         results = {}
         for name in engines:
             drop_caches()
             log(f"  {name} ...")
-            wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
+            wall, rss, ok, tail, stats = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
             results[name] = wall
-            rows.append(["cold", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", f"{wall / base:.2f}", "", gb(rss),
+            rows.append(["cold", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats),
+                         f"{wall / base:.2f}", "", gb(rss),
                          "" if ok else "FAILED: " + tail.strip().splitlines()[-1] if tail.strip() else "FAILED"])
             (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
         _ratios(rows, results, "cold")
@@ -298,9 +375,10 @@ def main(argv=None) -> int:
             warm(paths)
             warm(paths)
             log(f"  {name} ...")
-            wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
+            wall, rss, ok, tail, stats = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
             results[name] = wall
-            rows.append(["cached", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", "", "", gb(rss),
+            rows.append(["cached", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats), "", "",
+                         gb(rss),
                          "" if ok else "FAILED: " + tail[-200:]])
             (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
         _ratios(rows, results, "cached")
@@ -311,19 +389,21 @@ def main(argv=None) -> int:
         paths = synth_files(args.data / f"s{args.rss_scale}", max(ns), args.rss_scale, log)
         prehash(paths, log)
         for n in ns:
-            wall, rss, ok, tail = run_engine("astolfo", out_dir / "astolfo.safetensors", paths[:n], env)
+            wall, rss, ok, tail, stats = run_engine("astolfo", out_dir / "astolfo.safetensors", paths[:n], env)
             size = sum(p.stat().st_size for p in paths[:n])
-            rows.append([f"rss N={n}", "astolfo", f"{wall:.1f}", f"{size / wall / 1e9:.2f}", "", "", gb(rss),
+            rows.append([f"rss N={n}", "astolfo", f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats), "",
+                         "", gb(rss),
                          "" if ok else "FAILED: " + tail[-200:]])
             (out_dir / "astolfo.safetensors").unlink(missing_ok=True)
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    table = _table(rows)
+    table = _table(rows) + ("\n\n" + kernel_table if kernel_table else "")
     print(table)
     header = (f"`python bench/bench_merge.py{' --quick' if args.quick else ''}`. Machine: {machine()}; 1-minute load "
               f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). Cold run: "
               f"{args.n} synthetic SDXL fp16 files at scale {args.scale}"
-              f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), page cache "
+              f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), "
+              "page cache "
               f"{'dropped before each engine' if dropped else 'NOT dropped (drop_caches not writable)'}; cached run: "
               f"scale {args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}"
               f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}.")
@@ -332,6 +412,66 @@ def main(argv=None) -> int:
     for n in notes:
         print(n, file=sys.stderr)
     return 0
+
+
+def kernel_rows(n: int = 131072, sources: int = 3) -> list[list[str]]:
+    """Each kernel on one thread (the merge's workers each run one): the weighted mean of
+    ``sources`` slices of ``n`` elements with integer weights, best of 5 repeats of 20 calls."""
+    import numpy as np
+
+    from engine.kernels import mean as fused
+    from engine.merge.arithmetic import Kernel
+
+    torch.set_num_threads(1)
+    rows = []
+    cases = [("F16", "F16"), ("BF16", "BF16"), ("F32", "F16"), ("F16", "F32")]
+    dt = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    factors = [3.0, 17.0, 50.0, 1.0, 2.0, 5.0, 7.0, 11.0][:sources]
+    for src, dst in cases:
+        g = torch.Generator().manual_seed(7)
+        views = [(torch.randn(n, generator=g) * 0.05).to(dt[src]) for _ in range(sources)]
+        out = torch.empty(n, dtype=dt[dst])
+        k = Kernel(torch.device("cpu"), n)
+        raw = torch.cat([v.view(torch.uint8) for v in views]).numpy()
+        size = views[0].element_size()
+        in_views = (raw.view(np.uint16) if size == 2 else np.empty(0, np.uint16),
+                    raw.view(np.float32) if size == 4 else np.empty(0, np.float32), np.empty(0, np.float64))
+        out_raw = out.view(torch.uint8).numpy()
+        out_views = (out_raw.view(np.uint16) if dst in ("F16", "BF16") else np.empty(0, np.uint16),
+                     out_raw.view(np.float32) if dst == "F32" else np.empty(0, np.float32), np.empty(0, np.float64))
+        kinds = np.full(sources, fused.KIND[src], np.int64)
+        offsets = np.arange(sources, dtype=np.int64) * n
+        weights, total = np.array(factors), math.fsum(factors)
+        okind, ooff = np.array([fused.KIND[dst]], np.int64), np.zeros(1, np.int64)
+
+        def run_fused():
+            fused.weighted_mean(*in_views, kinds, offsets, weights, total, n, *out_views, okind, ooff, True)
+
+        def run_torch():
+            k.mean(views, factors, "F64", [out])
+
+        timing = {}
+        for name, fn in (("torch Kernel", run_torch), ("fused (numba)", run_fused)):
+            fn()
+            best = math.inf
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / 20)
+            timing[name] = best
+            rows.append([f"{sources} x {src} -> {dst}", name, f"{best * 1e3:.3f}", f"{best / n * 1e9:.2f}",
+                         f"{sources * n / best / 1e9:.2f}", ""])
+        rows[-1][5] = f"{timing['torch Kernel'] / timing['fused (numba)']:.1f}x"
+    return rows
+
+
+def _kernel_table(rows: list[list[str]]) -> str:
+    head = ["kernel alone (one thread)", "kernel", "ms per call", "ns per output element", "G source elements/s",
+            "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _device_name(device: str) -> str:
@@ -356,11 +496,12 @@ def _ratios(rows: list[list[str]], results: dict[str, float], run: str) -> None:
         return
     for row in rows:
         if row[0] == run and row[1] in results:
-            row[5] = f"{results[row[1]] / mine:.2f}x"
+            row[7] = f"{results[row[1]] / mine:.2f}x"
 
 
 def _table(rows: list[list[str]]) -> str:
-    head = ["run", "engine", "wall s", "input GB/s", "vs floor", "time / astolfo's", "peak RSS", "notes"]
+    head = ["run", "engine", "wall s", "input GB/s", "merge GB/s (stage s)", "CPU s read / compute / write", "vs floor",
+            "time / astolfo's", "peak RSS", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -368,9 +509,17 @@ def _table(rows: list[list[str]]) -> str:
 
 def _doc_notes() -> str:
     return textwrap.dedent("""\
-        - "input GB/s": source bytes over wall time. "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then dd
-          writing the output's size with conv=fdatasync). "time / astolfo's": how many times longer
-          an engine took than astolfo in the same run.
+        - "input GB/s": source bytes over wall time (process start to exit). "merge GB/s": the bytes
+          astolfo read over its merge stage (first read to the last result handed to the writer; the
+          final fsync and rename excluded), the stage's seconds in brackets. "CPU s read / compute /
+          write": CPU seconds of astolfo's reader, compute (worker) and writer threads in that run,
+          sampled from /proc: compute near 2 x stage seconds on 2 cores means the merge is CPU-bound.
+        - "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then
+          dd writing the output's size with conv=fdatasync). "time / astolfo's": how many times
+          longer an engine took than astolfo in the same run. astolfo-torch is astolfo with the
+          torch kernel (ASTOLFO_CPU_KERNELS=torch) instead of the fused numba kernels.
+        - Kernel alone: one thread, 3 slices of 131072 elements, integer weights 3, 17, 50, best of
+          5 x 20 calls; "G source elements/s" counts every source element read.
         - Each engine runs in its own process; wall time includes Python and torch start-up; peak RSS
           is the process's maximum resident set (mmap'd file pages count for the plain loop).
         - astolfo's provenance hashes come from the catalog (hashed once before timing, as a scan does).
