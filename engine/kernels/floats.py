@@ -189,3 +189,25 @@ def f32_to_f16_soft(src, out):
 def f32_to_bf16(src, out):
     for i in range(src.size):
         out[i] = f32_to_bf16_bits(src[i])
+
+
+@kernel
+def widen(kind, in16, in32, in64, offset, out):
+    """``out.size`` elements of a source (kind 0 fp16, 1 bf16, 2 fp32, 3 fp64, at element
+    ``offset`` of the matching view) as float64, exactly: the first step of any per-element
+    method that works on fp64 blocks."""
+    m = out.size
+    if kind == 0:
+        src16 = in16[offset:offset + m]
+        for i in range(m):
+            out[i] = f16_to_f64(src16[i])
+    elif kind == 1:
+        src16 = in16[offset:offset + m]
+        for i in range(m):
+            out[i] = bf16_to_f64(src16[i])
+    elif kind == 2:
+        src32 = in32[offset:offset + m]
+        for i in range(m):
+            out[i] = np.float64(src32[i])
+    else:
+        out[:] = in64[offset:offset + m]
