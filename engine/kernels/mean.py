@@ -3,7 +3,8 @@
 For each block of ``BLOCK`` elements (fp64 accumulators that stay in L1): every source is
 widened to fp64 and added with its factor in source order (the first multiplied, the next ones
 by a fused multiply-add, as torch's ``mul_`` and ``add_(x, alpha=w)`` do), the sums are checked
-finite, divided once by the total (a true division) and rounded once to each output dtype
+finite, divided once by the total (a true division, or the product by the exact reciprocal of
+a power-of-two total: the same rounding of the same real number) and rounded once to each output dtype
 (``engine.kernels.floats``). The result is byte-identical to ``engine.merge.arithmetic.Kernel``.
 
 Arguments are numba-friendly: the read buffer as three dtype views (uint16 for fp16 and bf16,
@@ -16,6 +17,8 @@ returns -1. A caller then finds the culprit sources as the torch engine does.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -30,7 +33,7 @@ from engine.kernels.jit import fma, kernel
 
 F16, BF16, F32, F64 = 0, 1, 2, 3
 KIND = {"F16": F16, "BF16": BF16, "F32": F32, "F64": F64}
-BLOCK = 2048  # 16 KB of fp64 sums: they stay in L1 while every source is added
+BLOCK = 1024  # 16 KB of fp64 sums: they stay in L1 while every source is added
 
 
 @kernel
@@ -83,6 +86,12 @@ def _divide(acc, total):
 
 
 @kernel
+def _multiply(acc, factor):
+    for i in range(acc.size):
+        acc[i] = acc[i] * factor
+
+
+@kernel
 def _to_f16(acc, out):
     for i in range(acc.size):
         out[i] = f64_to_f16_bits(acc[i])
@@ -112,6 +121,10 @@ def weighted_mean(in16, in32, in64, kinds, offsets, factors, total, n, out16, ou
     """sum(factors[j] * source j) / total over ``n`` elements into every output; see the module
     docstring for the argument layout. Returns the first non-finite element's index, or -1."""
     acc_block = np.empty(BLOCK, np.float64)
+    # Dividing by a power of two is multiplying by its exact reciprocal: both are the rounding
+    # of the same real number, and a multiplication is several times cheaper than a division.
+    frac, exp = math.frexp(total)
+    exact_recip = abs(frac) == 0.5 and -1000 < exp < 1000
     for a in range(0, n, BLOCK):
         m = min(BLOCK, n - a)
         acc = acc_block[:m]
@@ -131,7 +144,10 @@ def weighted_mean(in16, in32, in64, kinds, offsets, factors, total, n, out16, ou
             if bad >= 0:
                 return a + bad
         if total != 1.0:
-            _divide(acc, total)
+            if exact_recip:
+                _multiply(acc, 1.0 / total)
+            else:
+                _divide(acc, total)
         for j in range(out_kinds.size):
             o = out_offsets[j] + a
             k = out_kinds[j]

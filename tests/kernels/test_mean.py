@@ -138,3 +138,16 @@ def test_mean_equals_the_exact_rational_mean_correctly_rounded():
             if math.isfinite(other):
                 d_got, d_other = abs(got - exact), abs(Fraction(other) - exact)
                 assert d_got < d_other or (d_got == d_other and bits_i % 2 == 0), i
+
+
+@pytest.mark.parametrize("factors", [[1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.25, 0.25], [3.0, 5.0], [1.0, 1.0, 1.0]])
+def test_power_of_two_totals_multiply_with_the_same_bytes(factors):
+    """A power-of-two total is applied as a product by its reciprocal: the same bytes as the
+    torch kernel's division, fp64 subnormals included."""
+    g = torch.Generator().manual_seed(3)
+    srcs = [torch.randn(5000, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1e-310, 1e300], dtype=torch.float64)[
+        torch.randint(0, 3, (5000,), generator=g)] for _ in factors]
+    finite, theirs = torch_kernel(srcs, factors, ["F64", "F32", "F16"])
+    bad, ours = fused(srcs, factors, ["F64", "F32", "F16"])
+    assert finite and bad == -1
+    assert [bits(t) for t in ours] == [bits(t) for t in theirs]
