@@ -49,7 +49,7 @@ from engine.checkpoint.writer import StreamingWriter
 POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut from
 
 ASTOLFO = """
-import json, os, sys, threading, time
+import json, os, resource, sys, threading, time
 from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan
@@ -73,13 +73,15 @@ def sample():
             cpu[t.name] = max(cpu.get(t.name, 0.0), (int(f[11]) + int(f[12])) / tick)
 threading.Thread(target=sample, daemon=True).start()
 def on_event(e):
-    if e.type == "stage":
-        marks.setdefault(e.stage, time.monotonic())
+    if e.type == "stage" and e.stage not in marks:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        marks[e.stage] = (time.monotonic(), time.thread_time(), r.ru_utime + r.ru_stime)
 result = execute(build_plan(parse_recipe("\\n".join(lines) + "\\n", Path(out).parent)), on_event=on_event)
 stop.set()
 role = lambda n: "read" if n.startswith("merge-read") else "write" if n == "merge-write" else \\
     "compute" if n.startswith("merge-cpu") else None
-stats = {"merge_s": marks["finishing"] - marks["merging"], "bytes_read": result.bytes_read, "cpu": {}}
+(t0, main0, all0), (t1, main1, all1) = marks["merging"], marks["finishing"]
+stats = {"merge_s": t1 - t0, "bytes_read": result.bytes_read, "cpu": {"main": main1 - main0, "all": all1 - all0}}
 for name, sec in cpu.items():
     if role(name):
         stats["cpu"][role(name)] = stats["cpu"].get(role(name), 0.0) + sec
@@ -244,7 +246,7 @@ def merge_cells(stats: dict) -> list[str]:
     if not stats.get("merge_s"):
         return ["", ""]
     cpu = stats["cpu"]
-    where = " / ".join(f"{cpu.get(k, 0.0):.1f}" for k in ("read", "compute", "write"))
+    where = " / ".join(f"{cpu.get(k, 0.0):.1f}" for k in ("read", "compute", "write", "main", "all"))
     return [f"{stats['bytes_read'] / stats['merge_s'] / 1e9:.2f} ({stats['merge_s']:.1f} s)", where]
 
 
@@ -515,8 +517,8 @@ def _ratios(rows: list[list[str]], results: dict[str, float], run: str) -> None:
 
 
 def _table(rows: list[list[str]]) -> str:
-    head = ["run", "engine", "wall s", "input GB/s", "merge GB/s (stage s)", "CPU s read / compute / write", "vs floor",
-            "time / astolfo's", "peak RSS", "notes"]
+    head = ["run", "engine", "wall s", "input GB/s", "merge GB/s (stage s)",
+            "CPU s read / compute / write / main / all", "vs floor", "time / astolfo's", "peak RSS", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -527,8 +529,10 @@ def _doc_notes() -> str:
         - "input GB/s": source bytes over wall time (process start to exit). "merge GB/s": the bytes
           astolfo read over its merge stage (first read to the last result handed to the writer; the
           final fsync and rename excluded), the stage's seconds in brackets. "CPU s read / compute /
-          write": CPU seconds of astolfo's reader, compute (worker) and writer threads in that run,
-          sampled from /proc: compute near 2 x stage seconds on 2 cores means the merge is CPU-bound.
+          write / main / all": CPU seconds during that stage of astolfo's reader, compute (worker)
+          and writer threads (sampled from /proc, whole run), of the main thread that hands out
+          items and collects results, and of the whole process (getrusage): "all" near cores x
+          stage seconds means the merge is CPU-bound.
         - "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then
           dd writing the output's size with conv=fdatasync). "time / astolfo's": how many times
           longer an engine took than astolfo in the same run. astolfo-torch is astolfo with the
