@@ -241,6 +241,20 @@ def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[floa
     return wall, rss, ok, tail, stats
 
 
+def where_time_goes(run: str, stats: dict, size: int) -> str:
+    """One line: where astolfo's merge stage spent its CPU, and whether the CPU was the limit."""
+    cpu, stage = stats["cpu"], stats["merge_s"]
+    parts = ", ".join(f"{k} {cpu.get(k, 0.0):.1f} s ({cpu.get(k, 0.0) / max(cpu['all'], 1e-9):.0%})"
+                      for k in ("read", "compute", "write", "main"))
+    cores = os.cpu_count() or 1
+    used = cpu["all"] / stage
+    verdict = ("the CPU was the limit" if used > 0.85 * cores else
+               f"it used {used:.2f} of {cores} cores: the rest of the time it waited (on the disk, or on the other "
+               f"programs sharing the cores; load average {os.getloadavg()[0]:.1f} at the end)")
+    return (f"- Where astolfo's merge stage went ({run}): {cpu['all']:.1f} CPU s for {gb(size)} of input in "
+            f"{stage:.1f} s ({cpu['all'] / (size / 1e9):.2f} CPU s per GB): {parts}; {verdict}.")
+
+
 def merge_cells(stats: dict) -> list[str]:
     """The merge stage's input rate and where its CPU time went."""
     if not stats.get("merge_s"):
@@ -314,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-n", default="4,8,16")
     ap.add_argument("--engines", default="astolfo,astolfo-torch,plain,sd-mecha",
                     help="comma list: astolfo, astolfo-torch (the torch kernel), plain, sd-mecha")
+    ap.add_argument("--cold-engines", default="", help="engines of the cold run (default: --engines); the plain "
+                    "loop holds every tensor: ~23 GB of RAM at full size")
     ap.add_argument("--runs", default="kernel,cold,cached,rss", help="comma list: kernel, cold, cached, rss")
     ap.add_argument("--device", default="cpu", help="merge device for astolfo and sd-mecha: cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="small files (scale 16/16/32): checks the script")
@@ -343,7 +359,12 @@ def main(argv=None) -> int:
     kernel_table = ""
     if "kernel" in runs:
         log("kernel alone: one thread, 3 sources x 131072 elements")
-        kernel_table = _kernel_table(kernel_rows())
+        krows = kernel_rows()
+        kernel_table = _kernel_table(krows)
+        fused16 = next(r for r in krows if r[0].endswith("F16 -> F16") and r[1].startswith("fused"))
+        torch16 = next(r for r in krows if r[0].endswith("F16 -> F16") and r[1].startswith("torch"))
+        notes.append(f"- Kernel cost (3 fp16 sources -> fp16, one thread): fused {fused16[3]} ns per output element "
+                     f"({fused16[4]} G source elements/s), torch Kernel {torch16[3]} ns ({torch16[4]} G/s).")
 
     if "cold" in runs:
         log(f"cold run: {args.n} models at scale {args.scale}")
@@ -357,7 +378,7 @@ def main(argv=None) -> int:
         rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", f"{size / t_read / 1e9:.2f}", "", "", "1.00", "",
                      "-", f"cat {t_read:.1f} s ({size / t_read / 1e9:.2f} GB/s) + dd {t_write:.1f} s"])
         results = {}
-        for name in engines:
+        for name in [e for e in args.cold_engines.split(",") if e] or engines:
             drop_caches()
             log(f"  {name} ...")
             wall, rss, ok, tail, stats = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
@@ -395,6 +416,8 @@ def main(argv=None) -> int:
                 results[name] = wall
                 rows.append([run, name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats), "", "",
                              gb(rss), "" if ok else "FAILED: " + tail[-200:]])
+                if name == "astolfo" and stats.get("merge_s"):
+                    notes.append(where_time_goes(run, stats, size))
                 (folder / f"{name}.safetensors").unlink(missing_ok=True)
             _ratios(rows, results, run)
             if folder != out_dir:
@@ -423,6 +446,7 @@ def main(argv=None) -> int:
               "page cache "
               f"{'dropped before each engine' if dropped else 'NOT dropped (drop_caches not writable)'}; cached run: "
               f"scale {args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}"
+              f"{'; cold run: ' + args.cold_engines if args.cold_engines else ''}"
               f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}.")
     if not args.no_doc:
         _write_doc(header, table, notes + [_doc_notes()])
