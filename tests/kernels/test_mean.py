@@ -145,8 +145,9 @@ def test_power_of_two_totals_multiply_with_the_same_bytes(factors):
     """A power-of-two total is applied as a product by its reciprocal: the same bytes as the
     torch kernel's division, fp64 subnormals included."""
     g = torch.Generator().manual_seed(3)
-    srcs = [torch.randn(5000, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1e-310, 1e300], dtype=torch.float64)[
-        torch.randint(0, 3, (5000,), generator=g)] for _ in factors]
+    scales = torch.tensor([1.0, 1e-310, 1e300], dtype=torch.float64)
+    srcs = [torch.randn(5000, generator=g, dtype=torch.float64) * scales[torch.randint(0, 3, (5000,), generator=g)]
+            for _ in factors]
     finite, theirs = torch_kernel(srcs, factors, ["F64", "F32", "F16"])
     bad, ours = fused(srcs, factors, ["F64", "F32", "F16"])
     assert finite and bad == -1

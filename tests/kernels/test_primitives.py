@@ -27,7 +27,8 @@ def test_widen_reads_every_kind_exactly():
     for dt, kind in ((torch.float16, 0), (torch.bfloat16, 1), (torch.float32, 2), (torch.float64, 3)):
         t = x.to(dt)
         raw = np.concatenate([np.zeros(8, np.uint8), t.view(torch.uint8).numpy()])
-        views = (raw.view(np.uint16), raw[: raw.size // 4 * 4].view(np.float32), raw[: raw.size // 8 * 8].view(np.float64))
+        views = (raw.view(np.uint16), raw[: raw.size // 4 * 4].view(np.float32),
+                 raw[: raw.size // 8 * 8].view(np.float64))
         out = np.empty(1000)
         floats.widen(kind, *views, 8 // t.element_size(), out)
         assert np.array_equal(out, t.to(torch.float64).numpy())

@@ -4,10 +4,15 @@ the CPU backend staying on torch when numba is missing or ASTOLFO_CPU_KERNELS=to
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+
+import torch
 
 from engine.kernels import jit, warm
 from engine.merge.backends import cpu_fused
+from engine.merge.layout import SourceSlice
+from engine.plan.model import MEAN, Node
 
 
 def test_warm_starts_once_and_compiles():
@@ -42,5 +47,16 @@ def test_backend_stays_on_torch_without_numba_or_when_asked(monkeypatch):
     monkeypatch.setenv(cpu_fused.ENV, "torch")
     assert not cpu_fused.wanted()
     monkeypatch.delenv(cpu_fused.ENV)
-    monkeypatch.setitem(sys.modules, "engine.kernels.mean", None)  # import raises ImportError
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else
+                        real_find_spec(name, *a))
     assert not cpu_fused.wanted()
+
+
+def test_a_numba_that_fails_to_import_leaves_the_node_to_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "engine.kernels.mean", None)  # importing it raises ImportError
+    fused = cpu_fused.FusedNodes()
+    node = Node(0, MEAN, "k", (4,), (), True, "F64", None, (1.0, 1.0))
+    kept = [SourceSlice(0, "k", "F16", 1.0, 0, 8, 0), SourceSlice(1, "k", "F16", 1.0, 0, 8, 64)]
+    buf = torch.zeros(128, dtype=torch.uint8)
+    assert fused.compute(node, kept, [1.0, 1.0], {"F16": 0}, 4, buf, buf.clone()) is None

@@ -7,13 +7,15 @@ of the item's read and output buffers and returns the index of the first non-fin
 (byte copies of buffers, which torch does at memcpy speed), integer or fp8 tensors, and means
 with an accumulator other than fp64.
 
-``wanted()``: numba imports and ``ASTOLFO_CPU_KERNELS`` is not ``torch`` (the escape hatch, and
-how the benchmark and tests run the torch path side by side). Without numba the backend stays
-on torch.
+``wanted()``: numba is installed and ``ASTOLFO_CPU_KERNELS`` is not ``torch`` (the escape hatch,
+and how the benchmark and tests run the torch path side by side). Without numba, or where it
+fails to import, the backend stays on torch.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import os
 
@@ -30,22 +32,32 @@ ENV = "ASTOLFO_CPU_KERNELS"  # "torch": the torch kernel only
 
 
 def wanted() -> bool:
+    """Use the fused kernels: numba is installed and ``ASTOLFO_CPU_KERNELS`` is not ``torch``.
+    (Looked up, not imported: importing numba takes a few tenths of a second, done in the
+    background by ``engine.kernels.warm``.)"""
     if os.environ.get(ENV, "").strip().lower() == "torch":
         return False
-    try:
-        import engine.kernels.mean  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("numba") is not None
 
 
 class FusedNodes:
     def __init__(self):
-        from engine.kernels import mean, warm
+        from engine.kernels import warm
 
-        warm.start()  # no-op when already started (e.g. while the plan was checked)
-        self._mean = mean
+        warm.start()  # numba imported and the kernel loaded or compiled, off this thread; once
+        self._mean = None
+        self._broken = False
         self._views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _kernels(self):
+        if self._mean is None and not self._broken:
+            try:
+                mean = importlib.import_module("engine.kernels.mean")
+            except ImportError:  # a broken numba install: the torch kernel does the work
+                self._broken = True
+                return None
+            self._mean = mean
+        return self._mean
 
     def views(self, buf: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint16, float32 and float64 views of a byte buffer (the buffers live as long as the
@@ -73,7 +85,9 @@ class FusedNodes:
             return None
         if any(s.dtype not in FLOATS for s in kept) or any(d not in FLOATS for d in outs):
             return None
-        m = self._mean
+        m = self._kernels()
+        if m is None:
+            return None
         in16, in32, in64 = self.views(read_buf)
         out16, out32, out64 = self.views(out_buf)
         kinds = np.array([m.KIND[s.dtype] for s in kept], np.int64)
