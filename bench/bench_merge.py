@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
 import os
 import platform
 import shutil
@@ -47,7 +49,7 @@ from engine.checkpoint.writer import StreamingWriter
 POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut from
 
 ASTOLFO = """
-import os, sys
+import json, os, resource, sys, threading, time
 from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan
@@ -58,7 +60,33 @@ lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"'
 lines += [f'{i} = "{p}"' for i, p in zip(ids, paths)]
 lines += ["[select]", "all = [" + ", ".join(f'"{i}"' for i in ids) + "]", "[[output]]", f'path = "{out}"']
 lines += [f'{c} = "all"' for c in ("unet", "te0", "te1", "vae")]
-execute(build_plan(parse_recipe("\\n".join(lines) + "\\n", Path(out).parent)))
+# CPU seconds of each merge thread, sampled from /proc (threads are gone when the merge returns)
+cpu, marks, stop = {}, {}, threading.Event()
+def sample():
+    tick = os.sysconf("SC_CLK_TCK")
+    while not stop.wait(0.02):
+        for t in threading.enumerate():
+            try:
+                f = open(f"/proc/self/task/{t.native_id}/stat").read().rsplit(")", 1)[1].split()
+            except (OSError, TypeError):
+                continue
+            cpu[t.name] = max(cpu.get(t.name, 0.0), (int(f[11]) + int(f[12])) / tick)
+threading.Thread(target=sample, daemon=True).start()
+def on_event(e):
+    if e.type == "stage" and e.stage not in marks:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        marks[e.stage] = (time.monotonic(), time.thread_time(), r.ru_utime + r.ru_stime)
+result = execute(build_plan(parse_recipe("\\n".join(lines) + "\\n", Path(out).parent)), on_event=on_event)
+stop.set()
+role = lambda n: "read" if n.startswith("merge-read") else "write" if n == "merge-write" else \\
+    "compute" if n.startswith("merge-cpu") else None
+(t0, main0, all0), (t1, main1, all1) = marks["merging"], marks["finishing"]
+stats = {"merge_s": t1 - t0, "bytes_read": result.bytes_read, "cpu": {"main": main1 - main0, "all": all1 - all0}}
+for name, sec in cpu.items():
+    if role(name):
+        stats["cpu"][role(name)] = stats["cpu"].get(role(name), 0.0) + sec
+if os.environ.get("BENCH_STATS_FILE"):
+    Path(os.environ["BENCH_STATS_FILE"]).write_text(json.dumps(stats))
 """
 
 PLAIN = """
@@ -100,7 +128,9 @@ def _report_peak():
 atexit.register(_report_peak)
 """
 
-SCRIPTS = {"astolfo": ASTOLFO, "plain": PLAIN, "sd-mecha": MECHA}
+SCRIPTS = {"astolfo": ASTOLFO, "astolfo-torch": ASTOLFO, "plain": PLAIN, "sd-mecha": MECHA}
+# astolfo-torch: astolfo with the torch kernel instead of the fused numba kernels (engine.kernels)
+ENGINE_ENV = {"astolfo-torch": {"ASTOLFO_CPU_KERNELS": "torch"}}
 
 
 # --------------------------------------------------------------------------- data
@@ -177,16 +207,22 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
-def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[float, int, bool, str]:
-    """(wall seconds, peak RSS bytes, ok, error tail) of one engine in its own process."""
+def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[float, int, bool, str, dict]:
+    """(wall seconds, peak RSS bytes, ok, error tail, astolfo's stats) of one engine in its own
+    process. The stats: the merge stage's seconds (first read to the last result handed to the
+    writer, the final fsync excluded), bytes read, and CPU seconds of the read, compute and
+    write threads."""
     out.unlink(missing_ok=True)
     rss_file = out.with_name(out.name + ".rss")
+    stats_file = out.with_name(out.name + ".stats")
     rss_file.unlink(missing_ok=True)
+    stats_file.unlink(missing_ok=True)
     with tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
+        child_env = dict(env, BENCH_RSS_FILE=str(rss_file), BENCH_STATS_FILE=str(stats_file),
+                         **ENGINE_ENV.get(name, {}))
         proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS + SCRIPTS[name], str(out), *map(str, paths)],
-                                stdout=subprocess.DEVNULL, stderr=err, env=dict(env, BENCH_RSS_FILE=str(rss_file)),
-                                cwd=ROOT)
+                                stdout=subprocess.DEVNULL, stderr=err, env=child_env, cwd=ROOT)
         proc.wait()
         wall = time.monotonic() - t0
         err.seek(0)
@@ -196,8 +232,36 @@ def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[floa
         rss_file.unlink()
     except (OSError, ValueError):
         rss = 0
+    try:
+        stats = json.loads(stats_file.read_text())
+        stats_file.unlink()
+    except (OSError, ValueError):
+        stats = {}
     ok = proc.returncode == 0 and out.exists()
-    return wall, rss, ok, tail
+    return wall, rss, ok, tail, stats
+
+
+def where_time_goes(run: str, stats: dict, size: int) -> str:
+    """One line: where astolfo's merge stage spent its CPU, and whether the CPU was the limit."""
+    cpu, stage = stats["cpu"], stats["merge_s"]
+    parts = ", ".join(f"{k} {cpu.get(k, 0.0):.1f} s ({cpu.get(k, 0.0) / max(cpu['all'], 1e-9):.0%})"
+                      for k in ("read", "compute", "write", "main"))
+    cores = os.cpu_count() or 1
+    used = cpu["all"] / stage
+    verdict = ("the CPU was the limit" if used > 0.85 * cores else
+               f"it used {used:.2f} of {cores} cores: the rest of the time it waited (on the disk, or on the other "
+               f"programs sharing the cores; load average {os.getloadavg()[0]:.1f} at the end)")
+    return (f"- Where astolfo's merge stage went ({run}): {cpu['all']:.1f} CPU s for {gb(size)} of input in "
+            f"{stage:.1f} s ({cpu['all'] / (size / 1e9):.2f} CPU s per GB): {parts}; {verdict}.")
+
+
+def merge_cells(stats: dict) -> list[str]:
+    """The merge stage's input rate and where its CPU time went."""
+    if not stats.get("merge_s"):
+        return ["", ""]
+    cpu = stats["cpu"]
+    where = " / ".join(f"{cpu.get(k, 0.0):.1f}" for k in ("read", "compute", "write", "main", "all"))
+    return [f"{stats['bytes_read'] / stats['merge_s'] / 1e9:.2f} ({stats['merge_s']:.1f} s)", where]
 
 
 def floor(paths: list[Path], out_bytes: int, scratch: Path) -> tuple[float, float]:
@@ -205,6 +269,11 @@ def floor(paths: list[Path], out_bytes: int, scratch: Path) -> tuple[float, floa
     t0 = time.monotonic()
     subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
     t_read = time.monotonic() - t0
+    return t_read, write_floor(out_bytes, scratch)
+
+
+def write_floor(out_bytes: int, scratch: Path) -> float:
+    """Seconds for dd to write ``out_bytes`` to the disk of ``scratch``, fdatasync included."""
     target = scratch / "dd.out"
     mb = max(1, out_bytes // (1 << 20))
     t0 = time.monotonic()
@@ -212,13 +281,35 @@ def floor(paths: list[Path], out_bytes: int, scratch: Path) -> tuple[float, floa
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     t_write = time.monotonic() - t0
     target.unlink(missing_ok=True)
-    return t_read, t_write
+    return t_write
 
 
 def machine() -> str:
     cpu = cpu_name()
     mem = memory_gib()
-    return f"{cpu}, {os.cpu_count()} vCPU, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+    return (f"{cpu}{_cpu_detail()}, {os.cpu_count()} vCPU, {mem:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}")
+
+
+def _cpu_detail() -> str:
+    """lscpu's model number and vector extensions, and LLVM's name for the core (the generic
+    "Intel Xeon Processor" of a VM says little)."""
+    detail = []
+    try:
+        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                                 check=True).stdout.splitlines() if ":" in line)
+        flags = info.get("Flags", "").split()
+        detail.append(f"family {info.get('CPU family', '?').strip()} model {info.get('Model', '?').strip()}")
+        detail.append("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        pass
+    try:
+        from llvmlite import binding
+
+        detail.append(f"LLVM core {binding.get_host_cpu_name()}")
+    except ImportError:
+        pass
+    return f" ({', '.join(detail)})" if detail else ""
 
 
 def gb(n: float) -> str:
@@ -235,8 +326,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cached-scale", type=int, default=2, help="scale of the page-cache run (must fit in RAM)")
     ap.add_argument("--rss-scale", type=int, default=4, help="scale of the N = 4, 8, 16 RSS sweep")
     ap.add_argument("--rss-n", default="4,8,16")
-    ap.add_argument("--engines", default="astolfo,plain,sd-mecha", help="comma list: astolfo, plain, sd-mecha")
-    ap.add_argument("--runs", default="cold,cached,rss", help="comma list: cold, cached, rss")
+    ap.add_argument("--engines", default="astolfo,astolfo-torch,plain,sd-mecha",
+                    help="comma list: astolfo, astolfo-torch (the torch kernel), plain, sd-mecha")
+    ap.add_argument("--cold-engines", default="", help="engines of the cold run (default: --engines); the plain "
+                    "loop holds every tensor: ~23 GB of RAM at full size")
+    ap.add_argument("--runs", default="kernel,cold,cached,rss", help="comma list: kernel, cold, cached, rss")
     ap.add_argument("--device", default="cpu", help="merge device for astolfo and sd-mecha: cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="small files (scale 16/16/32): checks the script")
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/merge", help="folder for synthetic files")
@@ -262,6 +356,16 @@ def main(argv=None) -> int:
     dropped = True
     load_before = os.getloadavg()[0]
 
+    kernel_table = ""
+    if "kernel" in runs:
+        log("kernel alone: one thread, 3 sources x 131072 elements")
+        krows = kernel_rows()
+        kernel_table = _kernel_table(krows)
+        fused16 = next(r for r in krows if r[0].endswith("F16 -> F16") and r[1].startswith("fused"))
+        torch16 = next(r for r in krows if r[0].endswith("F16 -> F16") and r[1].startswith("torch"))
+        notes.append(f"- Kernel cost (3 fp16 sources -> fp16, one thread): fused {fused16[3]} ns per output element "
+                     f"({fused16[4]} G source elements/s), torch Kernel {torch16[3]} ns ({torch16[4]} G/s).")
+
     if "cold" in runs:
         log(f"cold run: {args.n} models at scale {args.scale}")
         paths = synth_files(args.data / f"s{args.scale}", args.n, args.scale, log)
@@ -271,20 +375,24 @@ def main(argv=None) -> int:
         dropped = drop_caches()
         t_read, t_write = floor(paths, out_bytes, out_dir)
         base = t_read + t_write
-        rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", f"{size / t_read / 1e9:.2f}", "1.00", "", "-",
-                     f"cat {t_read:.1f} s ({size / t_read / 1e9:.2f} GB/s) + dd {t_write:.1f} s"])
+        rows.append(["cold", "I/O floor (cat + dd)", f"{base:.1f}", f"{size / t_read / 1e9:.2f}", "", "", "1.00", "",
+                     "-", f"cat {t_read:.1f} s ({size / t_read / 1e9:.2f} GB/s) + dd {t_write:.1f} s"])
         results = {}
-        for name in engines:
+        for name in [e for e in args.cold_engines.split(",") if e] or engines:
             drop_caches()
             log(f"  {name} ...")
-            wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
+            wall, rss, ok, tail, stats = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
             results[name] = wall
-            rows.append(["cold", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", f"{wall / base:.2f}", "", gb(rss),
+            rows.append(["cold", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats),
+                         f"{wall / base:.2f}", "", gb(rss),
                          "" if ok else "FAILED: " + tail.strip().splitlines()[-1] if tail.strip() else "FAILED"])
             (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
         _ratios(rows, results, "cold")
         if not dropped:
             notes.append("/proc/sys/vm/drop_caches could not be written (not root?): the cold run is NOT cold.")
+        if "plain" in engines and args.cold_engines and "plain" not in args.cold_engines:
+            notes.append(f"- The plain loop is left out of the cold run: it holds every tensor (~23 GB of RAM at full "
+                         f"size) and this machine has {memory_gib():.0f} GiB.")
         if not args.keep and args.scale <= 2:
             shutil.rmtree(args.data / f"s{args.scale}", ignore_errors=True)
 
@@ -293,17 +401,30 @@ def main(argv=None) -> int:
         paths = synth_files(args.data / f"s{args.cached_scale}", args.n, args.cached_scale, log)
         prehash(paths, log)
         size = sum(p.stat().st_size for p in paths)
-        results = {}
-        for name in engines:
-            warm(paths)
-            warm(paths)
-            log(f"  {name} ...")
-            wall, rss, ok, tail = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
-            results[name] = wall
-            rows.append(["cached", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", "", "", gb(rss),
-                         "" if ok else "FAILED: " + tail[-200:]])
-            (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
-        _ratios(rows, results, "cached")
+        out_bytes = paths[0].stat().st_size
+        t_write = write_floor(out_bytes, out_dir)
+        rows.append(["cached", "write floor (dd, fdatasync)", f"{t_write:.1f}", "", "", "", "", "", "-",
+                     f"the output's {gb(out_bytes)} at {out_bytes / t_write / 1e9:.2f} GB/s"])
+        targets = [("cached", out_dir)]
+        shm = Path("/dev/shm")
+        if shm.is_dir() and shutil.disk_usage(shm).free > 3 * out_bytes:
+            targets.append(("cached, output in RAM", Path(tempfile.mkdtemp(prefix="astolfo-bench-", dir=shm))))
+        for run, folder in targets:
+            results = {}
+            for name in engines:
+                warm(paths)
+                warm(paths)
+                log(f"  {name} ({run}) ...")
+                wall, rss, ok, tail, stats = run_engine(name, folder / f"{name}.safetensors", paths, env)
+                results[name] = wall
+                rows.append([run, name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats), "", "",
+                             gb(rss), "" if ok else "FAILED: " + tail[-200:]])
+                if name == "astolfo" and stats.get("merge_s"):
+                    notes.append(where_time_goes(run, stats, size))
+                (folder / f"{name}.safetensors").unlink(missing_ok=True)
+            _ratios(rows, results, run)
+            if folder != out_dir:
+                shutil.rmtree(folder, ignore_errors=True)
 
     if "rss" in runs:
         ns = [int(x) for x in args.rss_n.split(",") if x]
@@ -311,27 +432,92 @@ def main(argv=None) -> int:
         paths = synth_files(args.data / f"s{args.rss_scale}", max(ns), args.rss_scale, log)
         prehash(paths, log)
         for n in ns:
-            wall, rss, ok, tail = run_engine("astolfo", out_dir / "astolfo.safetensors", paths[:n], env)
+            wall, rss, ok, tail, stats = run_engine("astolfo", out_dir / "astolfo.safetensors", paths[:n], env)
             size = sum(p.stat().st_size for p in paths[:n])
-            rows.append([f"rss N={n}", "astolfo", f"{wall:.1f}", f"{size / wall / 1e9:.2f}", "", "", gb(rss),
+            rows.append([f"rss N={n}", "astolfo", f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats), "",
+                         "", gb(rss),
                          "" if ok else "FAILED: " + tail[-200:]])
             (out_dir / "astolfo.safetensors").unlink(missing_ok=True)
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    table = _table(rows)
+    table = _table(rows) + ("\n\n" + kernel_table if kernel_table else "")
     print(table)
     header = (f"`python bench/bench_merge.py{' --quick' if args.quick else ''}`. Machine: {machine()}; 1-minute load "
               f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). Cold run: "
               f"{args.n} synthetic SDXL fp16 files at scale {args.scale}"
-              f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), page cache "
+              f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), "
+              "page cache "
               f"{'dropped before each engine' if dropped else 'NOT dropped (drop_caches not writable)'}; cached run: "
               f"scale {args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}"
+              f"{'; cold run: ' + args.cold_engines if args.cold_engines else ''}"
               f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}.")
     if not args.no_doc:
         _write_doc(header, table, notes + [_doc_notes()])
     for n in notes:
         print(n, file=sys.stderr)
     return 0
+
+
+def kernel_rows(n: int = 131072, sources: int = 3) -> list[list[str]]:
+    """Each kernel on one thread (the merge's workers each run one): the weighted mean of
+    ``sources`` slices of ``n`` elements with integer weights, best of 15 interleaved repeats
+    of 20 calls."""
+    import numpy as np
+
+    from engine.kernels import mean as fused
+    from engine.merge.arithmetic import Kernel
+
+    torch.set_num_threads(1)
+    rows = []
+    cases = [("F16", "F16"), ("BF16", "BF16"), ("F32", "F16"), ("F16", "F32")]
+    dt = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    factors = [3.0, 17.0, 50.0, 1.0, 2.0, 5.0, 7.0, 11.0][:sources]
+    for src, dst in cases:
+        g = torch.Generator().manual_seed(7)
+        views = [(torch.randn(n, generator=g) * 0.05).to(dt[src]) for _ in range(sources)]
+        out = torch.empty(n, dtype=dt[dst])
+        k = Kernel(torch.device("cpu"), n)
+        raw = torch.cat([v.view(torch.uint8) for v in views]).numpy()
+        size = views[0].element_size()
+        in_views = (raw.view(np.uint16) if size == 2 else np.empty(0, np.uint16),
+                    raw.view(np.float32) if size == 4 else np.empty(0, np.float32), np.empty(0, np.float64))
+        out_raw = out.view(torch.uint8).numpy()
+        out_views = (out_raw.view(np.uint16) if dst in ("F16", "BF16") else np.empty(0, np.uint16),
+                     out_raw.view(np.float32) if dst == "F32" else np.empty(0, np.float32), np.empty(0, np.float64))
+        kinds = np.full(sources, fused.KIND[src], np.int64)
+        offsets = np.arange(sources, dtype=np.int64) * n
+        weights, total = np.array(factors), math.fsum(factors)
+        okind, ooff = np.array([fused.KIND[dst]], np.int64), np.zeros(1, np.int64)
+
+        def run_fused():
+            fused.weighted_mean(*in_views, kinds, offsets, weights, total, n, *out_views, okind, ooff, True)
+
+        def run_torch():
+            k.mean(views, factors, "F64", [out])
+
+        timing = {"torch Kernel": math.inf, "fused (numba)": math.inf}
+        fns = {"torch Kernel": run_torch, "fused (numba)": run_fused}
+        for fn in fns.values():
+            fn()
+        for _ in range(15):  # interleaved, best of 15: the least disturbed by other programs
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                timing[name] = min(timing[name], (time.perf_counter() - t0) / 20)
+        for name, best in timing.items():
+            rows.append([f"{sources} x {src} -> {dst}", name, f"{best * 1e3:.3f}", f"{best / n * 1e9:.2f}",
+                         f"{sources * n / best / 1e9:.2f}", ""])
+        rows[-1][5] = f"{timing['torch Kernel'] / timing['fused (numba)']:.1f}x"
+    return rows
+
+
+def _kernel_table(rows: list[list[str]]) -> str:
+    head = ["kernel alone (one thread)", "kernel", "ms per call", "ns per output element", "G source elements/s",
+            "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _device_name(device: str) -> str:
@@ -356,11 +542,12 @@ def _ratios(rows: list[list[str]], results: dict[str, float], run: str) -> None:
         return
     for row in rows:
         if row[0] == run and row[1] in results:
-            row[5] = f"{results[row[1]] / mine:.2f}x"
+            row[7] = f"{results[row[1]] / mine:.2f}x"
 
 
 def _table(rows: list[list[str]]) -> str:
-    head = ["run", "engine", "wall s", "input GB/s", "vs floor", "time / astolfo's", "peak RSS", "notes"]
+    head = ["run", "engine", "wall s", "input GB/s", "merge GB/s (stage s)",
+            "CPU s read / compute / write / main / all", "vs floor", "time / astolfo's", "peak RSS", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -368,9 +555,21 @@ def _table(rows: list[list[str]]) -> str:
 
 def _doc_notes() -> str:
     return textwrap.dedent("""\
-        - "input GB/s": source bytes over wall time. "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then dd
-          writing the output's size with conv=fdatasync). "time / astolfo's": how many times longer
-          an engine took than astolfo in the same run.
+        - "input GB/s": source bytes over wall time (process start to exit). "merge GB/s": the bytes
+          astolfo read over its merge stage (first read to the last result handed to the writer; the
+          final fsync and rename excluded), the stage's seconds in brackets. "CPU s read / compute /
+          write / main / all": CPU seconds during that stage of astolfo's reader, compute (worker)
+          and writer threads (sampled from /proc, whole run), of the main thread that hands out
+          items and collects results, and of the whole process (getrusage): "all" near cores x
+          stage seconds means the merge is CPU-bound.
+        - "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then
+          dd writing the output's size with conv=fdatasync). "time / astolfo's": how many times
+          longer an engine took than astolfo in the same run. astolfo-torch is astolfo with the
+          torch kernel (ASTOLFO_CPU_KERNELS=torch) instead of the fused numba kernels.
+        - "cached, output in RAM": the same merge writing its output to /dev/shm (tmpfs), so the
+          disk's write speed is out of the way: what the read and compute side can do.
+        - Kernel alone: one thread, 3 slices of 131072 elements, integer weights 3, 17, 50, best of
+          15 interleaved repeats of 20 calls; "G source elements/s" counts every source element read.
         - Each engine runs in its own process; wall time includes Python and torch start-up; peak RSS
           is the process's maximum resident set (mmap'd file pages count for the plain loop).
         - astolfo's provenance hashes come from the catalog (hashed once before timing, as a scan does).

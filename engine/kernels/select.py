@@ -1,0 +1,60 @@
+"""The k-th smallest magnitude of a tensor, exactly, by histograms of its float bits.
+
+For floats of one sign the order of the values is the order of their bit patterns, so the
+magnitude ``bits & ~sign`` sorts like ``|x|`` (a NaN counts above Inf). A pass counts
+the magnitudes of the tensor in 65536 bins of 16 bits (``magnitude_histogram``); the bin holding
+the k-th one (``pick``) fixes those 16 bits, and the next pass counts the next 16 bits among the
+elements with that prefix: one pass for fp16/bf16, two for fp32, four for fp64. Each pass is a
+streaming scan, so a method can run it over a tensor's chunks as they are read; the answer
+equals ``torch.kthvalue(x.abs().flatten(), k)`` (k from 1), with no sort and no copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.kernels.jit import kernel
+
+BINS = 1 << 16
+# magnitude bits of each width, and the shift of each 16-bit digit, top digit first
+DIGITS = {16: (0,), 32: (16, 0), 64: (48, 32, 16, 0)}
+
+
+@kernel
+def magnitude_histogram(bits, width, shift, prefix, hist):
+    """Count, in ``hist`` (int64[65536], added to), the 16-bit digit at ``shift`` of the
+    magnitude of each element of ``bits`` (an integer view of fp16/bf16/fp32/fp64 data of
+    ``width`` bits) whose digits above ``shift`` equal ``prefix``."""
+    sign_off = (1 << (width - 1)) - 1 if width < 64 else 0x7FFFFFFFFFFFFFFF
+    top = shift + 16
+    for i in range(bits.size):
+        mag = np.int64(bits[i]) & sign_off
+        above = (mag >> top) if top < 64 else 0
+        if above == prefix:
+            hist[(mag >> shift) & 0xFFFF] += 1
+
+
+@kernel
+def pick(hist, k):
+    """(bin, rank inside it) of the k-th smallest counted element, k from 1."""
+    seen = 0
+    for b in range(hist.size):
+        if seen + hist[b] >= k:
+            return b, k - seen
+        seen += hist[b]
+    return -1, 0
+
+
+def kth_smallest_magnitude_bits(chunks, width: int, k: int) -> int:
+    """The magnitude bits of the k-th smallest |x| over ``chunks`` (a list of integer views of
+    one tensor's data, in any order; re-read once per 16-bit digit)."""
+    prefix = 0
+    for shift in DIGITS[width]:
+        hist = np.zeros(BINS, np.int64)
+        for c in chunks:
+            magnitude_histogram(c, width, shift, prefix, hist)
+        digit, k = pick(hist, k)
+        if digit < 0:
+            raise ValueError("k is larger than the number of elements")
+        prefix = (prefix << 16) | int(digit)
+    return prefix

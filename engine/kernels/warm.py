@@ -1,0 +1,44 @@
+"""Compile the kernels a merge calls before it calls them.
+
+A kernel compiles on its first call (seconds), or loads from numba's disk cache (tens of
+milliseconds). ``start()`` does either in a daemon thread, once per process, so that a caller
+can start it while a plan is checked and hashed and the merge's first item finds it ready; a
+worker that gets there first waits on numba's compile lock instead of compiling twice.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_started = threading.Lock()
+_thread: threading.Thread | None = None
+done = threading.Event()
+
+
+def warm() -> None:
+    """Compile (or load) every signature the CPU merge uses: one, the types are fixed."""
+    from engine.kernels import mean
+
+    u16, f32, f64 = np.zeros(8, np.uint16), np.zeros(8, np.float32), np.zeros(8, np.float64)
+    one = np.zeros(1, np.int64)
+    mean.weighted_mean(u16, f32, f64, one, one, np.ones(1), 1.0, 8, u16, f32, f64, one, one, True)
+    done.set()
+
+
+def start() -> threading.Thread:
+    """``warm()`` in a background thread, started once per process; returns that thread."""
+    global _thread
+    with _started:
+        if _thread is None:
+            _thread = threading.Thread(target=_warm_quietly, name="kernels-warm", daemon=True)
+            _thread.start()
+        return _thread
+
+
+def _warm_quietly() -> None:
+    try:
+        warm()
+    except Exception:  # the first real call raises the same error where it can be reported
+        pass

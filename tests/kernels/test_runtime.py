@@ -1,0 +1,62 @@
+"""How the kernels are loaded: warmed once in the background, the on-disk cache dropped when
+any kernel source changes (numba alone would keep a kernel that inlined an old helper), and
+the CPU backend staying on torch when numba is missing or ASTOLFO_CPU_KERNELS=torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+
+from engine.kernels import jit, warm
+from engine.merge.backends import cpu_fused
+from engine.merge.layout import SourceSlice
+from engine.plan.model import MEAN, Node
+
+
+def test_warm_starts_once_and_compiles():
+    first = warm.start()
+    assert warm.start() is first
+    first.join(120)
+    assert warm.done.is_set()
+
+
+def test_stale_cache_is_dropped_when_a_kernel_source_changes():
+    folder = jit.Path(jit.numba.njit(cache=True)(jit._probe)._cache._cache_path)
+    stamp = folder / "astolfo-kernels.stamp"
+    good = stamp.read_text()
+    stale = folder / "floats.some_kernel-1.py311.nbi"
+    other = folder / "unrelated_module.f-1.py311.nbi"  # not one of this package's modules: kept
+    stale.write_bytes(b"stale")
+    other.write_bytes(b"other")
+    try:
+        jit._drop_stale_cache()
+        assert stale.exists()  # the stamp matches: nothing to drop
+        stamp.write_text("an older source")
+        jit._drop_stale_cache()
+        assert not stale.exists() and other.exists()
+        assert stamp.read_text() == good
+    finally:
+        stale.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+
+
+def test_backend_stays_on_torch_without_numba_or_when_asked(monkeypatch):
+    assert cpu_fused.wanted()
+    monkeypatch.setenv(cpu_fused.ENV, "torch")
+    assert not cpu_fused.wanted()
+    monkeypatch.delenv(cpu_fused.ENV)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else
+                        real_find_spec(name, *a))
+    assert not cpu_fused.wanted()
+
+
+def test_a_numba_that_fails_to_import_leaves_the_node_to_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "engine.kernels.mean", None)  # importing it raises ImportError
+    fused = cpu_fused.FusedNodes()
+    node = Node(0, MEAN, "k", (4,), (), True, "F64", None, (1.0, 1.0))
+    kept = [SourceSlice(0, "k", "F16", 1.0, 0, 8, 0), SourceSlice(1, "k", "F16", 1.0, 0, 8, 64)]
+    buf = torch.zeros(128, dtype=torch.uint8)
+    assert fused.compute(node, kept, [1.0, 1.0], {"F16": 0}, 4, buf, buf.clone()) is None
