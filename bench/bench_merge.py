@@ -493,7 +493,7 @@ def kernel_rows(n: int = 131072, sources: int = 3) -> list[list[str]]:
             fused.weighted_mean(*in_views, kinds, offsets, weights, total, n, *out_views, okind, ooff, True)
 
         def run_torch():
-            k.mean(views, factors, "F64", [out])
+            k.mean(views, factors, [out])
 
         timing = {"torch Kernel": math.inf, "fused (numba)": math.inf}
         fns = {"torch Kernel": run_torch, "fused (numba)": run_fused}

@@ -54,7 +54,7 @@ def fused(sources: list[torch.Tensor], factors, outs: list[str], check: bool = T
 def torch_kernel(sources, factors, outs):
     k = Kernel(torch.device("cpu"), sources[0].numel())
     results = [torch.empty(sources[0].numel(), dtype=TORCH[d]) for d in outs]
-    finite = k.mean(sources, list(factors), "F64", results)
+    finite = k.mean(sources, list(factors), results)
     return bool(finite), results
 
 
@@ -90,7 +90,7 @@ def test_fused_mean_is_byte_identical_to_the_torch_kernel(srcs, weights, outs, s
     weights = (weights * len(srcs))[: len(srcs)]
     sources = [_values(seed + i, n, TORCH[d], style) for i, d in enumerate(srcs)]
     plan_sources = [Source(0, f"k{i}", d, (n,), 0, w) for i, (d, w) in enumerate(zip(srcs, weights))]
-    acc, factors = exact_factors(plan_sources)
+    factors = exact_factors(plan_sources)
     finite, theirs = torch_kernel(sources, factors, outs)
     bad, ours = fused(sources, factors, outs)
     assert (bad < 0) == finite

@@ -56,7 +56,7 @@ def test_backend_stays_on_torch_without_numba_or_when_asked(monkeypatch):
 def test_a_numba_that_fails_to_import_leaves_the_node_to_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "engine.kernels.mean", None)  # importing it raises ImportError
     fused = cpu_fused.FusedNodes()
-    node = Node(0, MEAN, "k", (4,), (), True, "F64", None, (1.0, 1.0))
+    node = Node(0, MEAN, "k", (4,), (), True, None, (1.0, 1.0))
     kept = [SourceSlice(0, "k", "F16", 1.0, 0, 8, 0), SourceSlice(1, "k", "F16", 1.0, 0, 8, 64)]
     buf = torch.zeros(128, dtype=torch.uint8)
     assert fused.compute(node, kept, [1.0, 1.0], {"F16": 0}, 4, buf, buf.clone()) is None

@@ -10,8 +10,8 @@ import torch
 
 from engine.checkpoint.format import DTYPES
 from engine.merge.arithmetic import Kernel, _node_parts, _view, arange_values
-from engine.merge.backends.base import Bad
 from engine.merge.backends import cpu_fused
+from engine.merge.backends.base import Bad
 from engine.merge.layout import Item, Segment
 from engine.plan.model import ARANGE, COPY, MergePlan
 
