@@ -11,14 +11,14 @@ from engine.merge import events as ev
 
 EXAMPLES = [
     ev.Started(outputs=["/o/a.safetensors"], tensors_total=10, bytes_to_read=100, bytes_to_write=50,
-               device="cpu (2 threads)", sources=3, resumed_tensors=2),
+               device="cuda:0 (test card)", sources=3, resumed_tensors=2, device_uuid="GPU-0000"),
     ev.Stage("merging", "x"),
     ev.Progress("merging", 1, 10, 5, 100, 3, 0.5, 1.25, 3.0, "model.x", 123, 1, 2, 3,
                 [ev.OutputProgress("/o/a.safetensors", 1, 10, 7, 50)]),
     ev.MergeWarning("nan_skipped", "m: key", "m", "key", None),
     ev.OutputDone("/o/a.safetensors", 50, 10),
     ev.Finished(outputs=["/o/a.safetensors"], elapsed_s=1.0, bytes_read=100, bytes_written=50, gbps=0.1,
-                warnings=1, host_rss_peak=10, device_mem_peak=None),
+                warnings=1, host_rss_peak=10, process_mem_peak=None),
     ev.Failed("broken", "m", "k"),
     ev.Cancelled("interrupted"),
 ]
