@@ -3,10 +3,13 @@ the few LLVM operations numba does not expose (bit casts between floats and inte
 multiply-add).
 
 The cache: numba writes compiled kernels beside the source (``__pycache__``) when that folder is
-writable (a clone, an editable or user install), else to its own user-wide folder. When neither
-is writable there would be no cache at all, so for a read-only install this module points
-``NUMBA_CACHE_DIR`` at astolfo's user cache folder (``ASTOLFO_CACHE_DIR`` or platformdirs'), unless
-the user set it. It does so before numba is imported, and only then: numba reads it once.
+writable (a clone, as CI has; an editable or user install). For an install whose package folder
+is read-only (a system site-packages), this module points ``NUMBA_CACHE_DIR`` at astolfo's user
+cache folder (``ASTOLFO_CACHE_DIR`` or platformdirs', as the catalog uses), so the kernels are
+kept, and cleared, with astolfo's other caches; unless the user set ``NUMBA_CACHE_DIR``. It must
+do so before numba is imported (numba reads it once); if something imported numba first, numba
+uses its own user-wide folder. Where no folder is writable at all the kernels compile in memory
+on every run (``kernel`` falls back to no disk cache).
 
 ``kernel`` is ``njit(nogil=True, cache=True, error_model="numpy")``: no GIL (the merge's worker
 threads run kernels in parallel with the reader and writer), IEEE division (no zero check), and

@@ -101,6 +101,8 @@ def test_fused_mean_is_byte_identical_to_the_torch_kernel(srcs, weights, outs, s
 
 def test_huge_finite_fp32_values_are_not_flagged():
     x = torch.full((1000,), 3e38, dtype=torch.float32)
+    out = torch.empty(1000, dtype=torch.float16)
+    assert bool(Kernel(torch.device("cpu"), 1000).copy(x, [out], True))  # the torch kernel: fp32 sum overflowed
     bad, (out,) = fused([x, x, -x], [1.0, 1.0, 1.0], ["F32"])
     assert bad == -1 and bool((out == x / 3).all())
     bad, (out,) = fused([x], [1.0], ["F16"])  # a checked copy that overflows fp16: finite sources
