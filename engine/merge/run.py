@@ -179,6 +179,8 @@ class _Run:
             raise MergeError(str(e)) from None
         if self.tuning_given is None:
             self.tuning = Tuning.for_device(self.device)
+        if self.device.type == "cpu":
+            _warm_cpu_kernels()
         self.memory = self.meter.memory = MemoryMonitor(self.device)
         hashes = self._hashes()
         self._check_sources_unchanged()
@@ -311,6 +313,17 @@ class _Run:
             except OSError:
                 pass
         self.fds = []
+
+
+def _warm_cpu_kernels() -> None:
+    """Load (or compile) the fused CPU kernels in the background now, so it overlaps hashing
+    and opening the outputs instead of delaying the first item."""
+    from engine.merge.backends import cpu_fused
+
+    if cpu_fused.wanted():
+        from engine.kernels import warm
+
+        warm.start()
 
 
 def _describe_error(e: Exception) -> str:
