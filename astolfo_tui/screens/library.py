@@ -7,10 +7,13 @@ fills in model by model (cache hits first, at once).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -20,7 +23,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
-from astolfo_tui import hash_feed
+from astolfo_tui import hash_feed, session
 from astolfo_tui.screens.dialogs import (
     ColumnDialog,
     ConfirmDialog,
@@ -33,7 +36,7 @@ from astolfo_tui.widgets.details import DetailsPane
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN, SelectionGrid
 from engine.library.scan import scan
 from engine.recipe.notation import format_notation
-from engine.recipe.toml_file import load_recipe, save_recipe
+from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml, save_recipe
 
 # While a big folder is scanned: the rows read so far are shown once, after 0.25 s (a first
 # screenful), then only a count every 0.5 s until the end. Redrawing the grid more often took the
@@ -60,11 +63,17 @@ class LibraryScreen(Screen):
         Binding("ctrl+r", "rescan", "Rescan", show=False, tooltip="Scan the folders again"),
     ]
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], recipe: Path | None = None) -> None:
         super().__init__()
         self.paths = [Path(p) for p in paths]
+        self.session_folders = list(self.paths)  # the session note is per folder set as opened
+        self.initial_recipe = recipe  # opened after the scan when there is no earlier session
         self.state = SelectionState([], base_dir=_base_dir(self.paths))
         self.recipe_path: Path | None = None
+        self.recipe_text: str | None = None  # the recipe file's text as loaded or last saved
+        self._restored = False
+        self._remember_timer = None
+        self._remembered: str | None = None
         self.file_hashes: dict[str, object] = {}
         self._hash_cancel = threading.Event()
         self._hash_progress = (0, 0)  # files done, files total
@@ -96,6 +105,7 @@ class LibraryScreen(Screen):
 
     def on_unmount(self) -> None:
         self._hash_cancel.set()  # the hashing thread stops at its next chunk
+        self.remember_now()
 
     @property
     def grid(self) -> SelectionGrid:
@@ -168,6 +178,9 @@ class LibraryScreen(Screen):
         if self._pending_recipe is not None:
             path, self._pending_recipe = self._pending_recipe, None
             self._apply_recipe_file(path)
+        if not self._restored:
+            self._restored = True
+            self._restore()
         self._hash_worker = self.run_hashing(list(reports), self._hash_cancel)
 
     @work(thread=True, exclusive=True, group="hash", exit_on_error=False, name="hashing")
@@ -237,6 +250,51 @@ class LibraryScreen(Screen):
         if self.recipe_path:
             t.append(f"  recipe: {self.recipe_path.name}", style=DIM)
         self._set_status(t)
+        self._remember_soon()
+
+    # -- what survives a restart -------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """After the first scan: the picks of the last session on these folders, else the
+        recipe the app was opened with (the demo's), else nothing."""
+        note = session.load_session(self.session_folders)
+        if note is not None:
+            try:
+                recipe = parse_recipe(note.recipe_toml, note.base_dir, source="the last session")
+            except Exception:
+                recipe = None
+            if recipe is not None:
+                self.state.apply_recipe(recipe)
+                self.recipe_path, self.recipe_text = note.recipe_path, note.recipe_text
+                self.grid.rebuild(self.state)
+                self._refresh_status()
+                self._show_details()
+                return
+        if self.initial_recipe is not None and self.initial_recipe.exists():
+            self._apply_recipe_file(self.initial_recipe)
+
+    def _session_note(self) -> session.Session:
+        recipe = self.state.to_recipe()
+        recipe.outputs = [replace(o, path=recipe.output_path(o)) for o in recipe.outputs]
+        return session.Session(recipe_to_toml(recipe), self.state.base_dir, self.recipe_path, self.recipe_text)
+
+    def _remember_soon(self) -> None:
+        if self._restored and self._remember_timer is None and self.is_mounted:
+            self._remember_timer = self.set_timer(0.5, self.remember_now)
+
+    def remember_now(self) -> None:
+        """Write the session note when it changed (picks, outputs, the recipe file)."""
+        self._remember_timer = None
+        if not self._restored:
+            return  # never overwrite the last session before it has been read back
+        try:
+            note = self._session_note()
+        except Exception:
+            return
+        key = repr((note.recipe_toml, note.recipe_path, note.recipe_text))
+        if key != self._remembered:
+            session.save_session(self.session_folders, note)
+            self._remembered = key
 
     # -- grid events -------------------------------------------------------------------------
 
@@ -392,15 +450,37 @@ class LibraryScreen(Screen):
 
         self.app.push_screen(PathDialog("Save recipe to", str(self.default_recipe_path()), "Save"), done)
 
-    def save_recipe_to(self, path: Path) -> bool:
+    def save_recipe_to(self, path: Path, confirmed: bool = False) -> bool:
+        """Save the picks to ``path``. Over the recipe that was loaded, the file is edited in
+        place (its comments, layout and relative paths kept). Overwriting a file that changed on
+        disk since it was loaded, or another existing file, asks first (returns False then; the
+        save happens when the user says yes)."""
+        path = Path(path)
+        current = _read_text(path)
+        same_file = self.recipe_path is not None and _same_path(path, self.recipe_path)
+        if current is not None and not confirmed:
+            if same_file and self.recipe_text is not None and current != self.recipe_text:
+                question = f"{path.name} changed on disk since it was loaded. Overwrite it with the app's picks?"
+            elif not same_file:
+                question = f"{path} exists. Replace it with the app's picks?"
+            else:
+                question = None
+            if question:
+                def done(yes: bool | None) -> None:
+                    if yes:
+                        self.save_recipe_to(path, confirmed=True)
+
+                self.app.push_screen(ConfirmDialog(escape(question), "Overwrite", "Keep the file"), done)
+                return False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_recipe(self.state.to_recipe(), path)
+            save_recipe(self.state.to_recipe(), path, original=current if same_file or confirmed else None)
+            written = path.read_text("utf-8")
         except Exception as e:  # RecipeError and OSError both carry a message naming the file
-            self.notify(f"Could not save {path}: {e}", severity="error", timeout=8)
+            self.notify(escape(f"Could not save {path}: {e}"), severity="error", timeout=8)
             return False
-        self.recipe_path = path
-        self.notify(f"Saved {path}")
+        self.recipe_path, self.recipe_text = path, written
+        self.notify(escape(f"Saved {path}"))
         self._refresh_status()
         return True
 
@@ -434,7 +514,7 @@ class LibraryScreen(Screen):
             self.notify(f"Could not load {path}: {e}", severity="error", timeout=8)
             return
         missing = self.state.apply_recipe(recipe)
-        self.recipe_path = path
+        self.recipe_path, self.recipe_text = path, _read_text(path)
         self.grid.rebuild(self.state)
         self._refresh_status()
         self._show_details()
@@ -466,6 +546,17 @@ class LibraryScreen(Screen):
         from astolfo_tui.screens.merge import MergeScreen
 
         self.app.push_screen(MergeScreen(library=self))
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(Path(a).expanduser()) == os.path.abspath(Path(b).expanduser())
 
 
 def _base_dir(paths: list[Path]) -> Path:

@@ -1,9 +1,10 @@
 """The merge dashboard.
 
 Before launch: what will be merged (models per component per output), bytes to read and write,
-free disk, an estimated time, and every problem ``engine.plan.check_recipe`` finds. Launch saves
-the recipe and calls ``engine.jobs.start_job`` — the detached job that ``astolfo merge --detach``
-starts — so closing the app leaves it running. Then: overall and per-output progress, throughput
+free disk, an estimated time, and every problem ``engine.plan.check_recipe`` finds. Launch hands
+the picks to ``engine.jobs.start_job`` — the detached job that ``astolfo merge --detach`` starts,
+which keeps its own frozen copy of the recipe — so closing the app leaves it running. Launching
+never writes the user's recipe file: only ctrl+s does. Then: overall and per-output progress, throughput
 with a sparkline, ETA, the current tensor, GPU and host memory, and the log tail, all folded from
 the job's event stream; cancel asks first.
 """
@@ -44,7 +45,7 @@ LOG_STYLE = {"info": "", "ok": OK, "warning": WARN, "error": f"bold {ERROR}"}
 class MergeScreen(Screen):
     BINDINGS = [
         Binding("escape", "close", "Back", tooltip="Back to the library (a running merge goes on)"),
-        Binding("l", "launch", "Launch", tooltip="Save the recipe and start the merge as a detached job"),
+        Binding("l", "launch", "Launch", tooltip="Start the merge as a detached job (your recipe file is not written)"),
         Binding("ctrl+c", "cancel_job", "Cancel merge", tooltip="Cancel the running merge (asks first; no output is left)"),
         Binding("j", "jobs", "Jobs", tooltip="All jobs, running and finished"),
     ]
@@ -191,15 +192,12 @@ class MergeScreen(Screen):
     def action_launch(self) -> None:
         if self.job is not None or self.plan is None:
             return
-        path = self.library.default_recipe_path()
-        if not self.library.save_recipe_to(path):
-            return
         self.query_one("#launch", Button).disabled = True
-        self.start_job(path)
+        self.start_job(self.library.state.to_recipe())
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False, name="starting the merge")
-    def start_job(self, recipe_path: Path):
-        return engine_jobs.start_job(recipe_path)
+    def start_job(self, recipe):
+        return engine_jobs.start_job(recipe)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:

@@ -309,13 +309,16 @@ def _path(p: PurePath) -> str:
     return _string(p.as_posix() if isinstance(p, PurePath) else str(p))
 
 
-def recipe_to_toml(recipe: Recipe) -> str:
-    """The recipe as TOML text; ``parse_recipe`` of it gives back an equal Recipe."""
+def recipe_to_toml(recipe: Recipe, run_settings: bool = True) -> str:
+    """The recipe as TOML text; ``parse_recipe`` of it gives back an equal Recipe.
+    ``run_settings=False`` leaves out how it is run (``device``), which is no part of what the
+    mix is (output metadata)."""
     lines = [f"name = {_string(recipe.name)}"]
     if recipe.arch is not None:
         lines.append(f"arch = {_string(recipe.arch)}")
     lines.append(f"dtype = {_string(recipe.dtype)}")
-    lines.append(f"device = {_string(recipe.device)}")
+    if run_settings:
+        lines.append(f"device = {_string(recipe.device)}")
     if recipe.date is not None:
         lines.append(f"date = {_string(recipe.date)}")
     if recipe.strict:
@@ -355,12 +358,29 @@ def recipe_to_toml(recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
-    """Write the recipe atomically (a temporary file beside it, then a rename)."""
+def save_recipe(recipe: Recipe, path: str | os.PathLike, original: str | None = None) -> Path:
+    """Write the recipe atomically (a temporary file beside it, then a rename).
+
+    ``original``: the text of the user's file as it was loaded; the file is then edited in place
+    (``engine.recipe.toml_edit``: comments, layout and relative paths kept) instead of written
+    afresh. A new file gets paths relative to its folder where the files lie under or beside it."""
+    from engine.recipe.toml_edit import portable, update_document
+
     path = Path(path)
+    folder = path.absolute().parent
+    text = None
+    if original is not None:
+        try:
+            text = update_document(original, recipe, folder)
+            if not _same_recipe(parse_recipe(text, folder), recipe):
+                text = None  # the edit did not say the same thing: write it afresh instead
+        except Exception:  # not TOML any more, or an edit tomlkit refuses: write it afresh
+            text = None
+    if text is None:
+        text = recipe_to_toml(portable(recipe, folder))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(recipe_to_toml(recipe), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -369,3 +389,14 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
             pass
         raise RecipeError(path, f"cannot write: {e.strerror or e}") from None
     return path
+
+
+def _same_recipe(a: Recipe, b: Recipe) -> bool:
+    """Equal as merges: the same files (wherever the paths are written from), ids, selections,
+    outputs and settings."""
+    def files(r: Recipe):
+        return ({m: (os.path.abspath(r.model_path(m)), e.sha256) for m, e in r.models.items()},
+                [(os.path.abspath(r.output_path(o)), o.sources, o.dtype, o.title) for o in r.outputs])
+
+    settings = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "select", "weights", "metadata")
+    return files(a) == files(b) and all(getattr(a, k) == getattr(b, k) for k in settings)

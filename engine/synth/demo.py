@@ -141,7 +141,7 @@ def demo_recipe(folder: str | os.PathLike) -> Recipe:
         models[model_id] = ModelEntry(model_id, Path(model.name))
     used = {m for ids in DEMO_SELECTIONS.values() for m in ids}
     outputs = [
-        OutputSpec(Path(f"out/demo-AstolfoMix-{variant}.safetensors"),
+        OutputSpec(Path(f"../mixes/demo-AstolfoMix-{variant}.safetensors"),
                    {"unet": unet, "te0": "te0", "te1": "te1", "vae": "vae"})
         for variant, unet in (("base", "unet"), ("nsfw", "nsfw"))
     ]
