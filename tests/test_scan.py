@@ -173,8 +173,8 @@ def test_scan_reports_every_file_in_order_with_ids(mixed_folder):
         ("_x2", "_x2-SD15.safetensors", CHECKPOINT),
         ("_x10", "_x10-Clean.safetensors", CHECKPOINT),
         ("_x03", "broken/_x03-Truncated.safetensors", UNREADABLE),
-        ("m05", "loras/detail.safetensors", LORA),
-        ("m06", "old.ckpt", "pickle"),
+        ("m01", "loras/detail.safetensors", LORA),  # first sight (engine.library.ids)
+        ("m02", "old.ckpt", "pickle"),
     ]
     assert reports[1].arch == "sd15" and reports[2].arch == "sdxl"
 

@@ -34,6 +34,7 @@ from astolfo_tui.screens.outputs import OutputsDialog
 from astolfo_tui.selection_state import SelectionState
 from astolfo_tui.widgets.details import DetailsPane
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN, SelectionGrid
+from engine.library.outputs import default_output_dir
 from engine.library.scan import scan
 from engine.recipe.notation import format_notation
 from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml, save_recipe
@@ -68,7 +69,10 @@ class LibraryScreen(Screen):
         self.paths = [Path(p) for p in paths]
         self.session_folders = list(self.paths)  # the session note is per folder set as opened
         self.initial_recipe = recipe  # opened after the scan when there is no earlier session
-        self.state = SelectionState([], base_dir=_base_dir(self.paths))
+        from astolfo_tui.config import configured_output_dir
+
+        self.output_dir = default_output_dir(self.paths, configured_output_dir())
+        self.state = SelectionState([], base_dir=_base_dir(self.paths), output_dir=self.output_dir)
         self.recipe_path: Path | None = None
         self.recipe_text: str | None = None  # the recipe file's text as loaded or last saved
         self._restored = False

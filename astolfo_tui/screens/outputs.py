@@ -86,7 +86,7 @@ class OutputsDialog(ModalScreen[bool]):
         name = self.query_one("#recipe-name", Input).value.strip() or self.state.name
         n = len(self.query(OutputRow)) + 1
         sources = {c: names[0] for c, names in self.choices.items() if names}
-        spec = OutputSpec(path=self.state.base_dir / f"{name}-{n}.safetensors", sources=sources)
+        spec = OutputSpec(path=self.state.output_dir / f"{name}-{n}.safetensors", sources=sources)
         self.query_one("#output-rows").mount(OutputRow(spec, self.components, self.choices))
 
     @on(Button.Pressed, ".remove-output")

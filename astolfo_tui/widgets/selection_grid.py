@@ -35,6 +35,7 @@ DIM = "#565f89"
 ERROR = "#f7768e"
 WARN = "#e0af68"
 OK = "#9ece6a"
+OUTPUT = "#bb9af7"  # a mix astolfo wrote
 SHORT_HASH = 8
 
 FILTERS = ("all", "problems", "selected")
@@ -185,7 +186,7 @@ class SelectionGrid(DataTable):
         report = self.state.reports[mid]
         cells = [
             Text(mid, style="bold"),
-            Text(_display_name(report), overflow="ellipsis", no_wrap=True),
+            Text(_display_name(report), overflow="ellipsis", no_wrap=True, style=OUTPUT if report.is_astolfo_output else ""),
             _arch_cell(report),
             Text((report.main_dtype or "").lower(), style=DIM if report.kind != CHECKPOINT else ""),
             Text(_size(report.file_size), justify="right"),
@@ -477,6 +478,8 @@ def _display_name(report: ModelReport) -> str:
 
 
 def _arch_cell(report: ModelReport) -> Text:
+    if report.is_astolfo_output:
+        return Text("mix", style=f"italic {OUTPUT}")  # astolfo wrote it: an output, not a model
     if report.kind != CHECKPOINT or not report.arch:
         label = KIND_LABELS.get(report.kind, report.kind[:5])
         return Text(label, style=ERROR if report.severity >= Severity.ERROR else WARN)
