@@ -43,8 +43,8 @@ class AstolfoApp(App):
         Binding("q", "quit", "Quit", tooltip="Quit (running merges go on)"),
     ]
 
-    def __init__(self, paths: Iterable[os.PathLike | str], reattach: bool = True, recipe: os.PathLike | str | None = None,
-                 cursor_blink: bool | None = None) -> None:
+    def __init__(self, paths: Iterable[os.PathLike | str], reattach: bool = True,
+                 recipe: os.PathLike | str | None = None, cursor_blink: bool | None = None) -> None:
         super().__init__()
         self.paths = [Path(p) for p in paths]
         self.reattach = reattach

@@ -1,5 +1,6 @@
 """The app's small remembered settings: which folders were opened last, so a plain ``astolfo``
-opens them again, and ``output_dir`` (where new outputs go, when set by hand). Stored as TOML under the user's config directory (platformdirs);
+opens them again, and ``output_dir`` (where new outputs go, when set by hand).
+Stored as TOML under the user's config directory (platformdirs);
 ``ASTOLFO_CONFIG_DIR`` overrides the directory (tests use it so they never touch ``~``).
 """
 

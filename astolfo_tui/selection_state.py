@@ -54,7 +54,8 @@ def refusal(report: ModelReport, component: str, nan_counts: dict[str, int] | No
 class SelectionState:
     """The user's picks over an ordered list of models (the scan order)."""
 
-    def __init__(self, reports: list[ModelReport], base_dir: Path, name: str = "mix", output_dir: Path | None = None) -> None:
+    def __init__(self, reports: list[ModelReport], base_dir: Path, name: str = "mix",
+                 output_dir: Path | None = None) -> None:
         self.reports: dict[str, ModelReport] = {r.model_id: r for r in reports}
         self.order: list[str] = [r.model_id for r in reports]
         self.base_dir = Path(base_dir)

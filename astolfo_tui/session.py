@@ -53,7 +53,8 @@ def load_session(folders: list[Path]) -> Session | None:
     path = data.get("recipe_path")
     text = data.get("recipe_text")
     base = data.get("base_dir") if isinstance(data.get("base_dir"), str) else os.path.abspath(folders[0])
-    return Session(data["recipe"], Path(base), Path(path) if isinstance(path, str) else None, text if isinstance(text, str) else None)
+    return Session(data["recipe"], Path(base), Path(path) if isinstance(path, str) else None,
+                   text if isinstance(text, str) else None)
 
 
 def save_session(folders: list[Path], session: Session) -> None:

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from merge_support import make_models, recipe_text, sdxl_output
+from merge_support import make_models
 
 from engine.checkpoint.format import read_header
 from engine.hashes.catalog import Catalog
@@ -74,7 +74,8 @@ def test_a_job_started_from_a_recipe_object_writes_no_recipe_file(tmp_path):
     recipe = parse_recipe(USER_RECIPE, folder)
     job = wait_for_job(start_job(recipe, pins={"a": "0" * 64}).id, timeout_s=180)
     assert sorted(p.name for p in folder.iterdir()) == ["models"]  # no recipe, and the pin refused it
-    assert job.status != FINISHED and "replaced or renamed" in (job.exit_reason or "") + (job.dir / "job.log").read_text()
+    said = (job.exit_reason or "") + (job.dir / "job.log").read_text()
+    assert job.status != FINISHED and "replaced or renamed" in said
     assert load_job_recipe(job).models["a"].sha256 == "0" * 64
 
 
@@ -90,7 +91,8 @@ def test_saving_over_the_users_file_keeps_comments_layout_and_relative_paths(tmp
     recipe.name = "trust-mix-2"
     save_recipe(recipe, folder / "r.toml", original=USER_RECIPE)
     text = (folder / "r.toml").read_text("utf-8")
-    for kept in ("# my mix: keep this comment", 'name = "trust-mix-2"   # the name', "[models]   # relative to this file",
+    for kept in ("# my mix: keep this comment", 'name = "trust-mix-2"   # the name',
+                 "[models]   # relative to this file",
                  'a = "models/m0.safetensors"  # the first', 'all = ["a", "c"]  # both',
                  'path = "out/mix.safetensors"  # written here'):
         assert kept in text, kept

@@ -186,7 +186,8 @@ class SelectionGrid(DataTable):
         report = self.state.reports[mid]
         cells = [
             Text(mid, style="bold"),
-            Text(_display_name(report), overflow="ellipsis", no_wrap=True, style=OUTPUT if report.is_astolfo_output else ""),
+            Text(_display_name(report), overflow="ellipsis", no_wrap=True,
+                 style=OUTPUT if report.is_astolfo_output else ""),
             _arch_cell(report),
             Text((report.main_dtype or "").lower(), style=DIM if report.kind != CHECKPOINT else ""),
             Text(_size(report.file_size), justify="right"),

@@ -117,7 +117,8 @@ class IdStore:
 
     def _move(self, model_id: str, real: str, stat: tuple) -> None:
         self._db.execute("UPDATE ids SET path = NULL WHERE path = ? AND id != ?", (real, model_id))
-        self._db.execute("UPDATE ids SET path = ?, size = ?, mtime_ns = ?, inode = ? WHERE id = ?", (real, *stat, model_id))
+        self._db.execute("UPDATE ids SET path = ?, size = ?, mtime_ns = ?, inode = ? WHERE id = ?",
+                         (real, *stat, model_id))
 
     def _next_id(self, taken: set[str]) -> str:
         numbers = [int(m.group(1)) for (i,) in self._db.execute("SELECT id FROM ids") if (m := _NUMBERED.match(i))]
