@@ -8,6 +8,7 @@ import json
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine.jobs.launch import CANCELLED, DIED, FAILED, FINISHED, RUNNING, STARTING, Job, list_jobs
 
@@ -78,7 +79,7 @@ def jobs_table(jobs: list[Job]) -> Table:
             job.id,
             f"[{STATUS_STYLES.get(job.status, '')}]{job.status}[/]",
             format_progress(job),
-            ", ".join(p.name for p in job.outputs),
+            Text(", ".join(p.name for p in job.outputs)),  # file names are not markup
             format_started(job.created),
             format_elapsed(job.elapsed),
         )

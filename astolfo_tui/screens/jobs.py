@@ -54,12 +54,12 @@ class JobsScreen(Screen):
             took = job.elapsed.total_seconds() if job.elapsed else None
             table.add_row(
                 Text(job.id, style="bold"),
-                job.name,
+                Text(job.name),
                 Text(job.status, style=f"bold {STATUS_STYLE.get(job.status, '')}"),
                 progress,
                 job.started.astimezone().strftime("%Y-%m-%d %H:%M") if job.started else "",
                 duration(took),
-                ", ".join(p.name for p in job.outputs),
+                Text(", ".join(p.name for p in job.outputs)),
                 key=job.id,
             )
         if table.row_count:

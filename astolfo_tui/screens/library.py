@@ -13,7 +13,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -36,7 +35,7 @@ from astolfo_tui.widgets.details import DetailsPane
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN, SelectionGrid
 from engine.library.outputs import default_output_dir
 from engine.library.scan import scan
-from engine.recipe.notation import format_notation
+from engine.recipe.notation import format_legend, format_notation
 from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml, save_recipe
 
 # While a big folder is scanned: the rows read so far are shown once, after 0.25 s (a first
@@ -474,17 +473,17 @@ class LibraryScreen(Screen):
                     if yes:
                         self.save_recipe_to(path, confirmed=True)
 
-                self.app.push_screen(ConfirmDialog(escape(question), "Overwrite", "Keep the file"), done)
+                self.app.push_screen(ConfirmDialog(question, "Overwrite", "Keep the file"), done)
                 return False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_recipe(self.state.to_recipe(), path, original=current if same_file or confirmed else None)
             written = path.read_text("utf-8")
         except Exception as e:  # RecipeError and OSError both carry a message naming the file
-            self.notify(escape(f"Could not save {path}: {e}"), severity="error", timeout=8)
+            self.notify(f"Could not save {path}: {e}", severity="error", timeout=8)
             return False
         self.recipe_path, self.recipe_text = path, written
-        self.notify(escape(f"Saved {path}"))
+        self.notify(f"Saved {path}")
         self._refresh_status()
         return True
 
@@ -534,7 +533,10 @@ class LibraryScreen(Screen):
         same = [m for m in self.state.order if (v := self.grid.hashes.get(m)) and v.same_as_reference]
         if same:
             lines["=sd"] = same
-        return format_notation(self.state.order, lines)
+        ticked = [m for m in self.state.order if self.state.selected_anywhere(m)]
+        legend = [(m, self.state.reports[m].file_name, getattr(self.file_hashes.get(m), "autov2", None))
+                  for m in ticked]
+        return format_notation(self.state.order, lines) + format_legend(legend)
 
     def action_copy_notation(self) -> None:
         self.app.copy_to_clipboard(self.notation())

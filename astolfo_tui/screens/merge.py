@@ -296,7 +296,7 @@ class MergeScreen(Screen):
             if row is None:  # keep the widgets themselves: a just-mounted row's children may
                 bar = ProgressBar(show_eta=False)  # not be queryable yet
                 text = Label("", classes="progress-text")
-                box.mount(Horizontal(Label(Path(path).name, classes="progress-label"), bar, text,
+                box.mount(Horizontal(Label(Path(path).name, classes="progress-label", markup=False), bar, text,
                                      classes="progress-row"))
                 row = self._output_rows[path] = (bar, text)
             bar, text = row

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -29,7 +30,7 @@ class OutputRow(Horizontal):
     def compose(self) -> ComposeResult:
         yield Input(str(self.spec.path), classes="output-path")
         for comp in self.components:
-            options = [(f"{comp} ← {name}", name) for name in self.choices[comp]]
+            options = [(Text(f"{comp} ← {name}"), name) for name in self.choices[comp]]
             value = self.spec.sources.get(comp)
             yield Select(
                 options,

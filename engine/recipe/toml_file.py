@@ -39,6 +39,7 @@ Format::
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import math
 import os
 import re
@@ -60,29 +61,45 @@ MODEL_KEYS = ("path", "sha256")
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe file; relative paths inside it resolve against its folder."""
+    recipe, problems = load_recipe_lenient(path)
+    if problems:
+        raise RecipeError(path, problems)
+    return recipe  # type: ignore[return-value]
+
+
+def load_recipe_lenient(path: str | os.PathLike) -> tuple[Recipe | None, list[str]]:
+    """The recipe and every structural problem of the file. The recipe is None only when the
+    file cannot be read or is not TOML; otherwise it is what the file says with the bad parts
+    left at their defaults, so the planner's checks can still run and report the rest (an
+    unknown setting must not hide a wrong model id)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(path, "no such file") from None
+        return None, ["no such file"]
     except UnicodeDecodeError:
-        raise RecipeError(path, "not UTF-8 text") from None
+        return None, ["not UTF-8 text"]
     except OSError as e:
-        raise RecipeError(path, f"cannot read: {e.strerror or e}") from None
-    return parse_recipe(text, path.resolve().parent, source=path)
+        return None, [f"cannot read: {e.strerror or e}"]
+    return _parse(text, path.resolve().parent, path)
 
 
 def parse_recipe(text: str, base_dir: str | os.PathLike, source: str | os.PathLike = "<recipe>") -> Recipe:
     """Parse recipe TOML ``text``; raises RecipeError listing every structural problem."""
+    recipe, problems = _parse(text, Path(base_dir), source)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe  # type: ignore[return-value]
+
+
+def _parse(text: str, base_dir: Path, source) -> tuple[Recipe | None, list[str]]:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise RecipeError(source, f"not valid TOML: {e}") from None
+        return None, [f"not valid TOML: {e}"]
     p = _Parser(source)
     recipe = p.recipe(doc, Path(base_dir))
-    if p.problems:
-        raise RecipeError(source, p.problems)
-    return recipe
+    return recipe, p.problems
 
 
 class _Parser:
@@ -96,7 +113,7 @@ class _Parser:
     def recipe(self, doc: dict, base_dir: Path) -> Recipe:
         for key in doc:
             if key not in TOP_KEYS:
-                self.bad(f"unknown setting {key!r} (known: {', '.join(TOP_KEYS)})")
+                self.bad(f"unknown setting {key!r}{did_you_mean(key, TOP_KEYS)} (known: {', '.join(TOP_KEYS)})")
         name = self.string(doc, "name", "name", required=True) or ""
         arch = self.string(doc, "arch", "arch")
         dtype = self.string(doc, "dtype", "dtype") or "fp16"
@@ -162,7 +179,7 @@ class _Parser:
             elif isinstance(value, dict):
                 for k in value:
                     if k not in MODEL_KEYS:
-                        self.bad(f"models.{mid}: unknown key {k!r} (known: path, sha256)")
+                        self.bad(f"models.{mid}: unknown key {k!r}{did_you_mean(k, MODEL_KEYS)} (known: path, sha256)")
                 path = self.string(value, "path", f"models.{mid}.path", required=True)
                 sha = self.string(value, "sha256", f"models.{mid}.sha256")
                 if path is not None:
@@ -213,7 +230,8 @@ class _Parser:
                 if key in OUTPUT_KEYS:
                     continue
                 if key not in COMPONENT_IDS:
-                    self.bad(f"{where}: unknown key {key!r} (components: {', '.join(COMPONENT_IDS)};"
+                    hint = did_you_mean(key, COMPONENT_IDS + OUTPUT_KEYS)
+                    self.bad(f"{where}: unknown key {key!r}{hint} (components: {', '.join(COMPONENT_IDS)};"
                              f" settings: {', '.join(OUTPUT_KEYS)})")
                 elif not isinstance(v, str):
                     self.bad(f"{where}.{key}: expected a selection name, got {_toml_type(v)}")
@@ -228,6 +246,15 @@ class _Parser:
             ))
         _default_paths(outs, name)
         return outs
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'skip_nan'?"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    if not close:
+        lowered = {str(c).casefold(): str(c) for c in choices}
+        close = [lowered[word.casefold()]] if word.casefold() in lowered else []
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _default_paths(outputs: list[OutputSpec], name: str) -> None:
