@@ -25,6 +25,8 @@ STATUS_STYLES = {
 def register(subparsers) -> None:
     p = subparsers.add_parser("jobs", help="list detached merge jobs", description=__doc__)
     p.add_argument("--json", action="store_true", help="print one JSON object per job")
+    p.add_argument("--prune", action="store_true",
+                   help="remove the jobs that have ended (finished, failed, cancelled, died); outputs are kept")
     p.set_defaults(run=run)
 
 
@@ -87,6 +89,16 @@ def jobs_table(jobs: list[Job]) -> Table:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prune:
+        from engine.jobs.launch import prune_jobs
+
+        removed = prune_jobs()
+        if args.json:
+            for job in removed:
+                print(json.dumps({"type": "pruned", "id": job.id, "status": job.status}))
+        else:
+            print(f"removed {len(removed)} ended job(s)" + (f": {', '.join(j.id for j in removed)}" if removed else ""))
+        return 0
     jobs = list_jobs()
     if args.json:
         for job in jobs:

@@ -47,7 +47,7 @@ from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml
 
 __all__ = [
     "Job", "JobError", "OutputBusy", "start_job", "resume_job", "cancel_job", "list_jobs",
-    "get_job", "follow_events", "freeze_recipe", "wait_for_job", "load_job_recipe", "output_holder", "output_locks",
+    "get_job", "follow_events", "freeze_recipe", "prune_jobs", "wait_for_job", "load_job_recipe", "output_holder", "output_locks",
     "STARTING", "RUNNING", "FINISHED", "FAILED", "CANCELLED", "DIED", "UNKNOWN",
 ]
 
@@ -501,6 +501,25 @@ def _discard_partial_output(job: Job) -> None:
         remove_progress(output)
         sidecar_tmp = sidecar_path(output)
         sidecar_tmp.with_name(sidecar_tmp.name + ".tmp").unlink(missing_ok=True)
+
+
+def prune_jobs() -> list[Job]:
+    """Remove the folders of jobs that have ended (finished, failed, cancelled, died), with what
+    an interrupted one left beside its outputs for a resume; running jobs, and jobs recorded on
+    another host, are kept. Finished outputs are never touched. Returns the jobs removed."""
+    removed = []
+    for job in list_jobs():
+        if job.status in ACTIVE or job.status == UNKNOWN:
+            continue
+        if job.status in (DIED, FAILED):
+            try:
+                _discard_partial_output(job)
+            except OSError:
+                continue
+        shutil.rmtree(job.dir, ignore_errors=True)
+        if not job.dir.exists():
+            removed.append(job)
+    return removed
 
 
 def wait_for_job(ref: str, timeout_s: float | None = None, poll_s: float = 0.1) -> Job:
