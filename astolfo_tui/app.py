@@ -55,8 +55,11 @@ class AstolfoApp(App):
         self.theme = "tokyo-night"
         self._watched_jobs: set[str] = set()
 
+    def get_default_screen(self) -> Screen:
+        """The library is the first screen, so keys typed while the app starts reach it."""
+        return LibraryScreen(self.paths, recipe=self.recipe)
+
     async def on_mount(self) -> None:
-        await self.push_screen(LibraryScreen(self.paths, recipe=self.recipe))
         if self.reattach:
             self._reattach_running()
         self.set_interval(1.0, self._check_watched_jobs)
@@ -71,6 +74,33 @@ class AstolfoApp(App):
         """A toast. Plain text unless asked: messages carry file names, ids and recipe keys
         (``[models]``), which Rich markup would eat."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Textual saves to ~/Downloads, which servers often lack: there, the current folder."""
+        if path is None:
+            from platformdirs import user_downloads_path
+
+            downloads = user_downloads_path()
+            path = str(downloads if downloads.is_dir() else Path.cwd())
+        try:
+            self.deliver_screenshot(filename, path)
+        except OSError as e:
+            self.notify(f"Could not save the screenshot in {path}: {e.strerror or e}", severity="error")
+            return
+        self.notify(f"Screenshot saved in {path}")
+
+    def open_folders(self, folders: list[Path]) -> None:
+        """Replace the library with one on ``folders`` (remembered for a plain ``astolfo``)."""
+        from astolfo_tui.config import remember_folders
+
+        self.paths = [Path(p) for p in folders]
+        remember_folders(self.paths)
+        old = self.library
+        new = LibraryScreen(self.paths)
+        if old is not None and self.screen is old:
+            self.switch_screen(new)
+        else:
+            self.push_screen(new)
 
     def watch_job(self, job_id: str) -> None:
         """Say so when this job ends, wherever the user is in the app by then."""

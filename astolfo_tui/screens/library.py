@@ -22,7 +22,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
-from astolfo_tui import hash_feed, session
+from astolfo_tui import session
 from astolfo_tui.screens.dialogs import (
     ColumnDialog,
     ConfirmDialog,
@@ -61,6 +61,7 @@ class LibraryScreen(Screen):
         Binding("equals_sign", "mark_reference", "Mark =sd", show=False, key_display="=", tooltip="Mark (or unmark) the highlighted model as a reference: models with its text encoders get =sd"),
         Binding("d", "toggle_details", "Details", show=False, tooltip="Show or hide the details pane"),
         Binding("ctrl+r", "rescan", "Rescan", show=False, tooltip="Scan the folders again"),
+        Binding("ctrl+n", "open_folder", "Open folder", show=False, tooltip="Open another folder of models (with path completion)"),
     ]
 
     def __init__(self, paths: list[Path], recipe: Path | None = None) -> None:
@@ -103,7 +104,8 @@ class LibraryScreen(Screen):
         self.sub_title = " ".join(str(p) for p in self.paths) or "no folder"
         self.query_one("#hash-progress").display = False
         self.query_one("#search").display = False
-        self.query_one(SelectionGrid).focus()
+        self.grid.rebuild(self.state)  # the skeleton (headers) at once, rows as the scan finds them
+        self.grid.focus()
         self.start_scan()
 
     def on_unmount(self) -> None:
@@ -176,6 +178,8 @@ class LibraryScreen(Screen):
         self._show_details()
         if not final:
             self._set_status(Text(f"scanning headers… {len(reports)} models so far", style=DIM))
+            if reports:
+                self.grid.stop_waiting()
             return
         self.scan_complete = True
         if self._pending_recipe is not None:
@@ -184,10 +188,13 @@ class LibraryScreen(Screen):
         if not self._restored:
             self._restored = True
             self._restore()
+        self.grid.stop_waiting()
         self._hash_worker = self.run_hashing(list(reports), self._hash_cancel)
 
     @work(thread=True, exclusive=True, group="hash", exit_on_error=False, name="hashing")
     def run_hashing(self, reports, cancel: threading.Event) -> None:
+        from astolfo_tui import hash_feed  # torch comes with it: loaded here, not before the first frame
+
         hash_feed.feed(
             reports,
             on_result=lambda results: self.app.call_from_thread(self._hashed, results),
@@ -195,7 +202,7 @@ class LibraryScreen(Screen):
             cancel=cancel,
         )
 
-    def _hashed(self, results: hash_feed.Results) -> None:
+    def _hashed(self, results) -> None:
         self.file_hashes.update(results.hashes)
         for mid, fh in results.hashes.items():
             if mid in self.state.reports:
@@ -208,7 +215,7 @@ class LibraryScreen(Screen):
         self._show_details()
         self._refresh_status()
 
-    def _hash_progressed(self, p: hash_feed.Progress) -> None:
+    def _hash_progressed(self, p) -> None:
         self._hash_progress = (p.files_done, p.files_total)
         self._hash_rate = p.rate or self._hash_rate
         bar = self.query_one("#hash-progress", ProgressBar)
@@ -249,7 +256,8 @@ class LibraryScreen(Screen):
         if self.grid.search:
             t.append(f"  search: {self.grid.search!r}", style=f"bold {WARN}")
         if self.grid.sort_column:
-            t.append(f"  sorted by {self.grid.sort_column.split(':')[-1]}{' ↓' if self.grid.sort_reverse else ' ↑'}", style=DIM)
+            t.append(f"  sorted by {self.grid.column_title(self.grid.sort_column)}{' ↓' if self.grid.sort_reverse else ' ↑'}",
+                     style=DIM)
         if self.recipe_path:
             t.append(f"  recipe: {self.recipe_path.name}", style=DIM)
         self._set_status(t)
@@ -337,6 +345,8 @@ class LibraryScreen(Screen):
 
     @work(thread=True, group="reference", exit_on_error=False, name="marking the reference")
     def mark_reference(self, mid: str, sha256: str, label: str) -> None:
+        from astolfo_tui import hash_feed
+
         marked, views = hash_feed.toggle_reference(sha256, label, dict(self.file_hashes))
         self.app.call_from_thread(self._references_changed, mid, marked, views)
 
@@ -346,7 +356,24 @@ class LibraryScreen(Screen):
 
     # -- search and filters ------------------------------------------------------------------
 
+    def action_open_folder(self) -> None:
+        def done(path: str | None) -> None:
+            if not path:
+                return
+            folder = Path(path).expanduser()
+            if not folder.exists():
+                self.notify(f"No such folder: {folder}", severity="error")
+                return
+            self.remember_now()
+            self.app.open_folders([folder])
+
+        start = str(self.paths[0].parent) + "/" if self.paths else str(Path.cwd()) + "/"
+        self.app.push_screen(PathDialog("Open a folder of models", start, "Open", folders_only=True), done)
+
     def action_search(self) -> None:
+        if not self.state.order:
+            self.notify("No models here to search; ctrl+n opens another folder.", severity="warning")
+            return
         box = self.query_one("#search", Input)
         box.display = True
         box.focus()

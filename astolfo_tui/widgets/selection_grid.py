@@ -86,6 +86,27 @@ class SelectionGrid(DataTable):
         self.hash_components: tuple[str, ...] = ()
         self.metric_components: tuple[str, ...] = ()
         self._visible: list[str] = []
+        # Until the first rows are shown, keys wait here (the app starts drawing before the
+        # scan has anything): typed ahead, they act on the rows once those are there.
+        self.waiting = True
+        self._queued: list[events.Key] = []
+
+    async def _on_key(self, event: events.Key) -> None:
+        if self.waiting and event.key not in ("q", "ctrl+q", "ctrl+c"):
+            self._queued.append(events.Key(event.key, event.character))
+            event.prevent_default()
+            event.stop()
+            return
+        await super()._on_key(event)
+
+    def stop_waiting(self) -> None:
+        """The rows are there: replay the keys typed ahead, in order."""
+        if not self.waiting:
+            return
+        self.waiting = False
+        queued, self._queued = self._queued, []
+        for key in queued:
+            self.app.post_message(key)
 
     # -- building ----------------------------------------------------------------------------
 
@@ -105,7 +126,7 @@ class SelectionGrid(DataTable):
         self.add_column("arch", key="arch", width=5)
         self.add_column("dtype", key="dtype", width=5)
         self.add_column(Text("size", justify="right"), key="size", width=8)
-        self.add_column(" ", key="status", width=1)
+        self.add_column("ok", key="status", width=2)
         for name in self.state.columns:
             self.add_column(self._sel_label(name), key=SEL + name, width=max(self.short_w, len(name), 3))
         self.hash_components = tuple(c for c in ("te0", "te1", "te", "unet", "vae") if self._arch_has(c))
@@ -176,6 +197,16 @@ class SelectionGrid(DataTable):
         return ((hv.metric.get(comp, "~") if hv else "~"),)
 
     # -- cells -------------------------------------------------------------------------------
+
+    def column_title(self, key: str) -> str:
+        """A column as its header names it: ``#te0`` (hash), ``m:te0`` (metric), ``unet``."""
+        if key.startswith(SEL):
+            return key[len(SEL):]
+        if key.startswith(HASH):
+            return "#" + key[len(HASH):]
+        if key.startswith(METRIC):
+            return "m:" + key[len(METRIC):]
+        return {"status": "ok"}.get(key, key)
 
     def _sel_label(self, name: str) -> Text:
         label = Text(name, style="bold")
