@@ -70,10 +70,10 @@ class AstolfoApp(App):
             event.widget.cursor_blink = False
 
     def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
-               markup: bool = False) -> None:
-        """A toast. Plain text unless asked: messages carry file names, ids and recipe keys
-        (``[models]``), which Rich markup would eat."""
-        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+               markup: bool = True) -> None:
+        """A toast, always plain text (``markup`` is ignored: widgets pass True by default):
+        messages carry file names, ids and recipe keys (``[models]``), which markup would eat."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
         """Textual saves to ~/Downloads, which servers often lack: there, the current folder."""

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -76,6 +76,8 @@ class LibraryScreen(Screen):
         self.recipe_path: Path | None = None
         self.recipe_text: str | None = None  # the recipe file's text as loaded or last saved
         self._restored = False
+        self._waiting_for_rows = True
+        self._typed_ahead: list = []
         self._remember_timer = None
         self._remembered: str | None = None
         self.file_hashes: dict[str, object] = {}
@@ -98,6 +100,29 @@ class LibraryScreen(Screen):
         yield SelectionGrid(self.state, id="grid")
         yield DetailsPane(id="details")
         yield Footer()
+
+    async def _on_key(self, event: events.Key) -> None:
+        """Until the first rows are shown (the app draws before the scan has anything), keys
+        wait here, whether the grid has focus yet or not; they act on the rows once those are
+        there. Quitting does not wait."""
+        if self._waiting_for_rows and event.key not in ("q", "ctrl+q", "ctrl+c"):
+            self._typed_ahead.append(events.Key(event.key, event.character))
+            event.prevent_default()
+            event.stop()
+            return
+        await super()._on_key(event)
+
+    def _rows_shown(self) -> None:
+        """Replay the keys typed ahead, in order."""
+        if not self._waiting_for_rows:
+            return
+        self._waiting_for_rows = False
+        queued, self._typed_ahead = self._typed_ahead, []
+        driver = self.app._driver
+        for key in queued:  # as the terminal delivers keys, so bindings and inputs see them as typed
+            key.set_sender(self.app)
+            if driver is not None:
+                driver.send_message(key)
 
     def on_mount(self) -> None:
         self.title = "astolfo"
@@ -178,8 +203,8 @@ class LibraryScreen(Screen):
         self._show_details()
         if not final:
             self._set_status(Text(f"scanning headers… {len(reports)} models so far", style=DIM))
-            if reports:
-                self.grid.stop_waiting()
+            if len(reports) >= max(self.grid.size.height, 20):  # a screenful: keys may act on it
+                self._rows_shown()
             return
         self.scan_complete = True
         if self._pending_recipe is not None:
@@ -188,7 +213,7 @@ class LibraryScreen(Screen):
         if not self._restored:
             self._restored = True
             self._restore()
-        self.grid.stop_waiting()
+        self._rows_shown()
         self._hash_worker = self.run_hashing(list(reports), self._hash_cancel)
 
     @work(thread=True, exclusive=True, group="hash", exit_on_error=False, name="hashing")

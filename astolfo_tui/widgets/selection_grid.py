@@ -86,27 +86,6 @@ class SelectionGrid(DataTable):
         self.hash_components: tuple[str, ...] = ()
         self.metric_components: tuple[str, ...] = ()
         self._visible: list[str] = []
-        # Until the first rows are shown, keys wait here (the app starts drawing before the
-        # scan has anything): typed ahead, they act on the rows once those are there.
-        self.waiting = True
-        self._queued: list[events.Key] = []
-
-    async def _on_key(self, event: events.Key) -> None:
-        if self.waiting and event.key not in ("q", "ctrl+q", "ctrl+c"):
-            self._queued.append(events.Key(event.key, event.character))
-            event.prevent_default()
-            event.stop()
-            return
-        await super()._on_key(event)
-
-    def stop_waiting(self) -> None:
-        """The rows are there: replay the keys typed ahead, in order."""
-        if not self.waiting:
-            return
-        self.waiting = False
-        queued, self._queued = self._queued, []
-        for key in queued:
-            self.app.post_message(key)
 
     # -- building ----------------------------------------------------------------------------
 

@@ -419,10 +419,17 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike, original: str | None = 
 
 
 def _same_recipe(a: Recipe, b: Recipe) -> bool:
-    """Equal as merges: the same files (wherever the paths are written from), ids, selections,
-    outputs and settings."""
+    """``a`` (the edited file, read back) says what ``b`` says: the same files (wherever the
+    paths are written from), ids, selections, outputs and settings. A pin the user's file does
+    not have is not added to it (the file is theirs); a pin it has must match."""
+    if set(a.models) != set(b.models):
+        return False
+    for m, e in a.models.items():
+        if e.sha256 is not None and e.sha256 != b.models[m].sha256:
+            return False
+
     def files(r: Recipe):
-        return ({m: (os.path.abspath(r.model_path(m)), e.sha256) for m, e in r.models.items()},
+        return ({m: os.path.abspath(r.model_path(m)) for m in r.models},
                 [(os.path.abspath(r.output_path(o)), o.sources, o.dtype, o.title) for o in r.outputs])
 
     settings = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "select", "weights", "metadata")
