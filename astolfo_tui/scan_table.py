@@ -87,6 +87,8 @@ def scan_table(reports: Sequence[ModelReport], verbose: bool = False, with_findi
             arch = Text(report.arch_label if with_findings else _short_arch(report))
         else:
             arch = Text(_KIND_LABEL.get(report.kind, report.kind), style="red")
+        if report.is_astolfo_output:
+            arch.append(" mix", style="magenta")  # written by astolfo: an output, not a source model
         rows.append(
             [
                 Text(report.model_id, style="bold"),

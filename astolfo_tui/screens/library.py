@@ -311,7 +311,7 @@ class LibraryScreen(Screen):
 
     def _session_note(self) -> session.Session:
         recipe = self.state.to_recipe()
-        recipe.outputs = [replace(o, path=recipe.output_path(o)) for o in recipe.outputs]
+        recipe.outputs = [replace(o, path=Path(os.path.abspath(recipe.output_path(o)))) for o in recipe.outputs]
         return session.Session(recipe_to_toml(recipe), self.state.base_dir, self.recipe_path, self.recipe_text)
 
     def _remember_soon(self) -> None:

@@ -187,3 +187,31 @@ def test_the_path_completer_completes_folders(tmp_path):
     assert complete_path(str(tmp_path) + "/mo", folders_only=True) == str(tmp_path) + "/models-sdxl/"
     assert complete_path(str(tmp_path) + "/no", folders_only=True) is None
     assert complete_path(str(tmp_path) + "/no") == str(tmp_path) + "/notes.txt"
+
+
+async def test_sorting_names_the_column_and_the_status_column_has_a_header(demo_dir):
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot)
+        grid = app.library.grid
+        assert grid.columns[next(k for k in grid.columns if k.value == "status")].label.plain.strip() == "ok"
+        put_cursor(grid, "_x01", "hash:te0")
+        await pilot.press("o")
+        status = str(app.library.query_one("#status").render())
+        assert "sorted by #te0" in status, status
+
+
+async def test_a_screenshot_goes_to_the_current_folder_without_downloads(demo_dir, tmp_path, monkeypatch):
+    import platformdirs
+
+    import textual.app
+
+    for module in (platformdirs, textual.app):  # a server without ~/Downloads
+        monkeypatch.setattr(module, "user_downloads_path", lambda: tmp_path / "no-such-downloads")
+    monkeypatch.chdir(tmp_path)
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        app.action_screenshot()
+        await pilot.pause(0.5)
+    assert list(tmp_path.glob("*.svg"))
