@@ -213,3 +213,19 @@ def test_ids_fall_back_to_positions_without_a_store(tmp_path):
     with IdStore(tmp_path / "ids.sqlite3") as ids:
         assert assign_ids([tmp_path / "q.safetensors"], ids) == ["m01"]
         assert assign_ids([tmp_path / "p.safetensors", tmp_path / "q.safetensors"], ids) == ["m02", "m01"]
+
+
+def test_the_demo_writes_outputs_beside_its_folder_and_upgrades_its_old_recipe(tmp_path):
+    from engine.synth.demo import RECIPE, make_demo_folder
+
+    folder = tmp_path / "demo"
+    make_demo_folder(folder)
+    recipe = load_recipe(folder / RECIPE)
+    assert all(recipe.output_path(o).resolve().parent == tmp_path / "mixes" for o in recipe.outputs)
+    old = (folder / RECIPE).read_text("utf-8").replace('path = "../mixes/', 'path = "out/')
+    (folder / RECIPE).write_text(old, "utf-8")  # what an earlier astolfo wrote, untouched
+    make_demo_folder(folder)
+    assert '"../mixes/' in (folder / RECIPE).read_text("utf-8")
+    (folder / RECIPE).write_text("# mine\n" + old, "utf-8")  # edited by the user: kept
+    make_demo_folder(folder)
+    assert (folder / RECIPE).read_text("utf-8").startswith("# mine\n")

@@ -219,7 +219,10 @@ class LibraryScreen(Screen):
     @work(thread=True, exclusive=True, group="hash", exit_on_error=False, name="hashing")
     def run_hashing(self, reports, cancel: threading.Event) -> None:
         from astolfo_tui import hash_feed  # torch comes with it: loaded here, not before the first frame
+        from engine.library.outputs import busy_outputs
 
+        busy = busy_outputs()  # a job started since the scan may be writing one of these now
+        reports = [r for r in reports if os.path.realpath(r.path) not in busy]
         hash_feed.feed(
             reports,
             on_result=lambda results: self.app.call_from_thread(self._hashed, results),
