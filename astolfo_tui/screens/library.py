@@ -61,7 +61,8 @@ class LibraryScreen(Screen):
         Binding("equals_sign", "mark_reference", "Mark =sd", show=False, key_display="=", tooltip="Mark (or unmark) the highlighted model as a reference: models with its text encoders get =sd"),
         Binding("d", "toggle_details", "Details", show=False, tooltip="Show or hide the details pane"),
         Binding("ctrl+r", "rescan", "Rescan", show=False, tooltip="Scan the folders again"),
-        Binding("ctrl+n", "open_folder", "Open folder", show=False, tooltip="Open another folder of models (with path completion)"),
+        Binding("ctrl+n", "open_folder", "Open folder", show=False,
+                tooltip="Open another folder of models (with path completion)"),
     ]
 
     def __init__(self, paths: list[Path], recipe: Path | None = None) -> None:
@@ -284,8 +285,8 @@ class LibraryScreen(Screen):
         if self.grid.search:
             t.append(f"  search: {self.grid.search!r}", style=f"bold {WARN}")
         if self.grid.sort_column:
-            t.append(f"  sorted by {self.grid.column_title(self.grid.sort_column)}{' ↓' if self.grid.sort_reverse else ' ↑'}",
-                     style=DIM)
+            arrow = " ↓" if self.grid.sort_reverse else " ↑"
+            t.append(f"  sorted by {self.grid.column_title(self.grid.sort_column)}{arrow}", style=DIM)
         if self.recipe_path:
             t.append(f"  recipe: {self.recipe_path.name}", style=DIM)
         self._set_status(t)

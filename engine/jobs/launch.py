@@ -47,7 +47,8 @@ from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml
 
 __all__ = [
     "Job", "JobError", "OutputBusy", "start_job", "resume_job", "cancel_job", "list_jobs",
-    "get_job", "follow_events", "freeze_recipe", "prune_jobs", "wait_for_job", "load_job_recipe", "output_holder", "output_locks",
+    "get_job", "follow_events", "freeze_recipe", "prune_jobs", "wait_for_job", "load_job_recipe", "output_holder",
+    "output_locks",
     "STARTING", "RUNNING", "FINISHED", "FAILED", "CANCELLED", "DIED", "UNKNOWN",
 ]
 

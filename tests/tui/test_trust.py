@@ -203,7 +203,6 @@ async def test_sorting_names_the_column_and_the_status_column_has_a_header(demo_
 
 async def test_a_screenshot_goes_to_the_current_folder_without_downloads(demo_dir, tmp_path, monkeypatch):
     import platformdirs
-
     import textual.app
 
     for module in (platformdirs, textual.app):  # a server without ~/Downloads
