@@ -229,3 +229,14 @@ def test_the_demo_writes_outputs_beside_its_folder_and_upgrades_its_old_recipe(t
     (folder / RECIPE).write_text("# mine\n" + old, "utf-8")  # edited by the user: kept
     make_demo_folder(folder)
     assert (folder / RECIPE).read_text("utf-8").startswith("# mine\n")
+
+
+def test_the_notation_export_carries_a_legend_that_reads_back():
+    from engine.recipe.notation import format_legend, format_notation, parse_notation
+
+    ids = ["_x01", "m02", "_x03"]
+    text = format_notation(ids, {"unet": ["_x01", "m02"]}) + format_legend(
+        [("_x01", "_x01-Animagine.safetensors", "5bd3b4a4c7"), ("m02", "pony.safetensors", None)])
+    assert "# 01   _x01-Animagine.safetensors  AutoV2 5bd3b4a4c7" in text  # ids padded to one width
+    assert "# m02  pony.safetensors  (not hashed yet)" in text
+    assert parse_notation(text, ids) == {"unet": ["_x01", "m02"]}

@@ -214,3 +214,18 @@ async def test_a_screenshot_goes_to_the_current_folder_without_downloads(demo_di
         app.action_screenshot()
         await pilot.pause(0.5)
     assert list(tmp_path.glob("*.svg"))
+
+
+async def test_the_outputs_dialog_shows_whole_paths_and_long_selection_labels(demo_dir):
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        app.library.state.add_column("unet-alt", "unet")
+        await pilot.press("u")
+        await pilot.pause(0.3)
+        dialog = app.screen
+        path_box = dialog.query(".output-path").first(Input)
+        assert path_box.content_region.width >= len(path_box.value)  # not cut off
+        for select in dialog.query(".source-unet"):
+            label = f"unet ← {select.value}"
+            assert select.content_region.width >= len(label) + 2, (label, select.content_region)
