@@ -95,12 +95,8 @@ class AstolfoApp(App):
 
         self.paths = [Path(p) for p in folders]
         remember_folders(self.paths)
-        old = self.library
-        new = LibraryScreen(self.paths)
-        if old is not None and self.screen is old:
-            self.switch_screen(new)
-        else:
-            self.push_screen(new)
+        if self.library is not None:
+            self.library.reopen(self.paths)
 
     def watch_job(self, job_id: str) -> None:
         """Say so when this job ends, wherever the user is in the app by then."""

@@ -226,7 +226,8 @@ class LibraryScreen(Screen):
         reports = [r for r in reports if os.path.realpath(r.path) not in busy]
         hash_feed.feed(
             reports,
-            on_result=lambda results: self.app.call_from_thread(self._hashed, results),
+            # results of a scan that was replaced (rescan, another folder) are dropped
+            on_result=lambda results: None if cancel.is_set() else self.app.call_from_thread(self._hashed, results),
             on_progress=lambda progress: self.app.call_from_thread(self._hash_progressed, progress),
             cancel=cancel,
         )
@@ -393,11 +394,31 @@ class LibraryScreen(Screen):
             if not folder.exists():
                 self.notify(f"No such folder: {folder}", severity="error")
                 return
-            self.remember_now()
             self.app.open_folders([folder])
 
         start = str(self.paths[0].parent) + "/" if self.paths else str(Path.cwd()) + "/"
         self.app.push_screen(PathDialog("Open a folder of models", start, "Open", folders_only=True), done)
+
+    def reopen(self, paths: list[Path]) -> None:
+        """The library on other folders: their own picks (session) come back after the scan."""
+        from astolfo_tui.config import configured_output_dir
+
+        self.remember_now()
+        self._hash_cancel.set()
+        self.paths = [Path(p) for p in paths]
+        self.session_folders = list(self.paths)
+        self.initial_recipe = None
+        self.output_dir = default_output_dir(self.paths, configured_output_dir())
+        self.state = SelectionState([], base_dir=_base_dir(self.paths), output_dir=self.output_dir)
+        self.recipe_path = self.recipe_text = None
+        self.file_hashes = {}
+        self._restored = False
+        self._remembered = None
+        self._hash_worker = None
+        self.sub_title = " ".join(str(p) for p in self.paths)
+        self.grid.hashes = {}
+        self.grid.rebuild(self.state)
+        self.start_scan()
 
     def action_search(self) -> None:
         if not self.state.order:

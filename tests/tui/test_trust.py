@@ -229,3 +229,25 @@ async def test_the_outputs_dialog_shows_whole_paths_and_long_selection_labels(de
         for select in dialog.query(".source-unet"):
             label = f"unet ← {select.value}"
             assert select.content_region.width >= len(label) + 2, (label, select.content_region)
+
+
+async def test_ctrl_n_opens_another_folder(demo_dir, tmp_path, synth_models):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(synth_models["clean"], other / "kohaku.safetensors")
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, PathDialog)
+        box = app.screen.query_one(Input)
+        box.value = str(tmp_path) + "/"
+        box.cursor_position = len(box.value)
+        await pilot.press("o", "t", "h")
+        await pilot.pause(0.3)
+        await pilot.press("right")  # takes the completer's suggestion
+        assert box.value == str(other) + "/"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.library is not None and app.library.paths == [other]
+                       and app.library.scan_complete, what="the other folder")
+        assert [r.file_name for r in app.library.state.reports.values()] == ["kohaku.safetensors"]
