@@ -162,10 +162,10 @@ class MergeScreen(Screen):
             first = True
             for comp, sel in out.sources.items():
                 ids = recipe.select.get(sel, [])
-                table.add_row(
-                    str(out.path) if first else "",
-                    comp,
-                    sel,
+                table.add_row(  # paths and names are the user's text, never markup
+                    Text(str(out.path)) if first else "",
+                    Text(comp),
+                    Text(sel),
                     Text(str(len(ids)), style=OK if ids else f"bold {ERROR}"),
                     Text(",".join(short_id(i) for i in ids) or "(none)", style="" if ids else ERROR),
                 )

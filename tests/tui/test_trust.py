@@ -12,7 +12,7 @@ from textual.widgets import Footer, Input
 from astolfo_tui.app import AstolfoApp
 from astolfo_tui.screens.dialogs import ConfirmDialog, PathDialog, complete_path
 from astolfo_tui.screens.merge import MergeScreen
-from astolfo_tui.screens.outputs import OutputsDialog
+from astolfo_tui.screens.outputs import OutputsDialog, renamed_output
 from astolfo_tui.widgets.selection_grid import SEL
 from engine.jobs import launch as engine_jobs
 from engine.recipe.toml_file import load_recipe
@@ -251,3 +251,26 @@ async def test_ctrl_n_opens_another_folder(demo_dir, tmp_path, synth_models):
         await wait_for(pilot, lambda: app.library is not None and app.library.paths == [other]
                        and app.library.scan_complete, what="the other folder")
         assert [r.file_name for r in app.library.state.reports.values()] == ["kohaku.safetensors"]
+
+
+async def test_brackets_in_file_and_mix_names_reach_the_screen(tmp_path, synth_models):
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    for name in ("[red]a[bold]", "b"):
+        shutil.copy(synth_models["clean"], folder / f"{name}.safetensors")
+    app = AstolfoApp([folder], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        state = app.library.state
+        state.name = "[b]mix"
+        state.outputs = [renamed_output(o, "mix", "[b]mix") for o in state.outputs]
+        put_cursor(app.library.grid, next(iter(state.reports)), "id")
+        await pilot.pause(0.2)
+        shown = "\n".join(_visible_text(app.export_screenshot()))
+        assert "[red]a[bold]" in shown
+        for mid in state.order:
+            state.set_many("te0", [mid], True)
+        await pilot.press("m")
+        await pilot.pause(0.3)
+        shown = "\n".join(_visible_text(app.export_screenshot()))
+        assert "[b]mix-base.safetensors" in shown, shown
