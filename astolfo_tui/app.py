@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import platformdirs
+from textual import events
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.widgets import Input
 from textual.worker import Worker
 
 from astolfo_tui.screens.help import HelpScreen
@@ -41,18 +43,60 @@ class AstolfoApp(App):
         Binding("q", "quit", "Quit", tooltip="Quit (running merges go on)"),
     ]
 
-    def __init__(self, paths: Iterable[os.PathLike | str], reattach: bool = True) -> None:
+    def __init__(self, paths: Iterable[os.PathLike | str], reattach: bool = True,
+                 recipe: os.PathLike | str | None = None, cursor_blink: bool | None = None) -> None:
         super().__init__()
         self.paths = [Path(p) for p in paths]
         self.reattach = reattach
+        self.recipe = Path(recipe) if recipe is not None else None
+        # None: blink on a terminal, not headless (tests, screenshots), where a blink caught or
+        # not by a snapshot is noise
+        self.cursor_blink = cursor_blink
         self.theme = "tokyo-night"
         self._watched_jobs: set[str] = set()
 
+    def get_default_screen(self) -> Screen:
+        """The library is the first screen, so keys typed while the app starts reach it."""
+        return LibraryScreen(self.paths, recipe=self.recipe)
+
     async def on_mount(self) -> None:
-        await self.push_screen(LibraryScreen(self.paths))
         if self.reattach:
             self._reattach_running()
         self.set_interval(1.0, self._check_watched_jobs)
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        blink = self.cursor_blink if self.cursor_blink is not None else not self.is_headless
+        if not blink and isinstance(event.widget, Input):
+            event.widget.cursor_blink = False
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """A toast, always plain text (``markup`` is ignored: widgets pass True by default):
+        messages carry file names, ids and recipe keys (``[models]``), which markup would eat."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Textual saves to ~/Downloads, which servers often lack: there, the current folder."""
+        if path is None:
+            from platformdirs import user_downloads_path
+
+            downloads = user_downloads_path()
+            path = str(downloads if downloads.is_dir() else Path.cwd())
+        try:
+            self.deliver_screenshot(filename, path)
+        except OSError as e:
+            self.notify(f"Could not save the screenshot in {path}: {e.strerror or e}", severity="error")
+            return
+        self.notify(f"Screenshot saved in {path}")
+
+    def open_folders(self, folders: list[Path]) -> None:
+        """Replace the library with one on ``folders`` (remembered for a plain ``astolfo``)."""
+        from astolfo_tui.config import remember_folders
+
+        self.paths = [Path(p) for p in folders]
+        remember_folders(self.paths)
+        if self.library is not None:
+            self.library.reopen(self.paths)
 
     def watch_job(self, job_id: str) -> None:
         """Say so when this job ends, wherever the user is in the app by then."""
@@ -137,7 +181,7 @@ class AstolfoApp(App):
         log.error("worker %s failed: %s", worker.name, error)
 
 
-def run_app(paths: Iterable[os.PathLike | str]) -> int:
+def run_app(paths: Iterable[os.PathLike | str], recipe: os.PathLike | str | None = None) -> int:
     """``astolfo [DIR...]``: open the app on ``paths``, or on the folders opened last time."""
     import sys
 
@@ -154,5 +198,5 @@ def run_app(paths: Iterable[os.PathLike | str]) -> int:
         print(f"astolfo: no such file or folder: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
     remember_folders(chosen)
-    AstolfoApp(chosen).run()
+    AstolfoApp(chosen, recipe=recipe).run()
     return 0

@@ -1,5 +1,6 @@
 """The app's small remembered settings: which folders were opened last, so a plain ``astolfo``
-opens them again. Stored as TOML under the user's config directory (platformdirs);
+opens them again, and ``output_dir`` (where new outputs go, when set by hand).
+Stored as TOML under the user's config directory (platformdirs);
 ``ASTOLFO_CONFIG_DIR`` overrides the directory (tests use it so they never touch ``~``).
 """
 
@@ -58,3 +59,9 @@ def remember_folders(paths: list[Path]) -> None:
     config = load_config()
     config["folders"] = [str(Path(p).resolve()) for p in paths]
     save_config(config)
+
+
+def configured_output_dir() -> Path | None:
+    """``output_dir = "..."`` in the config, when the user set one."""
+    value = load_config().get("output_dir")
+    return Path(value).expanduser() if isinstance(value, str) and value.strip() else None

@@ -19,12 +19,13 @@ from .config import remembered_folders
 from .scan_table import render_scan, scan_summary
 
 
-def launch_app(paths: Sequence[str | Path]) -> int:
-    """Open the app on ``paths``; returns the process exit status."""
+def launch_app(paths: Sequence[str | Path], recipe: Path | None = None) -> int:
+    """Open the app on ``paths`` (with ``recipe`` loaded when there is no earlier session on
+    them); returns the process exit status."""
     if sys.stdin.isatty() and sys.stdout.isatty():
         from .app import run_app  # Textual is imported only when there is a screen to draw on
 
-        return run_app([Path(p) for p in paths])
+        return run_app([Path(p) for p in paths], recipe=recipe)
     return print_scan(paths)
 
 

@@ -87,6 +87,8 @@ def scan_table(reports: Sequence[ModelReport], verbose: bool = False, with_findi
             arch = Text(report.arch_label if with_findings else _short_arch(report))
         else:
             arch = Text(_KIND_LABEL.get(report.kind, report.kind), style="red")
+        if report.is_astolfo_output:
+            arch.append(" mix", style="magenta")  # written by astolfo: an output, not a source model
         rows.append(
             [
                 Text(report.model_id, style="bold"),
@@ -122,7 +124,9 @@ def _short_arch(report: ModelReport) -> str:
     return f"{name} 1/{report.scale}" if report.scale > 1 else name
 
 
-def scan_summary(reports: Sequence[ModelReport], paths: Sequence[str] = ()) -> Text:
+def scan_summary(reports: Sequence[ModelReport], paths: Sequence[str] = (), hashed: int | None = None) -> Text:
+    """The counts line. Headers say nothing about the weights' values, so it says where NaN/Inf
+    are checked, and (``hashed``) for how many files the hash catalog already has them."""
     if not reports:
         where = ", ".join(str(p) for p in paths) or "the given paths"
         return Text(f"no model files (.safetensors, .sft, .ckpt, .pt, .pth, .bin) in {where}", style="yellow")
@@ -133,6 +137,10 @@ def scan_summary(reports: Sequence[ModelReport], paths: Sequence[str] = ()) -> T
     text.append(f"{counts[Severity.WARNING]} with warnings", style="yellow")
     text.append(", ")
     text.append(f"{counts[Severity.ERROR]} with errors", style="red" if counts[Severity.ERROR] else "")
+    note = "headers only: weight values (NaN/Inf) are checked by `astolfo hash`"
+    if hashed is not None:
+        note += f" ({hashed} of {len(reports)} already hashed, their findings included)"
+    text.append(f"\n{note}", style="dim")
     return text
 
 

@@ -55,10 +55,13 @@ def refusal(report: ModelReport, component: str, nan_counts: dict[str, int] | No
 class SelectionState:
     """The user's picks over an ordered list of models (the scan order)."""
 
-    def __init__(self, reports: list[ModelReport], base_dir: Path, name: str = "mix") -> None:
+    def __init__(self, reports: list[ModelReport], base_dir: Path, name: str = "mix",
+                 output_dir: Path | None = None) -> None:
         self.reports: dict[str, ModelReport] = {r.model_id: r for r in reports}
         self.order: list[str] = [r.model_id for r in reports]
         self.base_dir = Path(base_dir)
+        # where new outputs go: outside every scanned folder (engine.library.outputs)
+        self.output_dir = Path(output_dir) if output_dir is not None else self.base_dir
         self.name = name
         self.dtype = "fp16"
         self.device = "auto"
@@ -110,10 +113,16 @@ class SelectionState:
                 refused.append(mid)
         return refused
 
+    def is_output(self, model_id: str) -> bool:
+        """A mix astolfo wrote: shown as an output; a bulk action never ticks it (a tick of its
+        own cell still does: a mix of mixes is a choice)."""
+        return self.reports[model_id].is_astolfo_output
+
     def toggle_column(self, column: str, model_ids: list[str]) -> list[str]:
         """All of ``model_ids`` that can be ticked become ticked; if they already all were,
-        all become unticked. Returns the ids whose change was refused."""
+        all become unticked. Returns the ids whose change was refused. Outputs are left out."""
         col = self.columns[column]
+        model_ids = [m for m in model_ids if not self.is_output(m) or m in col.ids]
         allowed = [m for m in model_ids if not self.refusal(column, m)]
         on = not all(m in col.ids for m in allowed)
         if col.single:
@@ -129,6 +138,8 @@ class SelectionState:
         for mid in model_ids:
             if mid in col.ids:
                 col.ids.discard(mid)
+            elif self.is_output(mid):
+                continue
             elif self.set(column, mid, True):
                 refused.append(mid)
         return refused
@@ -151,8 +162,8 @@ class SelectionState:
         file path (a positional id can move when files come and go); picks that are no longer
         allowed (file gone or now broken) are dropped."""
         if not self.order:
-            return SelectionState(reports, self.base_dir, self.name)
-        new = SelectionState(reports, self.base_dir, self.name)
+            return SelectionState(reports, self.base_dir, self.name, self.output_dir)
+        new = SelectionState(reports, self.base_dir, self.name, self.output_dir)
         by_path = {_resolved(r.path): r.model_id for r in reports}
         moved = {mid: by_path.get(_resolved(r.path)) for mid, r in self.reports.items()}
         new.arch = self.arch
@@ -201,7 +212,7 @@ class SelectionState:
         sources = {c.component: c.name for c in self.columns.values() if c.component != "unet"}
         sources["unet"] = unet_column.name
         suffix = "base" if unet_column.name == "unet" else unet_column.name
-        return OutputSpec(path=self.base_dir / f"{self.name}-{suffix}.safetensors", sources=sources, dtype=None)
+        return OutputSpec(path=self.output_dir / f"{self.name}-{suffix}.safetensors", sources=sources, dtype=None)
 
     # -- recipes -----------------------------------------------------------------------------
 

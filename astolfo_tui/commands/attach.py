@@ -45,7 +45,7 @@ def attach(ref: str, json_mode: bool | None = None) -> int:
     try:
         if not out.json_mode:
             out.console.print(f"job {job.id}  {job.name}  ({job.status}; Ctrl-C detaches, the job goes on)",
-                              highlight=False)
+                              highlight=False, markup=False)
         with out.live():
             job, events, offset, ended = _poll(job, job.events_start)  # a resumed job: its latest run
             while True:
@@ -59,7 +59,7 @@ def attach(ref: str, json_mode: bool | None = None) -> int:
         out.console.print(
             f"detached from job {job.id}; it goes on. `astolfo attach {job.id}` to watch again,"
             f" `astolfo cancel {job.id}` to stop it.",
-            highlight=False,
+            highlight=False, markup=False,
         )
         return 0
     return _report_end(job, out.console)
@@ -77,10 +77,11 @@ def _report_end(job: Job, console: Console) -> int:
     reason = f": {job.exit_reason}" if job.exit_reason else ""
     if job.status == DIED:
         console.print(f"job {job.id} died (its process is gone){reason}; `astolfo resume {job.id}` continues it",
-                      style="bold red", highlight=False)
+                      style="bold red", highlight=False, markup=False)
     elif job.status != FINISHED:
         console.print(f"job {job.id} {job.status}{reason}", style="bold red" if job.status != CANCELLED else "yellow",
-                      highlight=False)
+                      highlight=False, markup=False)
     else:
-        console.print(f"job {job.id} finished: {', '.join(map(str, job.outputs))}", style="green", highlight=False)
+        console.print(f"job {job.id} finished: {', '.join(map(str, job.outputs))}", style="green", highlight=False,
+                      markup=False)
     return EXIT_BY_STATUS.get(job.status, 1)

@@ -39,7 +39,9 @@ def run(args) -> int:
         print(f"astolfo demo: cannot create demo models in {folder}: {e.strerror or e}", file=sys.stderr)
         return 1
     _mark_demo_base(paths[0])
-    return launch_app([folder])
+    from engine.synth.demo import RECIPE
+
+    return launch_app([folder], recipe=folder / RECIPE)
 
 
 def _mark_demo_base(path: Path) -> None:

@@ -155,7 +155,7 @@ def _hash_all(catalog: Catalog, reports: list[ModelReport], errors: dict[str, st
 
         def on_error(report: ModelReport, message: str) -> None:
             errors[report.model_id] = message
-            console.print(f"[red]cannot hash {report.path}: {message}")
+            console.print(Text(f"cannot hash {report.path}: {message}", style="red"))
 
         return catalog.hash_reports(reports, on_progress=on_progress, on_error=on_error, on_file=on_file, jobs=jobs,
                                     on_file_progress=on_file_progress, on_file_done=on_file_done)
@@ -218,17 +218,17 @@ def _print_table(reports, hashes, errors, flags, labels, groups, known_refs) -> 
             problems.append((r.model_id, "not a readable safetensors file (file hashes only)"))
         if h is None:
             problems.append((r.model_id, f"cannot hash: {errors.get(r.model_id, 'not hashed')}"))
-            main.add_row(r.model_id, Text("-", style="red"))
+            main.add_row(Text(r.model_id), Text("-", style="red"))
             continue
         problems.extend((r.model_id, f.message) for f in nonfinite_findings(h))
         cells = [Text(h.components[c].exact_short) if c in h.components else Text("·", style="dim") for c in cids]
         flag, metric, shared = _flag(flags.get(r.model_id)), _metric(h), " ".join(labels.get(r.model_id, []))
         if one_table:
-            main.add_row(r.model_id, h.autov2, *cells, metric, flag, shared)
+            main.add_row(Text(r.model_id), h.autov2, *cells, metric, flag, shared)
         else:
-            main.add_row(r.model_id, h.autov2, metric, flag, shared)
+            main.add_row(Text(r.model_id), h.autov2, metric, flag, shared)
             if h.components:
-                side.add_row(r.model_id, *cells)
+                side.add_row(Text(r.model_id), *cells)
     if reports:
         console.print(main)
     if side is not None and side.row_count:

@@ -8,6 +8,7 @@ import json
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine.jobs.launch import CANCELLED, DIED, FAILED, FINISHED, RUNNING, STARTING, Job, list_jobs
 
@@ -24,6 +25,8 @@ STATUS_STYLES = {
 def register(subparsers) -> None:
     p = subparsers.add_parser("jobs", help="list detached merge jobs", description=__doc__)
     p.add_argument("--json", action="store_true", help="print one JSON object per job")
+    p.add_argument("--prune", action="store_true",
+                   help="remove the jobs that have ended (finished, failed, cancelled, died); outputs are kept")
     p.set_defaults(run=run)
 
 
@@ -78,7 +81,7 @@ def jobs_table(jobs: list[Job]) -> Table:
             job.id,
             f"[{STATUS_STYLES.get(job.status, '')}]{job.status}[/]",
             format_progress(job),
-            ", ".join(p.name for p in job.outputs),
+            Text(", ".join(p.name for p in job.outputs)),  # file names are not markup
             format_started(job.created),
             format_elapsed(job.elapsed),
         )
@@ -86,6 +89,16 @@ def jobs_table(jobs: list[Job]) -> Table:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prune:
+        from engine.jobs.launch import prune_jobs
+
+        removed = prune_jobs()
+        if args.json:
+            for job in removed:
+                print(json.dumps({"type": "pruned", "id": job.id, "status": job.status}))
+        else:
+            print(f"removed {len(removed)} ended job(s)" + (f": {', '.join(j.id for j in removed)}" if removed else ""))
+        return 0
     jobs = list_jobs()
     if args.json:
         for job in jobs:

@@ -21,8 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from engine.library.report import Severity
 from engine.merge.events import event_to_dict
@@ -30,7 +32,7 @@ from engine.merge.run import MergeCancelled, MergeError, execute
 from engine.plan.model import MergePlan, PlanError, Problem
 from engine.plan.planner import build_plan, check_recipe
 from engine.recipe.model import Recipe, RecipeError
-from engine.recipe.toml_file import load_recipe
+from engine.recipe.toml_file import load_recipe_lenient
 
 from ..job_view import JobView, duration
 
@@ -56,10 +58,16 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     out = _Output(json_mode=args.json or not sys.stdout.isatty())
-    try:
-        recipe = load_recipe(args.recipe)
-    except RecipeError as e:
-        out.recipe_error(e)
+    recipe, structural = load_recipe_lenient(args.recipe)
+    if structural:
+        out.recipe_error(RecipeError(args.recipe, structural))
+        if recipe is not None:  # every problem of the file at once, not only the first kind
+            try:
+                later = check_recipe(recipe)
+            except Exception:
+                later = []
+            restated = {"no_models", "no_outputs", "no_name", "no_sources"}  # the structural list has them
+            out.problems([p for p in later if p.severity >= Severity.WARNING and p.code not in restated], args.recipe)
         return EXIT_INVALID
     if args.check:
         return check(recipe, out)
@@ -196,9 +204,9 @@ class _Output:
                 self._json({"type": "problem", "severity": "error", "code": "recipe", "message": reason,
                             "file": e.path})
             return
-        self.console.print(f"[bold red]{e.path}: the recipe cannot be read[/]")
+        self.console.print(f"[bold red]{escape(e.path)}: the recipe cannot be read[/]")
         for reason in e.reasons:
-            self.console.print(f"  [red]error[/]: {reason}", highlight=False)
+            self.console.print(f"  [red]error[/]: {escape(reason)}", highlight=False)
 
     def problems(self, problems: list[Problem], where, quiet_notes: bool = False) -> None:
         shown = [p for p in problems if not (quiet_notes and p.severity == Severity.OK)]
@@ -208,7 +216,7 @@ class _Output:
             return
         for p in sorted(shown, key=lambda p: -p.severity):
             label = {Severity.OK: "note"}.get(p.severity, p.severity.label)
-            self.console.print(f"  [{_STYLE[p.severity]}]{label}[/]: {p.message}", highlight=False)
+            self.console.print(f"  [{_STYLE[p.severity]}]{label}[/]: {escape(p.message)}", highlight=False)
 
     def summary(self, plan: MergePlan | None, errors: list[Problem]) -> None:
         if self.json_mode:
@@ -230,10 +238,10 @@ class _Output:
         table.add_column("tensors", justify="right")
         table.add_column("size", justify="right")
         for o in plan.outputs:
-            table.add_row(str(o.path), o.dtype, f"{len(o.tensors):,}", f"{o.data_bytes / 1e9:,.2f} GB")
+            table.add_row(Text(str(o.path)), o.dtype, f"{len(o.tensors):,}", f"{o.data_bytes / 1e9:,.2f} GB")
         self.console.print(table)
         self.console.print(f"{len(plan.files)} source files, {plan.bytes_to_read / 1e9:,.2f} GB to read "
-                           f"({plan.arch.name}, device {plan.device})")
+                           f"({plan.arch.name}, device {plan.device})", markup=False, highlight=False)
 
     @contextmanager
     def live(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -32,12 +33,45 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def add_known_value_findings(reports) -> int:
+    """The NaN/Inf findings the hash catalog already has for unchanged files, added to their
+    reports (the scan reads headers only; values are checked by ``astolfo hash``). Returns how
+    many of the files the catalog knows."""
+    from engine.hashes.catalog import Catalog, default_catalog_path
+    from engine.hashes.model import nonfinite_findings
+
+    if not default_catalog_path().exists():
+        return 0
+    try:
+        catalog = Catalog(read_only=True)
+    except Exception:  # an unreadable catalog: the scan is still the scan
+        return 0
+    known = 0
+    try:
+        for report in reports:
+            try:
+                hashes = catalog.get(report.path)
+            except Exception:
+                hashes = None
+            if hashes is None:
+                continue
+            known += 1
+            for finding in nonfinite_findings(hashes):
+                finding = replace(finding, message=f"{finding.message} (found by `astolfo hash`)")
+                comp = report.components.get(finding.component or "")
+                (comp.findings if comp is not None else report.findings).append(finding)
+    finally:
+        catalog.close()
+    return known
+
+
 def run(args) -> int:
     try:
         reports = scan(args.paths)
     except FileNotFoundError as e:
         print(f"astolfo scan: {e}", file=sys.stderr)
         return EXIT_USAGE
+    hashed = add_known_value_findings(reports)
     if args.json:
         try:
             for report in reports:
@@ -49,5 +83,5 @@ def run(args) -> int:
         console = Console()
         if reports:
             render_scan(console, reports, verbose=args.verbose)
-        console.print(scan_summary(reports, args.paths))
+        console.print(scan_summary(reports, args.paths, hashed=hashed))
     return EXIT_FAILED if any(r.severity >= Severity.ERROR for r in reports) else EXIT_OK

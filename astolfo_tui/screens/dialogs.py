@@ -1,4 +1,5 @@
-"""Small modal dialogs: confirm, ask for a path, name a selection column, show the notation."""
+"""Small modal dialogs: confirm, ask for a path (with completion), name a selection column, show
+the notation. Each has its own footer, so its keys show instead of the screen's below it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.suggester import Suggester
+from textual.widgets import Button, Footer, Input, Label, Select, Static
 
 from astolfo_tui.selection_state import COMPONENT_IDS
 
@@ -23,10 +25,11 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box"):
-            yield Label(self.question, classes="dialog-title")
+            yield Label(self.question, classes="dialog-title", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button(self.yes, variant="error" if self.danger else "primary", id="yes")
                 yield Button(self.no, id="no")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
@@ -54,20 +57,51 @@ class _FormDialog(ModalScreen):
             self.dismiss(None)
 
 
-class PathDialog(_FormDialog):
-    """Ask for a file path (save/load recipe, export notation); dismisses with str | None."""
+class PathSuggester(Suggester):
+    """Completes the last part of a path from what is on disk (folders get a trailing ``/``);
+    the right arrow accepts it, as in any Textual input. ``folders_only`` for a folder."""
 
-    def __init__(self, title: str, default: str, ok: str = "OK") -> None:
+    def __init__(self, folders_only: bool = False) -> None:
+        super().__init__(use_cache=False, case_sensitive=True)
+        self.folders_only = folders_only
+
+    async def get_suggestion(self, value: str) -> str | None:
+        return complete_path(value, self.folders_only)
+
+
+def complete_path(value: str, folders_only: bool = False) -> str | None:
+    """``value`` completed to the first entry on disk it is the beginning of, or None."""
+    if not value:
+        return None
+    typed = Path(value).expanduser()
+    folder, start = (typed, "") if value.endswith("/") else (typed.parent, typed.name)
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                       if p.name.startswith(start) and not p.name.startswith(".") and (p.is_dir() or not folders_only))
+    except OSError:
+        return None
+    if not names or names[0] == start:
+        return None
+    return value + names[0][len(start):]
+
+
+class PathDialog(_FormDialog):
+    """Ask for a file path (save/load recipe, export notation, open a folder), completing it from
+    the disk; dismisses with str | None."""
+
+    def __init__(self, title: str, default: str, ok: str = "OK", folders_only: bool = False) -> None:
         super().__init__(classes="dialog")
-        self.title_text, self.default, self.ok = title, default, ok
+        self.title_text, self.default, self.ok, self.folders_only = title, default, ok, folders_only
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box wide"):
-            yield Label(self.title_text, classes="dialog-title")
-            yield Input(self.default, id="path")
+            yield Label(self.title_text, classes="dialog-title", markup=False)
+            yield Input(self.default, id="path", suggester=PathSuggester(self.folders_only))
+            yield Label("→ completes the path", classes="dim")
             with Horizontal(classes="dialog-buttons"):
                 yield Button(self.ok, variant="primary", id="ok")
                 yield Button("Cancel", id="cancel")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one(Input).focus()
@@ -87,7 +121,7 @@ class ColumnDialog(_FormDialog):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box"):
-            yield Label(self.title_text, classes="dialog-title")
+            yield Label(self.title_text, classes="dialog-title", markup=False)
             yield Input(self.name_value, placeholder="name, e.g. unet2", id="name")
             if not self.rename:
                 yield Label("takes each model's", classes="dim")
@@ -95,6 +129,7 @@ class ColumnDialog(_FormDialog):
             with Horizontal(classes="dialog-buttons"):
                 yield Button("OK", variant="primary", id="ok")
                 yield Button("Cancel", id="cancel")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#name", Input).focus()
@@ -126,6 +161,7 @@ class NotationDialog(ModalScreen[None]):
                 yield Button("Copy", variant="primary", id="copy")
                 yield Button("Save to file", id="save")
                 yield Button("Close", id="close")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#copy", Button).focus()

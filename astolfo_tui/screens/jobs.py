@@ -26,6 +26,7 @@ class JobsScreen(Screen):
         Binding("r", "resume", "Resume", tooltip="Continue a job that died or failed, without redoing what it wrote"),
         Binding("ctrl+c", "cancel", "Cancel", tooltip="Cancel the highlighted running job (asks first)"),
         Binding("ctrl+r", "reload", "Reload", show=False, tooltip="Read the job list again"),
+        Binding("p", "prune", "Prune", tooltip="Remove the jobs that have ended (asks first; outputs are kept)"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -54,12 +55,12 @@ class JobsScreen(Screen):
             took = job.elapsed.total_seconds() if job.elapsed else None
             table.add_row(
                 Text(job.id, style="bold"),
-                job.name,
+                Text(job.name),
                 Text(job.status, style=f"bold {STATUS_STYLE.get(job.status, '')}"),
                 progress,
                 job.started.astimezone().strftime("%Y-%m-%d %H:%M") if job.started else "",
                 duration(took),
-                ", ".join(p.name for p in job.outputs),
+                Text(", ".join(p.name for p in job.outputs)),
                 key=job.id,
             )
         if table.row_count:
@@ -112,6 +113,28 @@ class JobsScreen(Screen):
     def cancel(self, job_id: str) -> None:
         job = engine_jobs.cancel_job(job_id)
         self.app.call_from_thread(self.notify, f"Job {job.id} {job.status}.")
+
+    def action_prune(self) -> None:
+        ended = [j for j in self.jobs.values() if not j.is_active and j.status != engine_jobs.UNKNOWN]
+        if not ended:
+            self.notify("No ended jobs to remove.")
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.prune()
+
+        self.app.push_screen(ConfirmDialog(f"Remove {len(ended)} ended job(s)? Their outputs are kept.", "Remove",
+                                           "Keep them"), done)
+
+    @work(thread=True, group="jobs", exit_on_error=False, name="removing ended jobs")
+    def prune(self) -> None:
+        removed = engine_jobs.prune_jobs()
+        self.app.call_from_thread(self._pruned, len(removed))
+
+    def _pruned(self, n: int) -> None:
+        self.action_reload()
+        self.notify(f"Removed {n} ended job(s).")
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:

@@ -7,12 +7,14 @@ fills in model by model (cache hits first, at once).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -20,7 +22,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
-from astolfo_tui import hash_feed
+from astolfo_tui import session
 from astolfo_tui.screens.dialogs import (
     ColumnDialog,
     ConfirmDialog,
@@ -31,9 +33,10 @@ from astolfo_tui.screens.outputs import OutputsDialog
 from astolfo_tui.selection_state import SelectionState
 from astolfo_tui.widgets.details import DetailsPane
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN, SelectionGrid
+from engine.library.outputs import default_output_dir
 from engine.library.scan import scan
-from engine.recipe.notation import format_notation
-from engine.recipe.toml_file import load_recipe, save_recipe
+from engine.recipe.notation import format_legend, format_notation
+from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml, save_recipe
 
 # While a big folder is scanned: the rows read so far are shown once, after 0.25 s (a first
 # screenful), then only a count every 0.5 s until the end. Redrawing the grid more often took the
@@ -58,13 +61,26 @@ class LibraryScreen(Screen):
         Binding("equals_sign", "mark_reference", "Mark =sd", show=False, key_display="=", tooltip="Mark (or unmark) the highlighted model as a reference: models with its text encoders get =sd"),
         Binding("d", "toggle_details", "Details", show=False, tooltip="Show or hide the details pane"),
         Binding("ctrl+r", "rescan", "Rescan", show=False, tooltip="Scan the folders again"),
+        Binding("ctrl+n", "open_folder", "Open folder", show=False,
+                tooltip="Open another folder of models (with path completion)"),
     ]
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], recipe: Path | None = None) -> None:
         super().__init__()
         self.paths = [Path(p) for p in paths]
-        self.state = SelectionState([], base_dir=_base_dir(self.paths))
+        self.session_folders = list(self.paths)  # the session note is per folder set as opened
+        self.initial_recipe = recipe  # opened after the scan when there is no earlier session
+        from astolfo_tui.config import configured_output_dir
+
+        self.output_dir = default_output_dir(self.paths, configured_output_dir())
+        self.state = SelectionState([], base_dir=_base_dir(self.paths), output_dir=self.output_dir)
         self.recipe_path: Path | None = None
+        self.recipe_text: str | None = None  # the recipe file's text as loaded or last saved
+        self._restored = False
+        self._waiting_for_rows = True
+        self._typed_ahead: list = []
+        self._remember_timer = None
+        self._remembered: str | None = None
         self.file_hashes: dict[str, object] = {}
         self._hash_cancel = threading.Event()
         self._hash_progress = (0, 0)  # files done, files total
@@ -86,16 +102,41 @@ class LibraryScreen(Screen):
         yield DetailsPane(id="details")
         yield Footer()
 
+    async def _on_key(self, event: events.Key) -> None:
+        """Until the first rows are shown (the app draws before the scan has anything), keys
+        wait here, whether the grid has focus yet or not; they act on the rows once those are
+        there. Quitting does not wait."""
+        if self._waiting_for_rows and event.key not in ("q", "ctrl+q", "ctrl+c"):
+            self._typed_ahead.append(events.Key(event.key, event.character))
+            event.prevent_default()
+            event.stop()
+            return
+        await super()._on_key(event)
+
+    def _rows_shown(self) -> None:
+        """Replay the keys typed ahead, in order."""
+        if not self._waiting_for_rows:
+            return
+        self._waiting_for_rows = False
+        queued, self._typed_ahead = self._typed_ahead, []
+        driver = self.app._driver
+        for key in queued:  # as the terminal delivers keys, so bindings and inputs see them as typed
+            key.set_sender(self.app)
+            if driver is not None:
+                driver.send_message(key)
+
     def on_mount(self) -> None:
         self.title = "astolfo"
         self.sub_title = " ".join(str(p) for p in self.paths) or "no folder"
         self.query_one("#hash-progress").display = False
         self.query_one("#search").display = False
-        self.query_one(SelectionGrid).focus()
+        self.grid.rebuild(self.state)  # the skeleton (headers) at once, rows as the scan finds them
+        self.grid.focus()
         self.start_scan()
 
     def on_unmount(self) -> None:
         self._hash_cancel.set()  # the hashing thread stops at its next chunk
+        self.remember_now()
 
     @property
     def grid(self) -> SelectionGrid:
@@ -163,23 +204,35 @@ class LibraryScreen(Screen):
         self._show_details()
         if not final:
             self._set_status(Text(f"scanning headers… {len(reports)} models so far", style=DIM))
+            if len(reports) >= max(self.grid.size.height, 20):  # a screenful: keys may act on it
+                self._rows_shown()
             return
         self.scan_complete = True
         if self._pending_recipe is not None:
             path, self._pending_recipe = self._pending_recipe, None
             self._apply_recipe_file(path)
+        if not self._restored:
+            self._restored = True
+            self._restore()
+        self._rows_shown()
         self._hash_worker = self.run_hashing(list(reports), self._hash_cancel)
 
     @work(thread=True, exclusive=True, group="hash", exit_on_error=False, name="hashing")
     def run_hashing(self, reports, cancel: threading.Event) -> None:
+        from astolfo_tui import hash_feed  # torch comes with it: loaded here, not before the first frame
+        from engine.library.outputs import busy_outputs
+
+        busy = busy_outputs()  # a job started since the scan may be writing one of these now
+        reports = [r for r in reports if os.path.realpath(r.path) not in busy]
         hash_feed.feed(
             reports,
-            on_result=lambda results: self.app.call_from_thread(self._hashed, results),
+            # results of a scan that was replaced (rescan, another folder) are dropped
+            on_result=lambda results: None if cancel.is_set() else self.app.call_from_thread(self._hashed, results),
             on_progress=lambda progress: self.app.call_from_thread(self._hash_progressed, progress),
             cancel=cancel,
         )
 
-    def _hashed(self, results: hash_feed.Results) -> None:
+    def _hashed(self, results) -> None:
         self.file_hashes.update(results.hashes)
         for mid, fh in results.hashes.items():
             if mid in self.state.reports:
@@ -192,7 +245,7 @@ class LibraryScreen(Screen):
         self._show_details()
         self._refresh_status()
 
-    def _hash_progressed(self, p: hash_feed.Progress) -> None:
+    def _hash_progressed(self, p) -> None:
         self._hash_progress = (p.files_done, p.files_total)
         self._hash_rate = p.rate or self._hash_rate
         bar = self.query_one("#hash-progress", ProgressBar)
@@ -233,10 +286,56 @@ class LibraryScreen(Screen):
         if self.grid.search:
             t.append(f"  search: {self.grid.search!r}", style=f"bold {WARN}")
         if self.grid.sort_column:
-            t.append(f"  sorted by {self.grid.sort_column.split(':')[-1]}{' ↓' if self.grid.sort_reverse else ' ↑'}", style=DIM)
+            arrow = " ↓" if self.grid.sort_reverse else " ↑"
+            t.append(f"  sorted by {self.grid.column_title(self.grid.sort_column)}{arrow}", style=DIM)
         if self.recipe_path:
             t.append(f"  recipe: {self.recipe_path.name}", style=DIM)
         self._set_status(t)
+        self._remember_soon()
+
+    # -- what survives a restart -------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """After the first scan: the picks of the last session on these folders, else the
+        recipe the app was opened with (the demo's), else nothing."""
+        note = session.load_session(self.session_folders)
+        if note is not None:
+            try:
+                recipe = parse_recipe(note.recipe_toml, note.base_dir, source="the last session")
+            except Exception:
+                recipe = None
+            if recipe is not None:
+                self.state.apply_recipe(recipe)
+                self.recipe_path, self.recipe_text = note.recipe_path, note.recipe_text
+                self.grid.rebuild(self.state)
+                self._refresh_status()
+                self._show_details()
+                return
+        if self.initial_recipe is not None and self.initial_recipe.exists():
+            self._apply_recipe_file(self.initial_recipe)
+
+    def _session_note(self) -> session.Session:
+        recipe = self.state.to_recipe()
+        recipe.outputs = [replace(o, path=Path(os.path.abspath(recipe.output_path(o)))) for o in recipe.outputs]
+        return session.Session(recipe_to_toml(recipe), self.state.base_dir, self.recipe_path, self.recipe_text)
+
+    def _remember_soon(self) -> None:
+        if self._restored and self._remember_timer is None and self.is_mounted:
+            self._remember_timer = self.set_timer(0.5, self.remember_now)
+
+    def remember_now(self) -> None:
+        """Write the session note when it changed (picks, outputs, the recipe file)."""
+        self._remember_timer = None
+        if not self._restored:
+            return  # never overwrite the last session before it has been read back
+        try:
+            note = self._session_note()
+        except Exception:
+            return
+        key = repr((note.recipe_toml, note.recipe_path, note.recipe_text))
+        if key != self._remembered:
+            session.save_session(self.session_folders, note)
+            self._remembered = key
 
     # -- grid events -------------------------------------------------------------------------
 
@@ -276,6 +375,8 @@ class LibraryScreen(Screen):
 
     @work(thread=True, group="reference", exit_on_error=False, name="marking the reference")
     def mark_reference(self, mid: str, sha256: str, label: str) -> None:
+        from astolfo_tui import hash_feed
+
         marked, views = hash_feed.toggle_reference(sha256, label, dict(self.file_hashes))
         self.app.call_from_thread(self._references_changed, mid, marked, views)
 
@@ -285,7 +386,44 @@ class LibraryScreen(Screen):
 
     # -- search and filters ------------------------------------------------------------------
 
+    def action_open_folder(self) -> None:
+        def done(path: str | None) -> None:
+            if not path:
+                return
+            folder = Path(path).expanduser()
+            if not folder.exists():
+                self.notify(f"No such folder: {folder}", severity="error")
+                return
+            self.app.open_folders([folder])
+
+        start = str(self.paths[0].parent) + "/" if self.paths else str(Path.cwd()) + "/"
+        self.app.push_screen(PathDialog("Open a folder of models", start, "Open", folders_only=True), done)
+
+    def reopen(self, paths: list[Path]) -> None:
+        """The library on other folders: their own picks (session) come back after the scan."""
+        from astolfo_tui.config import configured_output_dir
+
+        self.remember_now()
+        self._hash_cancel.set()
+        self.paths = [Path(p) for p in paths]
+        self.session_folders = list(self.paths)
+        self.initial_recipe = None
+        self.output_dir = default_output_dir(self.paths, configured_output_dir())
+        self.state = SelectionState([], base_dir=_base_dir(self.paths), output_dir=self.output_dir)
+        self.recipe_path = self.recipe_text = None
+        self.file_hashes = {}
+        self._restored = False
+        self._remembered = None
+        self._hash_worker = None
+        self.sub_title = " ".join(str(p) for p in self.paths)
+        self.grid.hashes = {}
+        self.grid.rebuild(self.state)
+        self.start_scan()
+
     def action_search(self) -> None:
+        if not self.state.order:
+            self.notify("No models here to search; ctrl+n opens another folder.", severity="warning")
+            return
         box = self.query_one("#search", Input)
         box.display = True
         box.focus()
@@ -392,14 +530,36 @@ class LibraryScreen(Screen):
 
         self.app.push_screen(PathDialog("Save recipe to", str(self.default_recipe_path()), "Save"), done)
 
-    def save_recipe_to(self, path: Path) -> bool:
+    def save_recipe_to(self, path: Path, confirmed: bool = False) -> bool:
+        """Save the picks to ``path``. Over the recipe that was loaded, the file is edited in
+        place (its comments, layout and relative paths kept). Overwriting a file that changed on
+        disk since it was loaded, or another existing file, asks first (returns False then; the
+        save happens when the user says yes)."""
+        path = Path(path)
+        current = _read_text(path)
+        same_file = self.recipe_path is not None and _same_path(path, self.recipe_path)
+        if current is not None and not confirmed:
+            if same_file and self.recipe_text is not None and current != self.recipe_text:
+                question = f"{path.name} changed on disk since it was loaded. Overwrite it with the app's picks?"
+            elif not same_file:
+                question = f"{path} exists. Replace it with the app's picks?"
+            else:
+                question = None
+            if question:
+                def done(yes: bool | None) -> None:
+                    if yes:
+                        self.save_recipe_to(path, confirmed=True)
+
+                self.app.push_screen(ConfirmDialog(question, "Overwrite", "Keep the file"), done)
+                return False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_recipe(self.state.to_recipe(), path)
+            save_recipe(self.state.to_recipe(), path, original=current if same_file or confirmed else None)
+            written = path.read_text("utf-8")
         except Exception as e:  # RecipeError and OSError both carry a message naming the file
             self.notify(f"Could not save {path}: {e}", severity="error", timeout=8)
             return False
-        self.recipe_path = path
+        self.recipe_path, self.recipe_text = path, written
         self.notify(f"Saved {path}")
         self._refresh_status()
         return True
@@ -434,7 +594,7 @@ class LibraryScreen(Screen):
             self.notify(f"Could not load {path}: {e}", severity="error", timeout=8)
             return
         missing = self.state.apply_recipe(recipe)
-        self.recipe_path = path
+        self.recipe_path, self.recipe_text = path, _read_text(path)
         self.grid.rebuild(self.state)
         self._refresh_status()
         self._show_details()
@@ -450,7 +610,10 @@ class LibraryScreen(Screen):
         same = [m for m in self.state.order if (v := self.grid.hashes.get(m)) and v.same_as_reference]
         if same:
             lines["=sd"] = same
-        return format_notation(self.state.order, lines)
+        ticked = [m for m in self.state.order if self.state.selected_anywhere(m)]
+        legend = [(m, self.state.reports[m].file_name, getattr(self.file_hashes.get(m), "autov2", None))
+                  for m in ticked]
+        return format_notation(self.state.order, lines) + format_legend(legend)
 
     def action_copy_notation(self) -> None:
         self.app.copy_to_clipboard(self.notation())
@@ -466,6 +629,17 @@ class LibraryScreen(Screen):
         from astolfo_tui.screens.merge import MergeScreen
 
         self.app.push_screen(MergeScreen(library=self))
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(Path(a).expanduser()) == os.path.abspath(Path(b).expanduser())
 
 
 def _base_dir(paths: list[Path]) -> Path:

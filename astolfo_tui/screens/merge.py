@@ -1,9 +1,10 @@
 """The merge dashboard.
 
 Before launch: what will be merged (models per component per output), bytes to read and write,
-free disk, an estimated time, and every problem ``engine.plan.planner.check_recipe`` finds. Launch saves
-the recipe and calls ``engine.jobs.launch.start_job`` — the detached job that ``astolfo merge --detach``
-starts — so closing the app leaves it running. Then: overall and per-output progress, throughput
+free disk, an estimated time, and every problem ``engine.plan.planner.check_recipe`` finds. Launch hands
+the picks to ``engine.jobs.launch.start_job`` — the detached job that ``astolfo merge --detach`` starts,
+which keeps its own frozen copy of the recipe — so closing the app leaves it running. Launching
+never writes the user's recipe file: only ctrl+s does. Then: overall and per-output progress, throughput
 with a sparkline, ETA, the current tensor, GPU and host memory, and the log tail, all folded from
 the job's event stream; cancel asks first.
 """
@@ -44,9 +45,8 @@ LOG_STYLE = {"info": "", "ok": OK, "warning": WARN, "error": f"bold {ERROR}"}
 class MergeScreen(Screen):
     BINDINGS = [
         Binding("escape", "close", "Back", tooltip="Back to the library (a running merge goes on)"),
-        Binding("l", "launch", "Launch", tooltip="Save the recipe and start the merge as a detached job"),
-        Binding("ctrl+c", "cancel_job", "Cancel merge",
-                tooltip="Cancel the running merge (asks first; no output is left)"),
+        Binding("l", "launch", "Launch", tooltip="Start the merge as a detached job (your recipe file is not written)"),
+        Binding("ctrl+c", "cancel_job", "Cancel merge", tooltip="Cancel the running merge (asks first; no output is left)"),
         Binding("j", "jobs", "Jobs", tooltip="All jobs, running and finished"),
     ]
 
@@ -164,10 +164,10 @@ class MergeScreen(Screen):
             first = True
             for comp, sel in out.sources.items():
                 ids = recipe.select.get(sel, [])
-                table.add_row(
-                    str(out.path) if first else "",
-                    comp,
-                    sel,
+                table.add_row(  # paths and names are the user's text, never markup
+                    Text(str(out.path)) if first else "",
+                    Text(comp),
+                    Text(sel),
                     Text(str(len(ids)), style=OK if ids else f"bold {ERROR}"),
                     Text(",".join(short_id(i) for i in ids) or "(none)", style="" if ids else ERROR),
                 )
@@ -194,15 +194,12 @@ class MergeScreen(Screen):
     def action_launch(self) -> None:
         if self.job is not None or self.plan is None:
             return
-        path = self.library.default_recipe_path()
-        if not self.library.save_recipe_to(path):
-            return
         self.query_one("#launch", Button).disabled = True
-        self.start_job(path)
+        self.start_job(self.library.state.to_recipe())
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False, name="starting the merge")
-    def start_job(self, recipe_path: Path):
-        return engine_jobs.start_job(recipe_path)
+    def start_job(self, recipe):
+        return engine_jobs.start_job(recipe)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:
@@ -303,7 +300,7 @@ class MergeScreen(Screen):
             if row is None:  # keep the widgets themselves: a just-mounted row's children may
                 bar = ProgressBar(show_eta=False)  # not be queryable yet
                 text = Label("", classes="progress-text")
-                box.mount(Horizontal(Label(Path(path).name, classes="progress-label"), bar, text,
+                box.mount(Horizontal(Label(Path(path).name, classes="progress-label", markup=False), bar, text,
                                      classes="progress-row"))
                 row = self._output_rows[path] = (bar, text)
             bar, text = row

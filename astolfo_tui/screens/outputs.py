@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select
+from textual.widgets import Button, Footer, Input, Label, Select
 
 from astolfo_tui.selection_state import SelectionState
 from engine.checkpoint.architectures import architectures, get_architecture
@@ -20,26 +21,29 @@ DTYPES = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class OutputRow(Horizontal):
-    """One output: its path and a source selection per component."""
+class OutputRow(Vertical):
+    """One output: its path (the whole width: paths are long) and, below it, a source selection
+    per component."""
 
     def __init__(self, spec: OutputSpec, components: tuple[str, ...], choices: dict[str, list[str]]) -> None:
         super().__init__(classes="output-row")
         self.spec, self.components, self.choices = spec, components, choices
 
     def compose(self) -> ComposeResult:
-        yield Input(str(self.spec.path), classes="output-path")
-        for comp in self.components:
-            options = [(f"{comp} ← {name}", name) for name in self.choices[comp]]
-            value = self.spec.sources.get(comp)
-            yield Select(
-                options,
-                value=value if value in self.choices[comp] else Select.NULL,
-                prompt=f"{comp}: none",
-                classes=f"source source-{comp}",
-                name=comp,
-            )
-        yield Button("✕", classes="remove-output", tooltip="Remove this output")
+        with Horizontal(classes="output-path-row"):
+            yield Input(str(self.spec.path), classes="output-path")
+            yield Button("✕", classes="remove-output", tooltip="Remove this output")
+        with Horizontal(classes="output-sources"):
+            for comp in self.components:
+                options = [(Text(f"{comp} ← {name}"), name) for name in self.choices[comp]]
+                value = self.spec.sources.get(comp)
+                yield Select(
+                    options,
+                    value=value if value in self.choices[comp] else Select.NULL,
+                    prompt=f"{comp}: none",
+                    classes=f"source source-{comp}",
+                    name=comp,
+                )
 
     def read(self) -> OutputSpec:
         sources = {}
@@ -50,8 +54,23 @@ class OutputRow(Horizontal):
         return OutputSpec(path=path, sources=sources, dtype=self.spec.dtype, title=self.spec.title)
 
 
+def renamed_output(spec: OutputSpec, old: str, new: str) -> OutputSpec:
+    """An output named after the mix (``<old>.safetensors``, ``<old>-base.safetensors``) follows
+    a new mix name; a file the user named otherwise keeps its name."""
+    path = Path(spec.path)
+    stem, suffix = path.stem, path.suffix
+    if stem == old:
+        stem = new
+    elif stem.startswith(old + "-"):
+        stem = new + stem[len(old):]
+    else:
+        return spec
+    return OutputSpec(path=path.with_name(stem + suffix), sources=dict(spec.sources), dtype=spec.dtype,
+                      title=spec.title)
+
+
 class OutputsDialog(ModalScreen[bool]):
-    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"), Binding("ctrl+s", "apply", "Apply")]
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"), Binding("ctrl+s", "apply", "Apply", priority=True)]
 
     def __init__(self, state: SelectionState) -> None:
         super().__init__(classes="dialog")
@@ -78,6 +97,7 @@ class OutputsDialog(ModalScreen[bool]):
                 yield Button("Apply", variant="primary", id="apply")
                 yield Button("Add output", id="add-output")
                 yield Button("Cancel", id="cancel")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#recipe-name", Input).focus()
@@ -87,14 +107,15 @@ class OutputsDialog(ModalScreen[bool]):
         name = self.query_one("#recipe-name", Input).value.strip() or self.state.name
         n = len(self.query(OutputRow)) + 1
         sources = {c: names[0] for c, names in self.choices.items() if names}
-        spec = OutputSpec(path=self.state.base_dir / f"{name}-{n}.safetensors", sources=sources)
+        spec = OutputSpec(path=self.state.output_dir / f"{name}-{n}.safetensors", sources=sources)
         self.query_one("#output-rows").mount(OutputRow(spec, self.components, self.choices))
 
     @on(Button.Pressed, ".remove-output")
     def _remove(self, event: Button.Pressed) -> None:
-        row = event.button.parent
-        if row is not None:
-            row.remove()
+        for row in event.button.ancestors:
+            if isinstance(row, OutputRow):
+                row.remove()
+                break
 
     @on(Button.Pressed, "#cancel")
     def _cancel(self) -> None:
@@ -107,6 +128,8 @@ class OutputsDialog(ModalScreen[bool]):
             self.notify("The mix needs a name.", severity="error")
             return
         outputs = [row.read() for row in self.query(OutputRow)]
+        if name != self.state.name:
+            outputs = [renamed_output(o, self.state.name, name) for o in outputs]
         paths = [str(o.path) for o in outputs]
         if len(set(paths)) != len(paths):
             self.notify("Two outputs have the same path.", severity="error")

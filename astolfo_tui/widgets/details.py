@@ -149,13 +149,13 @@ def _metadata(report: ModelReport) -> RenderableType | None:
     spec = {k: v for k, v in meta.items() if k.startswith(MODELSPEC)}
     training = {k: v for k, v in meta.items() if k.startswith(TRAINING_PREFIXES)}
     for key, value in spec.items():
-        table.add_row(key, _short(value))
+        table.add_row(Text(key), Text(_short(value)))  # a file's own text: never markup
     tags = _top_tags(training.get("ss_tag_frequency"))
     if tags:
-        table.add_row("training tags", tags)
+        table.add_row("training tags", Text(tags))
     for key in sorted(training):
         if key != "ss_tag_frequency":
-            table.add_row(key, _short(training[key]))
+            table.add_row(Text(key), Text(_short(training[key])))
     others = len(meta) - len(spec) - len(training)
     if others:
         rest = ", ".join(sorted(k for k in meta if not k.startswith((MODELSPEC, *TRAINING_PREFIXES)))[:12])

@@ -36,6 +36,7 @@ DIM = "#565f89"
 ERROR = "#f7768e"
 WARN = "#e0af68"
 OK = "#9ece6a"
+OUTPUT = "#bb9af7"  # a mix astolfo wrote
 SHORT_HASH = 8
 
 FILTERS = ("all", "problems", "selected")
@@ -105,7 +106,7 @@ class SelectionGrid(DataTable):
         self.add_column("arch", key="arch", width=5)
         self.add_column("dtype", key="dtype", width=5)
         self.add_column(Text("size", justify="right"), key="size", width=8)
-        self.add_column(" ", key="status", width=1)
+        self.add_column("ok", key="status", width=2)
         for name in self.state.columns:
             self.add_column(self._sel_label(name), key=SEL + name, width=max(self.short_w, len(name), 3))
         self.hash_components = self._architecture().display_order
@@ -176,6 +177,16 @@ class SelectionGrid(DataTable):
 
     # -- cells -------------------------------------------------------------------------------
 
+    def column_title(self, key: str) -> str:
+        """A column as its header names it: ``#te0`` (hash), ``m:te0`` (metric), ``unet``."""
+        if key.startswith(SEL):
+            return key[len(SEL):]
+        if key.startswith(HASH):
+            return "#" + key[len(HASH):]
+        if key.startswith(METRIC):
+            return "m:" + key[len(METRIC):]
+        return {"status": "ok"}.get(key, key)
+
     def _sel_label(self, name: str) -> Text:
         label = Text(name, style="bold")
         label.append(f"\n={self.state.count(name)}", style=OK if self.state.count(name) else DIM)
@@ -185,7 +196,8 @@ class SelectionGrid(DataTable):
         report = self.state.reports[mid]
         cells = [
             Text(mid, style="bold"),
-            Text(_display_name(report), overflow="ellipsis", no_wrap=True),
+            Text(_display_name(report), overflow="ellipsis", no_wrap=True,
+                 style=OUTPUT if report.is_astolfo_output else ""),
             _arch_cell(report),
             Text((report.main_dtype or "").lower(), style=DIM if report.kind != CHECKPOINT else ""),
             Text(_size(report.file_size), justify="right"),
@@ -477,6 +489,8 @@ def _display_name(report: ModelReport) -> str:
 
 
 def _arch_cell(report: ModelReport) -> Text:
+    if report.is_astolfo_output:
+        return Text("mix", style=f"italic {OUTPUT}")  # astolfo wrote it: an output, not a model
     if report.kind != CHECKPOINT or not report.arch:
         label = KIND_LABELS.get(report.kind, report.kind[:5])
         return Text(label, style=ERROR if report.severity >= Severity.ERROR else WARN)

@@ -96,6 +96,18 @@ def file_key(path: str | os.PathLike) -> FileKey:
     return FileKey(real, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def _note_sha256(folder: Path, path: str, sha256: str) -> None:
+    """Tell the id store beside the catalog (``engine.library.ids``) this file's SHA256, so its
+    id follows it through a move. Never fails: ids are a convenience on top of the hashes."""
+    from engine.library.ids import IdStore
+
+    try:
+        with IdStore(folder / "ids.sqlite3") as store:
+            store.record_sha256(path, sha256)
+    except Exception:
+        pass
+
+
 class Catalog:
     """The SQLite hash cache. Safe to share between threads of one process; any number of
     processes may read while one writes."""
@@ -225,6 +237,7 @@ class Catalog:
                     raise
             except sqlite3.Error as e:  # disk full, read-only, locked for too long
                 raise CatalogError(self.path, f"cannot store the hashes of {key.path}: {e}") from None
+        _note_sha256(self.path.parent, key.path, hashes.sha256)
 
     def hash_file(
         self,

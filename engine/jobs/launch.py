@@ -1,6 +1,8 @@
 """Detached merge jobs: merges that outlive the terminal (and the SSH connection) that started them.
 
-``start_job(recipe)`` validates the recipe, makes a job folder (see ``job_store``), and starts
+``start_job(recipe)`` validates the recipe, makes a job folder (see ``jobs.store``) holding a frozen
+copy of the recipe (absolute paths, SHA256 pins: what resume and provenance read; the user's file
+is never written), and starts
 ``python -m engine.jobs.runner JOBDIR`` in a session of its own, with no terminal: stdin from
 /dev/null, stdout and stderr to the job log. When the terminal goes away (sshd closes the
 pseudo-terminal and the kernel sends SIGHUP to that session) the job is not in that session and
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.jobs import store
@@ -40,12 +42,13 @@ from engine.jobs.store import (
     ProcessIdentity,
 )
 from engine.merge.events import event_from_dict
-from engine.recipe.model import Recipe
-from engine.recipe.toml_file import load_recipe, parse_recipe
+from engine.recipe.model import ModelEntry, Recipe
+from engine.recipe.toml_file import load_recipe, parse_recipe, recipe_to_toml
 
 __all__ = [
     "Job", "JobError", "OutputBusy", "start_job", "resume_job", "cancel_job", "list_jobs",
-    "get_job", "follow_events", "wait_for_job", "load_job_recipe", "output_holder", "output_locks",
+    "get_job", "follow_events", "freeze_recipe", "prune_jobs", "wait_for_job", "load_job_recipe", "output_holder",
+    "output_locks",
     "STARTING", "RUNNING", "FINISHED", "FAILED", "CANCELLED", "DIED", "UNKNOWN",
 ]
 
@@ -68,7 +71,7 @@ class Job:
     status: str
     recorded_status: str
     name: str
-    recipe: Path  # the recipe file the job was started from
+    recipe: Path  # the recipe file the job was started from, else its frozen copy in the job folder
     outputs: list[Path]
     created: dt.datetime | None
     started: dt.datetime | None
@@ -327,26 +330,53 @@ def _resolved_outputs(recipe: Recipe) -> list[Path]:
     return [Path(store.output_key(recipe.output_path(o))) for o in recipe.outputs]
 
 
-def start_job(recipe_path: str | os.PathLike, read_limit: float | None = None) -> Job:
-    """Validate ``recipe_path`` and start merging it in a detached process; returns at once.
-    ``read_limit``: bytes per second the merge may read (``engine.merge.run.execute``), kept for a
-    resume too.
+def freeze_recipe(recipe: Recipe, pins: dict[str, str] | None = None) -> Recipe:
+    """The job's own copy of ``recipe``: every path absolute (the copy lives in the job folder,
+    not beside the models), every model pinned to its SHA256 where one is known (``pins``:
+    model id -> SHA256, else the recipe's own pin, else the hash catalog's entry for the
+    unchanged file). The user's file is never touched: resume and provenance read this copy."""
+    from engine.plan.provenance import cached_hashes
+
+    pins = dict(pins or {})
+    unpinned = [mid for mid, e in recipe.models.items() if not e.sha256 and mid not in pins]
+    if unpinned:
+        known = cached_hashes([recipe.model_path(m) for m in unpinned], unpinned)
+        pins.update({mid: h.sha256 for mid, h in known.items()})
+    models = {
+        mid: ModelEntry(mid, Path(os.path.abspath(recipe.model_path(mid))), e.sha256 or pins.get(mid))
+        for mid, e in recipe.models.items()
+    }
+    outputs = [replace(o, path=Path(os.path.abspath(recipe.output_path(o)))) for o in recipe.outputs]
+    return replace(recipe, models=models, outputs=outputs, select={k: list(v) for k, v in recipe.select.items()},
+                   weights=dict(recipe.weights), metadata=dict(recipe.metadata))
+
+
+def start_job(recipe: str | os.PathLike | Recipe, read_limit: float | None = None,
+              pins: dict[str, str] | None = None) -> Job:
+    """Validate ``recipe`` (a recipe file, or a Recipe the app holds) and start merging it in a
+    detached process; returns at once. The job folder gets a frozen copy of it
+    (``freeze_recipe``); a recipe file is only read. ``read_limit``: bytes per second the merge
+    may read (``engine.merge.run.execute``), kept for a resume too.
 
     Raises RecipeError / PlanError (with every problem) for a recipe that cannot be merged, and
     OutputBusy when a live job already writes one of its outputs: in those cases no job is made.
     """
     from engine.plan.planner import build_plan
 
-    recipe_path = Path(os.path.abspath(recipe_path))
-    recipe = load_recipe(recipe_path)
+    if isinstance(recipe, Recipe):
+        recipe_path = None
+    else:
+        recipe_path = Path(os.path.abspath(recipe))
+        recipe = load_recipe(recipe_path)
     build_plan(recipe)
-    outputs = _resolved_outputs(recipe)
+    frozen = freeze_recipe(recipe, pins)
+    outputs = _resolved_outputs(frozen)
     with store.output_locks(outputs, "a job being started"):
         pass  # refused here, before a job folder exists; _launch takes the locks for good
 
     job_id, job_dir = store.create_job_dir()
     try:
-        shutil.copyfile(recipe_path, job_dir / store.RECIPE_COPY)
+        (job_dir / store.RECIPE_COPY).write_text(recipe_to_toml(frozen), "utf-8")
         now = store.now_iso()
         store.write_json_atomic(
             job_dir / store.JOB_JSON,
@@ -354,8 +384,8 @@ def start_job(recipe_path: str | os.PathLike, read_limit: float | None = None) -
                 "id": job_id,
                 "version": 1,
                 "name": recipe.name,
-                "recipe": str(recipe_path),
-                "base_dir": str(recipe_path.resolve().parent),  # as load_recipe resolves it
+                "recipe": str(recipe_path) if recipe_path else None,  # None: launched from the app
+                "base_dir": str(Path(recipe.base_dir).resolve()),  # as load_recipe resolves it
                 "outputs": [str(p) for p in outputs],
                 "status": STARTING,
                 "created": now,
@@ -388,7 +418,7 @@ def resume_job(ref: str) -> Job:
     if job.status == CANCELLED:
         raise JobError(
             f"job {job.id} was cancelled and its partial output removed; start it again with"
-            f" `astolfo merge {job.recipe} --detach`"
+            f" `astolfo merge {job.dir / store.RECIPE_COPY} --detach`"
         )
     from engine.plan.planner import build_plan
 
@@ -472,6 +502,25 @@ def _discard_partial_output(job: Job) -> None:
         remove_progress(output)
         sidecar_tmp = sidecar_path(output)
         sidecar_tmp.with_name(sidecar_tmp.name + ".tmp").unlink(missing_ok=True)
+
+
+def prune_jobs() -> list[Job]:
+    """Remove the folders of jobs that have ended (finished, failed, cancelled, died), with what
+    an interrupted one left beside its outputs for a resume; running jobs, and jobs recorded on
+    another host, are kept. Finished outputs are never touched. Returns the jobs removed."""
+    removed = []
+    for job in list_jobs():
+        if job.status in ACTIVE or job.status == UNKNOWN:
+            continue
+        if job.status in (DIED, FAILED):
+            try:
+                _discard_partial_output(job)
+            except OSError:
+                continue
+        shutil.rmtree(job.dir, ignore_errors=True)
+        if not job.dir.exists():
+            removed.append(job)
+    return removed
 
 
 def wait_for_job(ref: str, timeout_s: float | None = None, poll_s: float = 0.1) -> Job:

@@ -132,6 +132,13 @@ class ModelReport:
         return f"{self.arch_name} (1/{self.scale} scale)" if self.scale > 1 else self.arch_name
 
     @property
+    def is_astolfo_output(self) -> bool:
+        """A mix astolfo wrote (its metadata says so): listed as an output, never bulk-ticked."""
+        from engine.library.outputs import is_astolfo_output
+
+        return is_astolfo_output(self.metadata)
+
+    @property
     def file_name(self) -> str:
         return self.path.name
 

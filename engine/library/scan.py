@@ -97,21 +97,44 @@ def article_id(path: Path | str) -> str | None:
     return m.group(1) if m else None
 
 
-def assign_ids(paths: list[Path]) -> list[str]:
-    """A short, unique id per path: its article-style prefix when it has one, else ``m`` and its
-    1-based position (``m01``, or ``m001`` past 99 files). A repeated prefix gets ``-2``, ``-3``."""
+def assign_ids(paths: list[Path], store=None) -> list[str]:
+    """A short, unique id per path: its article-style prefix when it has one (a repeated prefix
+    gets ``-2``, ``-3``), else the id the id store gave the file on first sight
+    (``engine.library.ids``: it never moves to another file). Without a store, ``m`` and the
+    1-based position (``m01``, or ``m001`` past 99 files)."""
     width = max(2, len(str(len(paths))))
-    ids: list[str] = []
+    ids: list[str | None] = []
     taken: set[str] = set()
-    for position, path in enumerate(paths, start=1):
-        base = article_id(path) or f"m{position:0{width}d}"
+    for path in paths:
+        base = article_id(path)
+        if base is None:
+            ids.append(None)
+            continue
         model_id, n = base, 1
         while model_id.casefold() in taken:
             n += 1
             model_id = f"{base}-{n}"
         taken.add(model_id.casefold())
         ids.append(model_id)
-    return ids
+    rest = [i for i, m in enumerate(ids) if m is None]
+    given: list[str] | None = None
+    if store is not None and rest:
+        try:
+            given = store.assign([paths[i] for i in rest], taken)
+        except Exception:  # a locked or broken database: positions, as before
+            given = None
+    if given is None:
+        given = []
+        for i in rest:
+            model_id, n = f"m{i + 1:0{width}d}", 1
+            while model_id.casefold() in taken:
+                n += 1
+                model_id = f"m{i + 1:0{width}d}-{n}"
+            taken.add(model_id.casefold())
+            given.append(model_id)
+    for i, model_id in zip(rest, given):
+        ids[i] = model_id
+    return ids  # type: ignore[return-value]
 
 
 def scan(
@@ -119,15 +142,26 @@ def scan(
     on_report: Callable[[ModelReport], None] | None = None,
     use_cache: bool = True,
 ) -> list[ModelReport]:
-    """Inspect every model file under ``paths`` (headers only), in natural order, with ids.
+    """Inspect every model file under ``paths`` (headers only), in natural order, with ids that
+    stay with their files (``engine.library.ids``). Files a live merge job is writing are left out.
     ``on_report`` gets each report as soon as it is made, so a screen can fill in while a big
     folder is still being read. Reports of unchanged files come from the report cache
     (``use_cache=False`` inspects every file afresh)."""
-    files = find_model_files(paths)
+    from engine.library.ids import open_store
+    from engine.library.outputs import busy_outputs
+
+    busy = busy_outputs()
+    files = [f for f in find_model_files(paths) if os.path.realpath(f) not in busy]
     reports = []
     cache = ReportCache() if use_cache else None
+    store = open_store()
     try:
-        for path, model_id in zip(files, assign_ids(files)):
+        try:
+            ids = assign_ids(files, store)
+        finally:
+            if store is not None:
+                store.close()
+        for path, model_id in zip(files, ids):
             report = _inspect_cached(path, model_id, cache)
             reports.append(report)
             if on_report is not None:

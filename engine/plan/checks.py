@@ -28,6 +28,22 @@ STRUCTURAL = frozenset({
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
+def _near(word: str, choices) -> str:
+    """"; did you mean '_x02'?" for an id or name close to one that exists (``_x2`` -> ``_x02``)."""
+    from engine.recipe.toml_file import did_you_mean
+
+    hint = did_you_mean(word, list(choices))
+    if hint:
+        return hint
+    m = re.fullmatch(r"(_?[a-z]*)0*([0-9]+)", word, re.IGNORECASE)  # the number written another way
+    if m:
+        for c in choices:
+            n = re.fullmatch(r"(_?[a-z]*)0*([0-9]+)", str(c), re.IGNORECASE)
+            if n and (n.group(1).casefold(), n.group(2)) == (m.group(1).casefold(), m.group(2)):
+                return f"; did you mean {str(c)!r}?"
+    return ""
+
+
 def check_settings(p, r) -> None:
     from engine.plan.model import OUTPUT_DTYPE
 
@@ -52,14 +68,15 @@ def check_settings(p, r) -> None:
             p.error(f"selection {sel!r} is empty", code="empty_selection")
         for mid in ids:
             if mid not in r.models:
-                p.error(f"selection {sel!r} names model {mid!r}, which is not in [models]", mid, code="unknown_model")
+                p.error(f"selection {sel!r} names model {mid!r}, which is not in [models]{_near(mid, r.models)}",
+                        mid, code="unknown_model")
         for mid, n in Counter(ids).items():
             if n > 1:
                 p.error(f"selection {sel!r} lists model {mid!r} {n} times (use [weights] to weigh a model more)",
                         mid, code="duplicate_model")
     for mid, w in r.weights.items():
         if mid not in r.models:
-            p.error(f"weights.{mid}: no model {mid!r} in [models]", mid, code="unknown_weight")
+            p.error(f"weights.{mid}: no model {mid!r} in [models]{_near(mid, r.models)}", mid, code="unknown_weight")
         if not (math.isfinite(w) and w > 0):
             p.error(f"weights.{mid} = {w}: weights must be positive numbers", mid, code="bad_weight")
     for key in r.metadata:
@@ -78,7 +95,8 @@ def check_settings(p, r) -> None:
         for cid, sel in out.sources.items():
             used.add(sel)
             if sel not in r.select:
-                p.error(f"output {label}: {cid} = {sel!r}, but there is no selection {sel!r} in [select]",
+                p.error(f"output {label}: {cid} = {sel!r}, but there is no selection {sel!r} in [select]"
+                        f"{_near(sel, r.select)}",
                         output=label, code="unknown_selection")
     for sel in r.select:
         if sel not in used:

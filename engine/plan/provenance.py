@@ -5,7 +5,8 @@ clock or the run), so a rerun writes byte-identical files:
 
 - ModelSpec (``modelspec.sai_model_spec``, ``.architecture``, ``.implementation``, ``.title``,
   ``.resolution``, ``.prediction_type``, ``.date`` when the recipe has one, ``.description``);
-- ``astolfo.recipe`` (the recipe as TOML) and ``astolfo.sources`` (JSON: each source file with
+- ``astolfo.recipe`` (the recipe as TOML: file names and SHA256s, never a local folder, never
+  a run setting) and ``astolfo.sources`` (JSON: each source file with
   its SHA256/AutoV2 and what it fed);
 - A1111's ``sd_merge_recipe`` and ``sd_merge_models`` (JSON strings, keyed by SHA256 as A1111
   does, nesting the sources' own merge history), so web UIs show where the model came from;
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from engine.recipe.model import ModelEntry
 from engine.recipe.toml_file import recipe_to_toml
 
 SPEC_VERSION = "1.0.0"
@@ -171,12 +174,25 @@ def build_metadata(plan, output, hashes: dict) -> dict[str, str]:
         if title:
             entry["title"] = title
         sources.append(entry)
-    meta["astolfo.recipe"] = recipe_to_toml(recipe)
+    meta["astolfo.recipe"] = portable_recipe_toml(recipe, hashes)
     meta["astolfo.sources"] = json.dumps(sources, ensure_ascii=False)
     meta["astolfo.version"] = engine_version()
     meta["sd_merge_recipe"] = json.dumps(_a1111_recipe(plan, output, used, hashes), ensure_ascii=False)
     meta["sd_merge_models"] = json.dumps(_a1111_models(plan, used, hashes), ensure_ascii=False)
     return meta
+
+
+def portable_recipe_toml(recipe, hashes: dict) -> str:
+    """The recipe as written into outputs: each model by file name and full SHA256, each output
+    by file name, and no run settings (device). No local folder ever leaves the machine inside
+    a mix, and the same recipe over the same files writes the same bytes wherever they live."""
+    models = {
+        mid: ModelEntry(mid, Path(Path(e.path).name), hashes[mid].sha256 if mid in hashes else e.sha256)
+        for mid, e in recipe.models.items()
+    }
+    outputs = [replace(o, path=Path(Path(o.path).name)) for o in recipe.outputs]
+    return recipe_to_toml(replace(recipe, models=models, outputs=outputs, device="auto", base_dir=Path()),
+                          run_settings=False)
 
 
 def _models_used(plan, output) -> dict[str, dict[str, str]]:

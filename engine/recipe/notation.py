@@ -4,7 +4,8 @@
 
 One line per selection: every model in model order, written as its id without a leading
 ``_x`` (``_x03`` -> ``03``) when selected and ``--`` when not, then ``=`` and the count.
-Mixers read and share selections in this form, so astolfo writes it and reads it back.
+Mixers read and share selections in this form, so astolfo writes it and reads it back. Ids alone
+are only meaningful next to their files, so an export ends with a legend (``format_legend``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def format_line(name: str, model_ids: Sequence[str], selected: Iterable[str]) ->
 def format_notation(model_ids: Sequence[str], selections: Mapping[str, Iterable[str]]) -> str:
     """Every selection, one line each, in the mapping's order; ends with a newline."""
     return "".join(format_line(name, model_ids, ids) + "\n" for name, ids in selections.items())
+
+
+def format_legend(entries: Iterable[tuple[str, str, str | None]]) -> str:
+    """What the ids stand for, as ``#`` comment lines after the notation (``parse_notation``
+    skips them): ``# 03  _x03-Kohaku.safetensors  AutoV2 5bd3b4a4c7`` per (id, file name,
+    AutoV2 or None), so the text means the same files tomorrow, on another machine."""
+    rows = [(short_id(mid), name, autov2) for mid, name, autov2 in entries]
+    if not rows:
+        return ""
+    width = max(len(r[0]) for r in rows)
+    lines = ["# legend: id, file, AutoV2"]
+    for sid, name, autov2 in rows:
+        lines.append(f"# {sid:<{width}}  {name}  {'AutoV2 ' + autov2 if autov2 else '(not hashed yet)'}")
+    return "\n".join(lines) + "\n"
 
 
 class NotationError(ValueError):

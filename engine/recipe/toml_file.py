@@ -39,6 +39,7 @@ Format::
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import math
 import os
 import re
@@ -61,29 +62,45 @@ MODEL_KEYS = ("path", "sha256")
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe file; relative paths inside it resolve against its folder."""
+    recipe, problems = load_recipe_lenient(path)
+    if problems:
+        raise RecipeError(path, problems)
+    return recipe  # type: ignore[return-value]
+
+
+def load_recipe_lenient(path: str | os.PathLike) -> tuple[Recipe | None, list[str]]:
+    """The recipe and every structural problem of the file. The recipe is None only when the
+    file cannot be read or is not TOML; otherwise it is what the file says with the bad parts
+    left at their defaults, so the planner's checks can still run and report the rest (an
+    unknown setting must not hide a wrong model id)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(path, "no such file") from None
+        return None, ["no such file"]
     except UnicodeDecodeError:
-        raise RecipeError(path, "not UTF-8 text") from None
+        return None, ["not UTF-8 text"]
     except OSError as e:
-        raise RecipeError(path, f"cannot read: {e.strerror or e}") from None
-    return parse_recipe(text, path.resolve().parent, source=path)
+        return None, [f"cannot read: {e.strerror or e}"]
+    return _parse(text, path.resolve().parent, path)
 
 
 def parse_recipe(text: str, base_dir: str | os.PathLike, source: str | os.PathLike = "<recipe>") -> Recipe:
     """Parse recipe TOML ``text``; raises RecipeError listing every structural problem."""
+    recipe, problems = _parse(text, Path(base_dir), source)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe  # type: ignore[return-value]
+
+
+def _parse(text: str, base_dir: Path, source) -> tuple[Recipe | None, list[str]]:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise RecipeError(source, f"not valid TOML: {e}") from None
+        return None, [f"not valid TOML: {e}"]
     p = _Parser(source)
     recipe = p.recipe(doc, Path(base_dir))
-    if p.problems:
-        raise RecipeError(source, p.problems)
-    return recipe
+    return recipe, p.problems
 
 
 class _Parser:
@@ -97,7 +114,7 @@ class _Parser:
     def recipe(self, doc: dict, base_dir: Path) -> Recipe:
         for key in doc:
             if key not in TOP_KEYS:
-                self.bad(f"unknown setting {key!r} (known: {', '.join(TOP_KEYS)})")
+                self.bad(f"unknown setting {key!r}{did_you_mean(key, TOP_KEYS)} (known: {', '.join(TOP_KEYS)})")
         name = self.string(doc, "name", "name", required=True) or ""
         arch = self.string(doc, "arch", "arch")
         dtype = self.string(doc, "dtype", "dtype") or "fp16"
@@ -163,7 +180,7 @@ class _Parser:
             elif isinstance(value, dict):
                 for k in value:
                     if k not in MODEL_KEYS:
-                        self.bad(f"models.{mid}: unknown key {k!r} (known: path, sha256)")
+                        self.bad(f"models.{mid}: unknown key {k!r}{did_you_mean(k, MODEL_KEYS)} (known: path, sha256)")
                 path = self.string(value, "path", f"models.{mid}.path", required=True)
                 sha = self.string(value, "sha256", f"models.{mid}.sha256")
                 if path is not None:
@@ -214,7 +231,8 @@ class _Parser:
                 if key in OUTPUT_KEYS:
                     continue
                 if key not in component_ids():
-                    self.bad(f"{where}: unknown key {key!r} (components: {', '.join(component_ids())};"
+                    hint = did_you_mean(key, component_ids() + OUTPUT_KEYS)
+                    self.bad(f"{where}: unknown key {key!r}{hint} (components: {', '.join(component_ids())};"
                              f" settings: {', '.join(OUTPUT_KEYS)})")
                 elif not isinstance(v, str):
                     self.bad(f"{where}.{key}: expected a selection name, got {_toml_type(v)}")
@@ -229,6 +247,15 @@ class _Parser:
             ))
         _default_paths(outs, name)
         return outs
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'skip_nan'?"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    if not close:
+        lowered = {str(c).casefold(): str(c) for c in choices}
+        close = [lowered[word.casefold()]] if word.casefold() in lowered else []
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _default_paths(outputs: list[OutputSpec], name: str) -> None:
@@ -310,13 +337,16 @@ def _path(p: PurePath) -> str:
     return _string(p.as_posix() if isinstance(p, PurePath) else str(p))
 
 
-def recipe_to_toml(recipe: Recipe) -> str:
-    """The recipe as TOML text; ``parse_recipe`` of it gives back an equal Recipe."""
+def recipe_to_toml(recipe: Recipe, run_settings: bool = True) -> str:
+    """The recipe as TOML text; ``parse_recipe`` of it gives back an equal Recipe.
+    ``run_settings=False`` leaves out how it is run (``device``), which is no part of what the
+    mix is (output metadata)."""
     lines = [f"name = {_string(recipe.name)}"]
     if recipe.arch is not None:
         lines.append(f"arch = {_string(recipe.arch)}")
     lines.append(f"dtype = {_string(recipe.dtype)}")
-    lines.append(f"device = {_string(recipe.device)}")
+    if run_settings:
+        lines.append(f"device = {_string(recipe.device)}")
     if recipe.date is not None:
         lines.append(f"date = {_string(recipe.date)}")
     if recipe.strict:
@@ -356,12 +386,29 @@ def recipe_to_toml(recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
-    """Write the recipe atomically (a temporary file beside it, then a rename)."""
+def save_recipe(recipe: Recipe, path: str | os.PathLike, original: str | None = None) -> Path:
+    """Write the recipe atomically (a temporary file beside it, then a rename).
+
+    ``original``: the text of the user's file as it was loaded; the file is then edited in place
+    (``engine.recipe.toml_edit``: comments, layout and relative paths kept) instead of written
+    afresh. A new file gets paths relative to its folder where the files lie under or beside it."""
+    from engine.recipe.toml_edit import portable, update_document
+
     path = Path(path)
+    folder = path.absolute().parent
+    text = None
+    if original is not None:
+        try:
+            text = update_document(original, recipe, folder)
+            if not _same_recipe(parse_recipe(text, folder), recipe):
+                text = None  # the edit did not say the same thing: write it afresh instead
+        except Exception:  # not TOML any more, or an edit tomlkit refuses: write it afresh
+            text = None
+    if text is None:
+        text = recipe_to_toml(portable(recipe, folder))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(recipe_to_toml(recipe), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -370,3 +417,21 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
             pass
         raise RecipeError(path, f"cannot write: {e.strerror or e}") from None
     return path
+
+
+def _same_recipe(a: Recipe, b: Recipe) -> bool:
+    """``a`` (the edited file, read back) says what ``b`` says: the same files (wherever the
+    paths are written from), ids, selections, outputs and settings. A pin the user's file does
+    not have is not added to it (the file is theirs); a pin it has must match."""
+    if set(a.models) != set(b.models):
+        return False
+    for m, e in a.models.items():
+        if e.sha256 is not None and e.sha256 != b.models[m].sha256:
+            return False
+
+    def files(r: Recipe):
+        return ({m: os.path.abspath(r.model_path(m)) for m in r.models},
+                [(os.path.abspath(r.output_path(o)), o.sources, o.dtype, o.title) for o in r.outputs])
+
+    settings = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "select", "weights", "metadata")
+    return files(a) == files(b) and all(getattr(a, k) == getattr(b, k) for k in settings)

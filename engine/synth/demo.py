@@ -116,8 +116,9 @@ def make_demo_folder(folder: str | os.PathLike) -> list[Path]:
         sizes[model.name] = path.stat().st_size
         paths.append(path)
     _write_manifest(folder, sizes)
-    if not (folder / RECIPE).exists():
-        save_recipe(demo_recipe(folder), folder / RECIPE)
+    recipe_path = folder / RECIPE
+    if not recipe_path.exists() or _is_old_default(recipe_path, folder):
+        save_recipe(demo_recipe(folder), recipe_path)
     return paths
 
 
@@ -141,7 +142,7 @@ def demo_recipe(folder: str | os.PathLike) -> Recipe:
         models[model_id] = ModelEntry(model_id, Path(model.name))
     used = {m for ids in DEMO_SELECTIONS.values() for m in ids}
     outputs = [
-        OutputSpec(Path(f"out/demo-AstolfoMix-{variant}.safetensors"),
+        OutputSpec(Path(f"../mixes/demo-AstolfoMix-{variant}.safetensors"),
                    {"unet": unet, "te0": "te0", "te1": "te1", "vae": "vae"})
         for variant, unet in (("base", "unet"), ("nsfw", "nsfw"))
     ]
@@ -153,6 +154,20 @@ def demo_recipe(folder: str | os.PathLike) -> Recipe:
         outputs=outputs,
         base_dir=Path(folder),
     )
+
+
+def _is_old_default(path: Path, folder: Path) -> bool:
+    """The recipe an earlier astolfo wrote here, untouched: it sent outputs to ``out/`` inside
+    the scanned folder, where they came back as models. A recipe the user edited is kept."""
+    from engine.recipe.toml_edit import portable
+    from engine.recipe.toml_file import recipe_to_toml
+
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    new = recipe_to_toml(portable(demo_recipe(folder), folder))
+    return text == new.replace('path = "../mixes/', 'path = "out/')
 
 
 def _read_manifest(folder: Path) -> dict[str, int]:

@@ -180,8 +180,8 @@ def test_scan_reports_every_file_in_order_with_ids(mixed_folder):
         ("_x2", "_x2-SD15.safetensors", CHECKPOINT),
         ("_x10", "_x10-Clean.safetensors", CHECKPOINT),
         ("_x03", "broken/_x03-Truncated.safetensors", UNREADABLE),
-        ("m05", "loras/detail.safetensors", LORA),
-        ("m06", "old.ckpt", "pickle"),
+        ("m01", "loras/detail.safetensors", LORA),  # first sight (engine.library.ids)
+        ("m02", "old.ckpt", "pickle"),
     ]
     assert reports[1].arch == "sd15" and reports[2].arch == "sdxl"
 
@@ -271,7 +271,7 @@ def test_scan_command_json_lines(mixed_folder, capsys):
     assert main(["scan", "--json", str(mixed_folder)]) == 1
     lines = capsys.readouterr().out.splitlines()
     objects = [json.loads(line) for line in lines]
-    assert [o["id"] for o in objects] == ["_x01", "_x2", "_x10", "_x03", "m05", "m06"]
+    assert [o["id"] for o in objects] == ["_x01", "_x2", "_x10", "_x03", "m01", "m02"]
     assert objects[0]["components"]["vae"]["state"] == "absent"
     assert objects[2]["arch_label"] == "SDXL 1.0 (1/32 scale)"
     assert objects[3]["kind"] == "unreadable" and objects[3]["severity"] == "error"

@@ -62,11 +62,12 @@ async def test_launch_a_merge_and_see_it_finish(work_dir):
         assert screen.view.final == "finished", screen.view.final_message
         await wait_for(pilot, lambda: not screen.job.is_active, what="the job status to settle")
         assert screen.view.fraction == 1.0 and all(o.done for o in screen.view.outputs.values())
-    outputs = [work_dir / "mix-base.safetensors", work_dir / "mix-nsfw.safetensors"]
+    mixes = work_dir.parent / "mixes"  # outside the scanned folder
+    outputs = [mixes / "mix-base.safetensors", mixes / "mix-nsfw.safetensors"]
     for path in outputs:
         assert path.exists() and not path.with_name(path.name + ".partial").exists()
         assert read_header(path).tensors
-    assert (work_dir / "mix.recipe.toml").exists()
+    assert not list(work_dir.glob("*.recipe.toml"))  # launching writes no recipe file of the user's
     job = engine_jobs.list_jobs()[0]
     assert job.status == "finished" and sorted(job.outputs) == sorted(outputs)
 
@@ -154,7 +155,8 @@ async def test_cancel_asks_first_and_leaves_no_output(work_dir):
     finally:
         if not resumed:
             os.kill(job.pid, signal.SIGCONT)
-    assert not any(p.name.startswith("mix-") for p in work_dir.iterdir())
+    mixes = work_dir.parent / "mixes"
+    assert not mixes.exists() or not any(p.name.startswith("mix-") for p in mixes.iterdir())
 
 
 async def test_jobs_screen_resumes_a_job_that_died(work_dir):
@@ -172,7 +174,8 @@ async def test_jobs_screen_resumes_a_job_that_died(work_dir):
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, MergeScreen), what="the resumed job's dashboard")
         await wait_for(pilot, lambda: engine_jobs.get_job(job.id).status == "finished", timeout=120, what="the resumed job")
-    assert (work_dir / "mix-base.safetensors").exists() and (work_dir / "mix-nsfw.safetensors").exists()
+    mixes = work_dir.parent / "mixes"
+    assert (mixes / "mix-base.safetensors").exists() and (mixes / "mix-nsfw.safetensors").exists()
 
 
 async def test_a_busy_output_is_refused_with_the_reason(work_dir):

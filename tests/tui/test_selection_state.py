@@ -93,9 +93,9 @@ def test_rebased_follows_files_when_positional_ids_move(demo_dir, tmp_path):
     s.add_column("anime", "unet")
     s.set("anime", "m03", True)
     s.dtype = "bf16"
-    shutil.copy(tmp_path / "b.safetensors", tmp_path / "a.safetensors")  # sorts first: ids shift
+    shutil.copy(tmp_path / "b.safetensors", tmp_path / "a.safetensors")  # sorts first: ids stay
     again = s.rebased(scan([tmp_path]))
-    assert again.order == ["m01", "m02", "m03", "m04"]
-    assert again.ordered("unet") == ["m02", "m03"] and again.ordered("anime") == ["m04"]
+    assert again.order == ["m04", "m01", "m02", "m03"]
+    assert again.ordered("unet") == ["m01", "m02"] and again.ordered("anime") == ["m03"]
     assert again.dtype == "bf16" and again.name == "mine"
     assert [o.sources["unet"] for o in again.outputs] == ["unet", "nsfw", "anime"]
