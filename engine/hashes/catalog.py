@@ -22,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import platformdirs
-
+from engine.cache_dir import CACHE_DIR_ENV, cache_dir  # noqa: F401 (CACHE_DIR_ENV: part of this module's API)
 from engine.checkpoint.architectures import get_architecture
 from engine.hashes.model import HASH_VERSION, FileHashes, HashError, ProgressFn
 from engine.library.report import ModelReport
 
-CACHE_DIR_ENV = "ASTOLFO_CACHE_DIR"
 CATALOG_FILE = "catalog.sqlite3"
 SDXL_BASE_SHA256 = get_architecture("sdxl").reference_sha256 or ""
 
@@ -76,8 +74,7 @@ class CatalogError(Exception):
 
 
 def default_catalog_path() -> Path:
-    base = os.environ.get(CACHE_DIR_ENV) or platformdirs.user_cache_dir("astolfo")
-    return Path(base) / CATALOG_FILE
+    return cache_dir() / CATALOG_FILE
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,31 @@ def output_locks(outputs: list[Path], owner: str):
         release_locks(fds)
 
 
+def busy_outputs() -> set[str]:
+    """Resolved paths of the outputs some merge (a job, or a foreground ``astolfo merge``) holds
+    the lock of right now: a held flock is the proof, whatever job.json says."""
+    busy: set[str] = set()
+    try:
+        locks = list(locks_dir().glob("*.lock"))
+    except OSError:
+        return busy
+    for path in locks:
+        try:
+            fd = _try_flock(path)
+        except OSError:
+            continue
+        if fd is not None:
+            os.close(fd)
+            continue
+        try:
+            recorded = json.loads(path.read_text("utf-8")).get("path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded:
+            busy.add(os.path.realpath(recorded))
+    return busy
+
+
 def output_holder(output: Path) -> str | None:
     """Who writes ``output`` now (a job id, or the description of a merge that is not a job),
     or None when nobody does."""

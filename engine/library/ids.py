@@ -41,9 +41,9 @@ _NUMBERED = re.compile(r"^m([0-9]+)$")
 
 
 def default_ids_path() -> Path:
-    from engine.hashes.catalog import default_catalog_path
+    from engine.cache_dir import cache_dir
 
-    return default_catalog_path().parent / _FILE
+    return cache_dir() / _FILE
 
 
 def _real(path: Path | str) -> str:

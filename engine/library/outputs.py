@@ -7,7 +7,7 @@ A folder that is scanned recursively must not fill up with earlier mixes posing 
   else ``mixes/`` beside the first opened folder; never inside any opened folder;
 - ``is_astolfo_output``: a file astolfo wrote, recognised by the metadata every output carries
   (``astolfo.version`` and ``astolfo.sources``), whatever it is called and wherever it lies;
-- ``busy_outputs``: the files live merge jobs are writing now (their output locks), which the
+- ``busy_outputs``: the files live merges are writing now (their held output locks), which the
   scan leaves out. ``*.partial`` files are never listed at all (``engine.library.scan``).
 """
 
@@ -53,10 +53,10 @@ def default_output_dir(folders: list[Path], configured: str | os.PathLike | None
 
 
 def busy_outputs() -> set[str]:
-    """Resolved paths of the files live merge jobs are writing (empty when none or unknown)."""
+    """Resolved paths of the files live merges are writing (empty when none or unknown)."""
     try:
-        from engine.jobs.launch import list_jobs
+        from engine.jobs.store import busy_outputs as held  # here: a scan that finds no job pays nothing
 
-        return {os.path.realpath(p) for j in list_jobs() if j.is_active for p in j.outputs}
+        return held()
     except Exception:  # an unreadable state dir must not stop a scan
         return set()

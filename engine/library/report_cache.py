@@ -14,8 +14,7 @@ import sqlite3
 import zlib
 from pathlib import Path
 
-import platformdirs
-
+from engine.cache_dir import cache_dir
 from engine.checkpoint import architectures as architectures
 from engine.library import diagnose as inspect
 from engine.library import report as report
@@ -40,8 +39,7 @@ CODE = _code_fingerprint()
 
 
 def default_path() -> Path:
-    base = os.environ.get("ASTOLFO_CACHE_DIR") or platformdirs.user_cache_dir("astolfo")
-    return Path(base) / "reports.sqlite"
+    return cache_dir() / "reports.sqlite"
 
 
 class ReportCache:

@@ -157,13 +157,14 @@ def test_files_a_live_job_writes_are_never_scanned(tmp_path):
     shutil.copy(folder / "models/m0.safetensors", target)
     (folder / "models" / "other.safetensors.partial").write_bytes(b"half")
     job_id, job_dir = store.create_job_dir()
-    store.write_json_atomic(job_dir / store.JOB_JSON, {
-        "id": job_id, "name": "x", "status": "running", "outputs": [str(target)], "created": store.now_iso(),
-        "started": store.now_iso(), **store.identify(os.getpid()).as_json(),
-    })
-    assert os.path.realpath(target) in busy_outputs()
-    names = [r.path.name for r in scan([folder / "models"])]
-    assert names == ["m0.safetensors", "m1.safetensors"]
+    fds = store.acquire_locks(job_id, job_dir, [target])  # what a live job's runner holds
+    try:
+        assert os.path.realpath(target) in busy_outputs()
+        names = [r.path.name for r in scan([folder / "models"])]
+        assert names == ["m0.safetensors", "m1.safetensors"]
+    finally:
+        store.release_locks(fds)
+    assert os.path.realpath(target) not in busy_outputs()
 
 
 # --------------------------------------------------------------------------- ids
