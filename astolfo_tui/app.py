@@ -38,13 +38,20 @@ class AstolfoApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "astolfo"
     BINDINGS = [
-        Binding("question_mark,f1", "help", "Help", key_display="?", tooltip="Every key and what the grid's marks mean"),
+        Binding(
+            "question_mark,f1", "help", "Help", key_display="?", tooltip="Every key and what the grid's marks mean"
+        ),
         Binding("j", "jobs", "Jobs", tooltip="Merge jobs, running and finished; reattach to one"),
         Binding("q", "quit", "Quit", tooltip="Quit (running merges go on)"),
     ]
 
-    def __init__(self, paths: Iterable[os.PathLike | str], reattach: bool = True,
-                 recipe: os.PathLike | str | None = None, cursor_blink: bool | None = None) -> None:
+    def __init__(
+        self,
+        paths: Iterable[os.PathLike | str],
+        reattach: bool = True,
+        recipe: os.PathLike | str | None = None,
+        cursor_blink: bool | None = None,
+    ) -> None:
         super().__init__()
         self.paths = [Path(p) for p in paths]
         self.reattach = reattach
@@ -69,8 +76,15 @@ class AstolfoApp(App):
         if not blink and isinstance(event.widget, Input):
             event.widget.cursor_blink = False
 
-    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
-               markup: bool = True) -> None:
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity="information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
         """A toast, always plain text (``markup`` is ignored: widgets pass True by default):
         messages carry file names, ids and recipe keys (``[models]``), which markup would eat."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
@@ -113,7 +127,9 @@ class AstolfoApp(App):
                 self._watched_jobs.discard(job_id)
                 severity = "information" if job.status == "finished" else "warning"
                 detail = ", ".join(p.name for p in job.outputs) if job.status == "finished" else (job.exit_reason or "")
-                self.notify(f"Merge job {job_id} {job.status}{': ' + detail if detail else ''}", severity=severity, timeout=10)
+                self.notify(
+                    f"Merge job {job_id} {job.status}{': ' + detail if detail else ''}", severity=severity, timeout=10
+                )
 
     def _reattach_running(self) -> None:
         """A merge left running by an earlier session: open its dashboard again."""

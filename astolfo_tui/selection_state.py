@@ -55,8 +55,9 @@ def refusal(report: ModelReport, component: str, nan_counts: dict[str, int] | No
 class SelectionState:
     """The user's picks over an ordered list of models (the scan order)."""
 
-    def __init__(self, reports: list[ModelReport], base_dir: Path, name: str = "mix",
-                 output_dir: Path | None = None) -> None:
+    def __init__(
+        self, reports: list[ModelReport], base_dir: Path, name: str = "mix", output_dir: Path | None = None
+    ) -> None:
         self.reports: dict[str, ModelReport] = {r.model_id: r for r in reports}
         self.order: list[str] = [r.model_id for r in reports]
         self.base_dir = Path(base_dir)
@@ -73,7 +74,9 @@ class SelectionState:
         self.arch = _majority_arch(reports)
         layout = SD15_COLUMNS if self.arch == "sd15" else SDXL_COLUMNS
         self.columns: dict[str, SelectionColumn] = {n: SelectionColumn(n, c) for n, c in layout}
-        self.outputs: list[OutputSpec] = [self._default_output(c) for c in self.columns.values() if c.component == "unet"]
+        self.outputs: list[OutputSpec] = [
+            self._default_output(c) for c in self.columns.values() if c.component == "unet"
+        ]
         # component id -> NaN/Inf count per model, filled in as hashing finishes
         self.nan_counts: dict[str, dict[str, int]] = {}
         self.sha256: dict[str, str] = {}
@@ -171,8 +174,16 @@ class SelectionState:
         for name, col in self.columns.items():
             new.columns[name] = SelectionColumn(name, col.component)
             new.set_many(name, [moved[m] for m in self.ordered(name) if moved.get(m)], True)
-        new.outputs = [OutputSpec(path=o.path, sources=dict(o.sources), dtype=o.dtype, title=o.title) for o in self.outputs]
-        new.dtype, new.device, new.strict, new.skip_nan, new.date = self.dtype, self.device, self.strict, self.skip_nan, self.date
+        new.outputs = [
+            OutputSpec(path=o.path, sources=dict(o.sources), dtype=o.dtype, title=o.title) for o in self.outputs
+        ]
+        new.dtype, new.device, new.strict, new.skip_nan, new.date = (
+            self.dtype,
+            self.device,
+            self.strict,
+            self.skip_nan,
+            self.date,
+        )
         new.metadata = dict(self.metadata)
         new.weights = {moved[m]: w for m, w in self.weights.items() if moved.get(m)}
         return new
@@ -225,7 +236,9 @@ class SelectionState:
             name=self.name,
             models=models,
             select=self.selections(),
-            outputs=[OutputSpec(path=o.path, sources=dict(o.sources), dtype=o.dtype, title=o.title) for o in self.outputs],
+            outputs=[
+                OutputSpec(path=o.path, sources=dict(o.sources), dtype=o.dtype, title=o.title) for o in self.outputs
+            ],
             arch=self.arch,
             dtype=self.dtype,
             device=self.device,
@@ -256,7 +269,9 @@ class SelectionState:
             col.ids = {mapping[i] for i in ids if i in mapping}
             self.columns[name] = col
         self.name = recipe.name
-        self.outputs = [OutputSpec(path=o.path, sources=dict(o.sources), dtype=o.dtype, title=o.title) for o in recipe.outputs]
+        self.outputs = [
+            OutputSpec(path=o.path, sources=dict(o.sources), dtype=o.dtype, title=o.title) for o in recipe.outputs
+        ]
         self.metadata = dict(recipe.metadata)
         self.dtype = recipe.dtype
         self.device = recipe.device

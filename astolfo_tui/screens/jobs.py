@@ -16,7 +16,14 @@ from astolfo_tui.screens.dialogs import ConfirmDialog
 from astolfo_tui.widgets.selection_grid import DIM, ERROR, OK, WARN
 from engine.jobs import launch as engine_jobs
 
-STATUS_STYLE = {"finished": OK, "failed": ERROR, "died": ERROR, "cancelled": WARN, "running": "#7dcfff", "starting": "#7dcfff"}
+STATUS_STYLE = {
+    "finished": OK,
+    "failed": ERROR,
+    "died": ERROR,
+    "cancelled": WARN,
+    "running": "#7dcfff",
+    "starting": "#7dcfff",
+}
 
 
 class JobsScreen(Screen):
@@ -31,15 +38,25 @@ class JobsScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(Text("Merge jobs — they run detached: quitting astolfo or losing SSH does not stop them.", style=DIM), id="jobs-note")
+        yield Static(
+            Text("Merge jobs — they run detached: quitting astolfo or losing SSH does not stop them.", style=DIM),
+            id="jobs-note",
+        )
         yield DataTable(cursor_type="row", zebra_stripes=True, id="jobs-table")
         yield Footer()
 
     def on_mount(self) -> None:
         self.title = "astolfo — jobs"
         table = self.query_one(DataTable)
-        for label, key in (("id", "id"), ("name", "name"), ("status", "status"), ("progress", "progress"),
-                           ("started", "started"), ("took", "took"), ("outputs", "outputs")):
+        for label, key in (
+            ("id", "id"),
+            ("name", "name"),
+            ("status", "status"),
+            ("progress", "progress"),
+            ("started", "started"),
+            ("took", "took"),
+            ("outputs", "outputs"),
+        ):
             table.add_column(label, key=key)
         self.action_reload()
         self.set_interval(1.0, self.action_reload)
@@ -107,7 +124,10 @@ class JobsScreen(Screen):
             if yes:
                 self.cancel(job.id)
 
-        self.app.push_screen(ConfirmDialog(f"Cancel merge job {job.id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"), done)
+        self.app.push_screen(
+            ConfirmDialog(f"Cancel merge job {job.id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"),
+            done,
+        )
 
     @work(thread=True, group="jobs", exit_on_error=False, name="cancelling the job")
     def cancel(self, job_id: str) -> None:
@@ -124,8 +144,9 @@ class JobsScreen(Screen):
             if yes:
                 self.prune()
 
-        self.app.push_screen(ConfirmDialog(f"Remove {len(ended)} ended job(s)? Their outputs are kept.", "Remove",
-                                           "Keep them"), done)
+        self.app.push_screen(
+            ConfirmDialog(f"Remove {len(ended)} ended job(s)? Their outputs are kept.", "Remove", "Keep them"), done
+        )
 
     @work(thread=True, group="jobs", exit_on_error=False, name="removing ended jobs")
     def prune(self) -> None:

@@ -49,20 +49,51 @@ class LibraryScreen(Screen):
     BINDINGS = [
         Binding("slash", "search", "Search", tooltip="Filter rows by words in id, file name or architecture"),
         Binding("escape", "clear_filters", "Clear filters", show=False, tooltip="Show every model again"),
-        Binding("a", "add_column", "Add sel.", show=False, tooltip="Add a selection column (e.g. a second UNet variant)"),
-        Binding("e", "rename_column", "Rename sel.", show=False, tooltip="Rename the selection column under the cursor"),
-        Binding("x", "remove_column", "Remove sel.", show=False, tooltip="Remove the selection column under the cursor"),
-        Binding("u", "edit_outputs", "Outputs", tooltip="Name the mix; choose output files, their sources, dtype and device"),
+        Binding(
+            "a", "add_column", "Add sel.", show=False, tooltip="Add a selection column (e.g. a second UNet variant)"
+        ),
+        Binding(
+            "e", "rename_column", "Rename sel.", show=False, tooltip="Rename the selection column under the cursor"
+        ),
+        Binding(
+            "x", "remove_column", "Remove sel.", show=False, tooltip="Remove the selection column under the cursor"
+        ),
+        Binding(
+            "u", "edit_outputs", "Outputs", tooltip="Name the mix; choose output files, their sources, dtype and device"
+        ),
         Binding("ctrl+s", "save_recipe", "Save", tooltip="Save the recipe TOML"),
         Binding("ctrl+o", "load_recipe", "Load", show=False, tooltip="Load a recipe TOML"),
-        Binding("y", "copy_notation", "Copy notation", show=False, tooltip="Copy the selections in the article's notation (OSC 52: works over SSH)"),
-        Binding("w", "show_notation", "Notation", tooltip="Show the selections in the article's notation; save them to a file"),
+        Binding(
+            "y",
+            "copy_notation",
+            "Copy notation",
+            show=False,
+            tooltip="Copy the selections in the article's notation (OSC 52: works over SSH)",
+        ),
+        Binding(
+            "w",
+            "show_notation",
+            "Notation",
+            tooltip="Show the selections in the article's notation; save them to a file",
+        ),
         Binding("m", "merge", "Merge", tooltip="Check the recipe and open the merge dashboard"),
-        Binding("equals_sign", "mark_reference", "Mark =sd", show=False, key_display="=", tooltip="Mark (or unmark) the highlighted model as a reference: models with its text encoders get =sd"),
+        Binding(
+            "equals_sign",
+            "mark_reference",
+            "Mark =sd",
+            show=False,
+            key_display="=",
+            tooltip="Mark (or unmark) the highlighted model as a reference: models with its text encoders get =sd",
+        ),
         Binding("d", "toggle_details", "Details", show=False, tooltip="Show or hide the details pane"),
         Binding("ctrl+r", "rescan", "Rescan", show=False, tooltip="Scan the folders again"),
-        Binding("ctrl+n", "open_folder", "Open folder", show=False,
-                tooltip="Open another folder of models (with path completion)"),
+        Binding(
+            "ctrl+n",
+            "open_folder",
+            "Open folder",
+            show=False,
+            tooltip="Open another folder of models (with path completion)",
+        ),
     ]
 
     def __init__(self, paths: list[Path], recipe: Path | None = None) -> None:
@@ -274,7 +305,9 @@ class LibraryScreen(Screen):
         vae = s.ordered("vae") if "vae" in s.columns else []
         duplicates = s.duplicates(self.file_hashes)
         if duplicates:
-            t.append(f" · ⚠ {len(duplicates)} selection(s) average one component twice (m shows which)", style=f"bold {WARN}")
+            t.append(
+                f" · ⚠ {len(duplicates)} selection(s) average one component twice (m shows which)", style=f"bold {WARN}"
+            )
         t.append("   ")
         for name, col in s.columns.items():
             if col.single:
@@ -345,7 +378,12 @@ class LibraryScreen(Screen):
 
     @on(SelectionGrid.Refused)
     def _refused(self, event: SelectionGrid.Refused) -> None:
-        self.notify(f"{event.model_id} cannot go in {event.column}: {event.reason}", title="Refused", severity="error", timeout=6)
+        self.notify(
+            f"{event.model_id} cannot go in {event.column}: {event.reason}",
+            title="Refused",
+            severity="error",
+            timeout=6,
+        )
 
     @on(SelectionGrid.CellHighlighted)
     def _highlighted(self, event: SelectionGrid.CellHighlighted) -> None:
@@ -487,7 +525,9 @@ class LibraryScreen(Screen):
                 self.grid.rebuild()
                 self._refresh_status()
 
-        self.app.push_screen(ColumnDialog(f"Rename selection {old}", old, self.state.columns[old].component, rename=True), done)
+        self.app.push_screen(
+            ColumnDialog(f"Rename selection {old}", old, self.state.columns[old].component, rename=True), done
+        )
 
     def action_remove_column(self) -> None:
         name = self.grid.current_selection
@@ -546,6 +586,7 @@ class LibraryScreen(Screen):
             else:
                 question = None
             if question:
+
                 def done(yes: bool | None) -> None:
                     if yes:
                         self.save_recipe_to(path, confirmed=True)
@@ -579,7 +620,9 @@ class LibraryScreen(Screen):
             self.notify(f"Could not load {path}: {e}", severity="error", timeout=8)
             return
         known = {r.path.resolve() for r in self.state.reports.values()}
-        outside = [e.path for e in recipe.models.values() if Path(e.path).resolve() not in known and Path(e.path).exists()]
+        outside = [
+            e.path for e in recipe.models.values() if Path(e.path).resolve() not in known and Path(e.path).exists()
+        ]
         if outside:
             self.paths.extend(outside)
             self._pending_recipe = path
@@ -611,8 +654,9 @@ class LibraryScreen(Screen):
         if same:
             lines["=sd"] = same
         ticked = [m for m in self.state.order if self.state.selected_anywhere(m)]
-        legend = [(m, self.state.reports[m].file_name, getattr(self.file_hashes.get(m), "autov2", None))
-                  for m in ticked]
+        legend = [
+            (m, self.state.reports[m].file_name, getattr(self.file_hashes.get(m), "autov2", None)) for m in ticked
+        ]
         return format_notation(self.state.order, lines) + format_legend(legend)
 
     def action_copy_notation(self) -> None:

@@ -46,7 +46,9 @@ class MergeScreen(Screen):
     BINDINGS = [
         Binding("escape", "close", "Back", tooltip="Back to the library (a running merge goes on)"),
         Binding("l", "launch", "Launch", tooltip="Start the merge as a detached job (your recipe file is not written)"),
-        Binding("ctrl+c", "cancel_job", "Cancel merge", tooltip="Cancel the running merge (asks first; no output is left)"),
+        Binding(
+            "ctrl+c", "cancel_job", "Cancel merge", tooltip="Cancel the running merge (asks first; no output is left)"
+        ),
         Binding("j", "jobs", "Jobs", tooltip="All jobs, running and finished"),
     ]
 
@@ -113,8 +115,10 @@ class MergeScreen(Screen):
         recipe = state.to_recipe()
         reports = list(state.reports.values())
         self.problems = check_recipe(recipe, reports)
-        self.problems += [Problem(Severity.WARNING, d.message, code="duplicate_component")
-                          for d in state.duplicates(self.library.file_hashes)]
+        self.problems += [
+            Problem(Severity.WARNING, d.message, code="duplicate_component")
+            for d in state.duplicates(self.library.file_hashes)
+        ]
         errors = [p for p in self.problems if _is_error(p)]
         self.plan = None
         if not errors:
@@ -131,8 +135,10 @@ class MergeScreen(Screen):
     def _summary(self, recipe) -> Text:
         t = Text()
         t.append(f"{recipe.name}", style="bold #7aa2f7")
-        t.append(f"   {len(recipe.models)} models · {len(recipe.outputs)} outputs · dtype {recipe.dtype} "
-                 f"· device {recipe.device}\n")
+        t.append(
+            f"   {len(recipe.models)} models · {len(recipe.outputs)} outputs · dtype {recipe.dtype} "
+            f"· device {recipe.device}\n"
+        )
         if self.plan is not None:
             read, write = self.plan.bytes_to_read, self.plan.bytes_to_write
             free = _free_disk(recipe.resolve(recipe.outputs[0].path)) if recipe.outputs else None
@@ -153,8 +159,9 @@ class MergeScreen(Screen):
         return t
 
     def _outputs_table(self, recipe) -> Table:
-        table = Table(title="what goes where", title_justify="left", title_style="bold", expand=True, box=None,
-                      padding=(0, 1))
+        table = Table(
+            title="what goes where", title_justify="left", title_style="bold", expand=True, box=None, padding=(0, 1)
+        )
         table.add_column("output", style="bold", no_wrap=True)
         table.add_column("component", no_wrap=True)
         table.add_column("selection", no_wrap=True)
@@ -180,8 +187,10 @@ class MergeScreen(Screen):
             head = Text("✓ the recipe checks out", style=f"bold {OK}")
         else:
             errors = sum(1 for p in self.problems if _is_error(p))
-            head = Text(f"{errors} error(s): fix them to merge" if errors else "warnings: the merge can go ahead",
-                        style=f"bold {ERROR if errors else WARN}")
+            head = Text(
+                f"{errors} error(s): fix them to merge" if errors else "warnings: the merge can go ahead",
+                style=f"bold {ERROR if errors else WARN}",
+            )
         t = Text()
         glyph = {Severity.ERROR: ("✗ ", ERROR), Severity.WARNING: ("! ", WARN), Severity.OK: ("· ", DIM)}
         for p in sorted(self.problems, key=lambda p: -p.severity):
@@ -250,8 +259,9 @@ class MergeScreen(Screen):
         self.query_one("#cancel", Button).disabled = True
         self.refresh_bindings()
         if self.view.final is None and self.job.exit_reason:
-            self.query_one("#job-log", RichLog).write(Text(f"job {self.job.status}: {self.job.exit_reason}",
-                                                           style=ERROR))
+            self.query_one("#job-log", RichLog).write(
+                Text(f"job {self.job.status}: {self.job.exit_reason}", style=ERROR)
+            )
 
     def _render_job(self) -> None:
         v, job = self.view, self.job
@@ -269,8 +279,9 @@ class MergeScreen(Screen):
             title.append(f"\n{v.final_message}", style=OK)
         self.query_one("#job-title", Static).update(title)
 
-        stage = {"hashing": "hashing sources", "merging": "merging",
-                 "finishing": "fsync + rename"}.get(v.stage, "overall")
+        stage = {"hashing": "hashing sources", "merging": "merging", "finishing": "fsync + rename"}.get(
+            v.stage, "overall"
+        )
         self.query_one("#overall-label", Label).update("overall" if v.final else stage)
         overall = self.query_one("#overall", ProgressBar)
         overall.update(total=max(v.bytes_total, 1), progress=v.bytes_total if v.final == "finished" else v.bytes_done)
@@ -281,8 +292,11 @@ class MergeScreen(Screen):
         self._render_outputs()
         rates = list(v.throughput)
         self.query_one("#rate-text", Label).update(
-            Text.assemble(("throughput ", "bold"), (f"{v.gbps:,.2f} GB/s", "bold #7dcfff"),
-                          (f"  peak {max(rates):,.2f}" if rates else "", DIM))
+            Text.assemble(
+                ("throughput ", "bold"),
+                (f"{v.gbps:,.2f} GB/s", "bold #7dcfff"),
+                (f"  peak {max(rates):,.2f}" if rates else "", DIM),
+            )
         )
         self.query_one("#throughput", Sparkline).data = rates if any(rates) else []
         key = Text.assemble(("tensor ", "bold"), (v.current_key or ("—" if v.final else "…"), DIM))
@@ -300,8 +314,14 @@ class MergeScreen(Screen):
             if row is None:  # keep the widgets themselves: a just-mounted row's children may
                 bar = ProgressBar(show_eta=False)  # not be queryable yet
                 text = Label("", classes="progress-text")
-                box.mount(Horizontal(Label(Path(path).name, classes="progress-label", markup=False), bar, text,
-                                     classes="progress-row"))
+                box.mount(
+                    Horizontal(
+                        Label(Path(path).name, classes="progress-label", markup=False),
+                        bar,
+                        text,
+                        classes="progress-row",
+                    )
+                )
                 row = self._output_rows[path] = (bar, text)
             bar, text = row
             bar.update(total=max(state.bytes_total, 1), progress=state.bytes_total if state.done else state.bytes_done)
@@ -312,8 +332,13 @@ class MergeScreen(Screen):
         gpu = self.query_one("#gpu-meter", MemoryMeter)
         snap = devices.gpu_snapshot(v.device, v.device_uuid) if v.device.startswith("cuda") else None
         if v.card_mem_total:  # the card's used/total; the peak is the merge process's own
-            gpu.show(v.card_mem_used, v.card_mem_total, v.process_mem_peak, snap.util if snap else None,
-                     peak_label="merge peak")
+            gpu.show(
+                v.card_mem_used,
+                v.card_mem_total,
+                v.process_mem_peak,
+                snap.util if snap else None,
+                peak_label="merge peak",
+            )
         elif snap is not None:
             gpu.show(snap.used, snap.total, None, snap.util)
         else:
@@ -337,8 +362,10 @@ class MergeScreen(Screen):
                 self._cancelling = True  # set before the worker starts: polling must go on
                 self.cancel(job_id)
 
-        self.app.push_screen(ConfirmDialog(f"Cancel merge job {job_id}? Nothing it wrote will be kept.", "Cancel merge",
-                                           "Keep running"), done)
+        self.app.push_screen(
+            ConfirmDialog(f"Cancel merge job {job_id}? Nothing it wrote will be kept.", "Cancel merge", "Keep running"),
+            done,
+        )
 
     @work(thread=True, group="cancel", exit_on_error=False, name="cancelling the merge")
     def cancel(self, job_id: str) -> None:

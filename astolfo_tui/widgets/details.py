@@ -61,7 +61,12 @@ def render_hashes(report: ModelReport, hashes) -> RenderableType:
     if hashes is None:
         t.append("computing…" if report.kind != "unreadable" else "not hashed: the file cannot be read", style=DIM)
         return t
-    for label, value in (("SHA256", hashes.sha256), ("AutoV2", hashes.autov2), ("AutoV1", hashes.autov1), ("AutoV3", hashes.autov3)):
+    for label, value in (
+        ("SHA256", hashes.sha256),
+        ("AutoV2", hashes.autov2),
+        ("AutoV1", hashes.autov1),
+        ("AutoV3", hashes.autov3),
+    ):
         t.append(f"{label:<7}", style="bold")
         t.append(f"{value or '-'}\n")
     for cid, ch in hashes.components.items():

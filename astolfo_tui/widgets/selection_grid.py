@@ -59,12 +59,27 @@ class SelectionGrid(DataTable):
     :class:`SelectionGrid.Refused` when a tick is refused."""
 
     BINDINGS = [
-        Binding("space", "toggle_cell", "Toggle", tooltip="Tick or untick the cell (refused, with the reason, for a broken component)"),
-        Binding("c", "toggle_column", "Column", tooltip="Tick every shown model that can give this column's component; again: untick all"),
+        Binding(
+            "space",
+            "toggle_cell",
+            "Toggle",
+            tooltip="Tick or untick the cell (refused, with the reason, for a broken component)",
+        ),
+        Binding(
+            "c",
+            "toggle_column",
+            "Column",
+            tooltip="Tick every shown model that can give this column's component; again: untick all",
+        ),
         Binding("r", "toggle_row", "Row", tooltip="Tick this model in every selection it can go in; again: untick"),
         Binding("i", "invert_column", "Invert", show=False, tooltip="Invert this column's ticks (shown models)"),
         Binding("n", "clear_column", "None", show=False, tooltip="Untick the whole column"),
-        Binding("f", "cycle_filter", "Filter", tooltip="Show all models / only those with problems / only those ticked somewhere"),
+        Binding(
+            "f",
+            "cycle_filter",
+            "Filter",
+            tooltip="Show all models / only those with problems / only those ticked somewhere",
+        ),
         Binding("o", "sort_by_column", "Sort", tooltip="Sort by this column; again: reverse; a third time: file order"),
     ]
 
@@ -157,7 +172,7 @@ class SelectionGrid(DataTable):
     def _sort_value(self, key: str, mid: str):
         report = self.state.reports[mid]
         if key.startswith(SEL):
-            return (0 if self.state.is_ticked(key[len(SEL):], mid) else 1,)
+            return (0 if self.state.is_ticked(key[len(SEL) :], mid) else 1,)
         hv = self.hashes.get(mid)
         simple: dict[str, Callable[[], object]] = {
             "id": lambda: 0,
@@ -180,11 +195,11 @@ class SelectionGrid(DataTable):
     def column_title(self, key: str) -> str:
         """A column as its header names it: ``#te0`` (hash), ``m:te0`` (metric), ``unet``."""
         if key.startswith(SEL):
-            return key[len(SEL):]
+            return key[len(SEL) :]
         if key.startswith(HASH):
-            return "#" + key[len(HASH):]
+            return "#" + key[len(HASH) :]
         if key.startswith(METRIC):
-            return "m:" + key[len(METRIC):]
+            return "m:" + key[len(METRIC) :]
         return {"status": "ok"}.get(key, key)
 
     def _sel_label(self, name: str) -> Text:
@@ -196,8 +211,12 @@ class SelectionGrid(DataTable):
         report = self.state.reports[mid]
         cells = [
             Text(mid, style="bold"),
-            Text(_display_name(report), overflow="ellipsis", no_wrap=True,
-                 style=OUTPUT if report.is_astolfo_output else ""),
+            Text(
+                _display_name(report),
+                overflow="ellipsis",
+                no_wrap=True,
+                style=OUTPUT if report.is_astolfo_output else "",
+            ),
             _arch_cell(report),
             Text((report.main_dtype or "").lower(), style=DIM if report.kind != CHECKPOINT else ""),
             Text(_size(report.file_size), justify="right"),
@@ -226,7 +245,11 @@ class SelectionGrid(DataTable):
         refused = self.state.refusal(name, mid)
         if col.single:
             glyph = "◉" if ticked else ("✗" if refused else "○")
-            style = f"bold {ERROR}" if (ticked and refused) else (f"bold {OK}" if ticked else (f"{ERROR} dim" if refused else DIM))
+            style = (
+                f"bold {ERROR}"
+                if (ticked and refused)
+                else (f"bold {OK}" if ticked else (f"{ERROR} dim" if refused else DIM))
+            )
             return Text(glyph.center(width), style=style)
         if ticked:
             return Text(short_id(mid).center(width), style=TICK_BROKEN_STYLE if refused else TICK_STYLE)
@@ -337,7 +360,7 @@ class SelectionGrid(DataTable):
     @property
     def current_selection(self) -> str | None:
         key = self.current_column_key
-        return key[len(SEL):] if key and key.startswith(SEL) else None
+        return key[len(SEL) :] if key and key.startswith(SEL) else None
 
     def _cursor_keys(self) -> tuple[str | None, str | None]:
         try:
@@ -419,7 +442,9 @@ class SelectionGrid(DataTable):
         self.redraw_row(mid)
         if on and len(names) < sum(1 for c in self.state.columns.values() if not c.single):
             skipped = [n for n, c in self.state.columns.items() if not c.single and n not in names]
-            self.notify(f"{mid}: not ticked in {', '.join(skipped)} ({self.state.refusal(skipped[0], mid)})", severity="warning")
+            self.notify(
+                f"{mid}: not ticked in {', '.join(skipped)} ({self.state.refusal(skipped[0], mid)})", severity="warning"
+            )
         self.post_message(self.Changed())
 
     def action_cycle_filter(self) -> None:
@@ -446,7 +471,10 @@ class SelectionGrid(DataTable):
     def _report_refused(self, name: str, refused: list[str]) -> None:
         if refused:
             shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
-            self.notify(f"{name}: left out {shown} (their {self.state.columns[name].component} cannot be merged)", severity="warning")
+            self.notify(
+                f"{name}: left out {shown} (their {self.state.columns[name].component} cannot be merged)",
+                severity="warning",
+            )
 
     # -- mouse -------------------------------------------------------------------------------
 
@@ -459,7 +487,7 @@ class SelectionGrid(DataTable):
         event.stop()
         key = event.cell_key.column_key.value or ""
         if key.startswith(SEL):
-            self.toggle(key[len(SEL):], event.cell_key.row_key.value)
+            self.toggle(key[len(SEL) :], event.cell_key.row_key.value)
 
     async def _on_click(self, event: events.Click) -> None:
         """A click on any selection cell toggles it at once (DataTable alone wants two clicks);
@@ -474,7 +502,7 @@ class SelectionGrid(DataTable):
         event.prevent_default()
         event.stop()
         self.cursor_coordinate = Coordinate(row, column)
-        self.toggle(key[len(SEL):], self.ordered_rows[row].key.value)
+        self.toggle(key[len(SEL) :], self.ordered_rows[row].key.value)
 
 
 def _display_name(report: ModelReport) -> str:
@@ -484,7 +512,7 @@ def _display_name(report: ModelReport) -> str:
         name = name[: -len(".safetensors")]
     mid = report.model_id
     if name.startswith(mid) and len(name) > len(mid) + 1 and name[len(mid)] in "-_ .":
-        name = name[len(mid) + 1:]
+        name = name[len(mid) + 1 :]
     return name
 
 

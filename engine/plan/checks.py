@@ -20,16 +20,26 @@ from engine.merge.devices import device_problem
 from engine.plan.provenance import PROVENANCE_KEYS, cached_hashes, pin_problem
 
 # Problems after which nodes cannot be built (a reference to something that does not exist).
-STRUCTURAL = frozenset({
-    "unknown_model", "unknown_selection", "unknown_component", "empty_selection", "duplicate_model",
-    "bad_dtype", "bad_weight", "no_outputs", "no_sources", "unknown_arch",
-})
+STRUCTURAL = frozenset(
+    {
+        "unknown_model",
+        "unknown_selection",
+        "unknown_component",
+        "empty_selection",
+        "duplicate_model",
+        "bad_dtype",
+        "bad_weight",
+        "no_outputs",
+        "no_sources",
+        "unknown_arch",
+    }
+)
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
 def _near(word: str, choices) -> str:
-    """"; did you mean '_x02'?" for an id or name close to one that exists (``_x2`` -> ``_x02``)."""
+    """ "; did you mean '_x02'?" for an id or name close to one that exists (``_x2`` -> ``_x02``)."""
     from engine.recipe.toml_file import did_you_mean
 
     hint = did_you_mean(word, list(choices))
@@ -61,19 +71,28 @@ def check_settings(p, r) -> None:
     for mid, entry in r.models.items():
         pin = entry.sha256
         if pin is not None and not (_HEX.match(pin) and len(pin) in (10, 64)):
-            p.error(f"models.{mid}: sha256 {pin!r} is neither a full SHA256 (64 hex digits) nor an AutoV2 (10)",
-                    mid, code="bad_pin")
+            p.error(
+                f"models.{mid}: sha256 {pin!r} is neither a full SHA256 (64 hex digits) nor an AutoV2 (10)",
+                mid,
+                code="bad_pin",
+            )
     for sel, ids in r.select.items():
         if not ids:
             p.error(f"selection {sel!r} is empty", code="empty_selection")
         for mid in ids:
             if mid not in r.models:
-                p.error(f"selection {sel!r} names model {mid!r}, which is not in [models]{_near(mid, r.models)}",
-                        mid, code="unknown_model")
+                p.error(
+                    f"selection {sel!r} names model {mid!r}, which is not in [models]{_near(mid, r.models)}",
+                    mid,
+                    code="unknown_model",
+                )
         for mid, n in Counter(ids).items():
             if n > 1:
-                p.error(f"selection {sel!r} lists model {mid!r} {n} times (use [weights] to weigh a model more)",
-                        mid, code="duplicate_model")
+                p.error(
+                    f"selection {sel!r} lists model {mid!r} {n} times (use [weights] to weigh a model more)",
+                    mid,
+                    code="duplicate_model",
+                )
     for mid, w in r.weights.items():
         if mid not in r.models:
             p.error(f"weights.{mid}: no model {mid!r} in [models]{_near(mid, r.models)}", mid, code="unknown_weight")
@@ -81,23 +100,32 @@ def check_settings(p, r) -> None:
             p.error(f"weights.{mid} = {w}: weights must be positive numbers", mid, code="bad_weight")
     for key in r.metadata:
         if key in PROVENANCE_KEYS:
-            p.warn(f"metadata.{key} is written by the merge itself; the recipe's value is ignored", code="metadata_reserved")
+            p.warn(
+                f"metadata.{key} is written by the merge itself; the recipe's value is ignored",
+                code="metadata_reserved",
+            )
     if not r.outputs:
         p.error("no [[output]]: nothing to write", code="no_outputs")
     used = set()
     for out in r.outputs:
         label = str(out.path)
         if out.dtype is not None and out.dtype not in OUTPUT_DTYPE:
-            p.error(f"output {label}: dtype {out.dtype!r} is not one of {', '.join(OUTPUT_DTYPE)}",
-                    output=label, code="bad_dtype")
+            p.error(
+                f"output {label}: dtype {out.dtype!r} is not one of {', '.join(OUTPUT_DTYPE)}",
+                output=label,
+                code="bad_dtype",
+            )
         if not out.sources:
-            p.error(f"output {label} names no component (e.g. unet = \"unet\")", output=label, code="no_sources")
+            p.error(f'output {label} names no component (e.g. unet = "unet")', output=label, code="no_sources")
         for cid, sel in out.sources.items():
             used.add(sel)
             if sel not in r.select:
-                p.error(f"output {label}: {cid} = {sel!r}, but there is no selection {sel!r} in [select]"
-                        f"{_near(sel, r.select)}",
-                        output=label, code="unknown_selection")
+                p.error(
+                    f"output {label}: {cid} = {sel!r}, but there is no selection {sel!r} in [select]"
+                    f"{_near(sel, r.select)}",
+                    output=label,
+                    code="unknown_selection",
+                )
     for sel in r.select:
         if sel not in used:
             p.note(f"selection {sel!r} feeds no output", code="unused_selection")
@@ -120,22 +148,32 @@ def check_models(p, r, used: list[str]):
     arch = architectures()[arch_id]
     for m in good:
         if reports[m].arch != arch_id:
-            p.error(f"model {m}: {reports[m].path.name} is {reports[m].arch_label}, not {arch.name}", m,
-                    code="arch_mismatch")
+            p.error(
+                f"model {m}: {reports[m].path.name} is {reports[m].arch_label}, not {arch.name}",
+                m,
+                code="arch_mismatch",
+            )
     scales = Counter(reports[m].scale for m in good if reports[m].arch == arch_id)
     if len(scales) > 1:
         common = scales.most_common(1)[0][0]
         for m in good:
             if reports[m].arch == arch_id and reports[m].scale != common:
-                p.error(f"model {m}: {reports[m].path.name} is {reports[m].arch_label}; the other models are "
-                        f"{'full size' if common == 1 else f'1/{common} scale'}", m, code="scale_mismatch")
+                p.error(
+                    f"model {m}: {reports[m].path.name} is {reports[m].arch_label}; the other models are "
+                    f"{'full size' if common == 1 else f'1/{common} scale'}",
+                    m,
+                    code="scale_mismatch",
+                )
     seen = set()
     for out in r.outputs:
         label = str(out.path)
         for cid, sel in out.sources.items():
             if cid not in arch.components:
-                p.error(f"output {label}: {arch.name} has no component {cid!r} (it has "
-                        f"{', '.join(arch.components)})", output=label, code="unknown_component")
+                p.error(
+                    f"output {label}: {arch.name} has no component {cid!r} (it has {', '.join(arch.components)})",
+                    output=label,
+                    code="unknown_component",
+                )
                 continue
             for m in r.select.get(sel, ()):
                 if m not in good or (m, cid) in seen or reports[m].arch != arch_id:
@@ -148,8 +186,12 @@ def check_models(p, r, used: list[str]):
     for out in r.outputs:
         missing = [c for c in arch.components if c not in out.sources]
         if missing and out.sources:
-            p.warn(f"output {out.path} takes no {', '.join(missing)}: the file will not contain "
-                   f"{'it' if len(missing) == 1 else 'them'}", output=str(out.path), code="component_left_out")
+            p.warn(
+                f"output {out.path} takes no {', '.join(missing)}: the file will not contain "
+                f"{'it' if len(missing) == 1 else 'them'}",
+                output=str(out.path),
+                code="component_left_out",
+            )
     return arch
 
 
@@ -166,8 +208,12 @@ def check_hashes(p, r, used: list[str]) -> dict:
         pin = r.models[m].sha256
         h = hashes.get(m)
         if pin and h is None:
-            p.note(f"model {m}: pinned hash not checked yet (file not in the hash cache); "
-                   "the merge hashes it before writing anything", m, code="pin_unverified")
+            p.note(
+                f"model {m}: pinned hash not checked yet (file not in the hash cache); "
+                "the merge hashes it before writing anything",
+                m,
+                code="pin_unverified",
+            )
         elif pin:
             mismatch = pin_problem(m, r.model_path(m), pin, h.sha256)
             if mismatch:
@@ -179,11 +225,15 @@ def check_hashes(p, r, used: list[str]) -> dict:
             if ch is not None and ch.nan_count + ch.inf_count:
                 what = f"{ch.nan_count} NaN and {ch.inf_count} Inf values"
                 if r.skip_nan:
-                    p.warn(f"model {m}: {cid} holds {what}; skip_nan leaves this model out of those keys", m,
-                           code="nan")
+                    p.warn(
+                        f"model {m}: {cid} holds {what}; skip_nan leaves this model out of those keys", m, code="nan"
+                    )
                 else:
-                    p.error(f"model {m}: {cid} holds {what} (set skip_nan = true to leave it out of the "
-                            "affected keys)", m, code="nan")
+                    p.error(
+                        f"model {m}: {cid} holds {what} (set skip_nan = true to leave it out of the affected keys)",
+                        m,
+                        code="nan",
+                    )
     return hashes
 
 
@@ -201,8 +251,12 @@ def check_outputs(p, r) -> None:
         seen[real] = label
         if real in inputs or _same_file_as_any(path, r):
             mid = inputs.get(real) or "an input"
-            p.error(f"output {label} is the input file of model {mid}: inputs are never overwritten",
-                    mid if mid in r.models else None, output=label, code="output_is_input")
+            p.error(
+                f"output {label} is the input file of model {mid}: inputs are never overwritten",
+                mid if mid in r.models else None,
+                output=label,
+                code="output_is_input",
+            )
             continue
         if path.suffix.lower() != ".safetensors":
             p.warn(f"output {label} does not end in .safetensors", output=label, code="output_suffix")
@@ -215,8 +269,11 @@ def check_outputs(p, r) -> None:
         elif not os.access(folder, os.W_OK | os.X_OK):
             p.error(f"output {label}: cannot write in {folder}", output=label, code="output_unwritable")
         elif path.exists():
-            p.note(f"output {label} exists and will be replaced when the merge completes", output=label,
-                   code="output_exists")
+            p.note(
+                f"output {label} exists and will be replaced when the merge completes",
+                output=label,
+                code="output_exists",
+            )
 
 
 def _same_file_as_any(path: Path, r) -> bool:
@@ -264,5 +321,8 @@ def check_disk(p, plan) -> None:
         except OSError:
             continue
         if wanted > free:
-            p.error(f"not enough free disk in {folder}: {', '.join(names)} need {humanize.naturalsize(wanted)}, "
-                    f"{humanize.naturalsize(free)} free", code="disk_full")
+            p.error(
+                f"not enough free disk in {folder}: {', '.join(names)} need {humanize.naturalsize(wanted)}, "
+                f"{humanize.naturalsize(free)} free",
+                code="disk_full",
+            )

@@ -51,8 +51,20 @@ from engine.recipe.model import ModelEntry, OutputSpec, Recipe, RecipeError
 
 # Keys each table accepts; anything else is a structural problem (a typo like `skip_nans` must
 # not be silently ignored).
-TOP_KEYS = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "models", "select",
-            "weights", "metadata", "output")
+TOP_KEYS = (
+    "name",
+    "arch",
+    "dtype",
+    "device",
+    "date",
+    "strict",
+    "skip_nan",
+    "models",
+    "select",
+    "weights",
+    "metadata",
+    "output",
+)
 OUTPUT_KEYS = ("path", "dtype", "title")
 MODEL_KEYS = ("path", "sha256")
 
@@ -128,9 +140,19 @@ class _Parser:
         metadata = self.metadata(self.table(doc, "metadata"))
         outputs = self.outputs(doc.get("output"), name, select)
         return Recipe(
-            name=name, models=models, select=select, outputs=outputs, arch=arch, dtype=dtype,
-            device=device, weights=weights, strict=strict, skip_nan=skip_nan, date=date,
-            base_dir=base_dir, metadata=metadata,
+            name=name,
+            models=models,
+            select=select,
+            outputs=outputs,
+            arch=arch,
+            dtype=dtype,
+            device=device,
+            weights=weights,
+            strict=strict,
+            skip_nan=skip_nan,
+            date=date,
+            base_dir=base_dir,
+            metadata=metadata,
         )
 
     def string(self, table: dict, key: str, where: str, required: bool = False) -> str | None:
@@ -211,7 +233,9 @@ class _Parser:
         out = {}
         for key, value in table.items():
             if not isinstance(value, str):
-                self.bad(f"metadata.{key}: expected a string (safetensors metadata is str -> str), got {_toml_type(value)}")
+                self.bad(
+                    f"metadata.{key}: expected a string (safetensors metadata is str -> str), got {_toml_type(value)}"
+                )
                 continue
             out[key] = value
         return out
@@ -232,19 +256,23 @@ class _Parser:
                     continue
                 if key not in component_ids():
                     hint = did_you_mean(key, component_ids() + OUTPUT_KEYS)
-                    self.bad(f"{where}: unknown key {key!r}{hint} (components: {', '.join(component_ids())};"
-                             f" settings: {', '.join(OUTPUT_KEYS)})")
+                    self.bad(
+                        f"{where}: unknown key {key!r}{hint} (components: {', '.join(component_ids())};"
+                        f" settings: {', '.join(OUTPUT_KEYS)})"
+                    )
                 elif not isinstance(v, str):
                     self.bad(f"{where}.{key}: expected a selection name, got {_toml_type(v)}")
                 else:
                     sources[key] = v
             path = self.string(table, "path", f"{where}.path")
-            outs.append(OutputSpec(
-                path=Path(path) if path is not None else None,  # type: ignore[arg-type]
-                sources=sources,
-                dtype=self.string(table, "dtype", f"{where}.dtype"),
-                title=self.string(table, "title", f"{where}.title"),
-            ))
+            outs.append(
+                OutputSpec(
+                    path=Path(path) if path is not None else None,  # type: ignore[arg-type]
+                    sources=sources,
+                    dtype=self.string(table, "dtype", f"{where}.dtype"),
+                    title=self.string(table, "title", f"{where}.title"),
+                )
+            )
         _default_paths(outs, name)
         return outs
 
@@ -430,8 +458,10 @@ def _same_recipe(a: Recipe, b: Recipe) -> bool:
             return False
 
     def files(r: Recipe):
-        return ({m: os.path.abspath(r.model_path(m)) for m in r.models},
-                [(os.path.abspath(r.output_path(o)), o.sources, o.dtype, o.title) for o in r.outputs])
+        return (
+            {m: os.path.abspath(r.model_path(m)) for m in r.models},
+            [(os.path.abspath(r.output_path(o)), o.sources, o.dtype, o.title) for o in r.outputs],
+        )
 
     settings = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "select", "weights", "metadata")
     return files(a) == files(b) and all(getattr(a, k) == getattr(b, k) for k in settings)

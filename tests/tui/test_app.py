@@ -41,7 +41,9 @@ async def test_mouse_click_toggles(demo_dir):
         await open_library(pilot, hashed=False)
         grid = _grid(app)
         put_cursor(grid, "_x00", "id")
-        region = grid._get_cell_region(grid.cursor_coordinate.__class__(grid.get_row_index("_x02"), grid.get_column_index(SEL + "te1")))
+        region = grid._get_cell_region(
+            grid.cursor_coordinate.__class__(grid.get_row_index("_x02"), grid.get_column_index(SEL + "te1"))
+        )
         offset = (region.x - int(grid.scroll_x) + 1, region.y - int(grid.scroll_y))
         await pilot.click(SelectionGrid, offset=offset)
         assert app.library.state.ordered("te1") == ["_x02"]
@@ -154,8 +156,25 @@ async def test_help_and_command_palette_list_the_actions(demo_dir):
     async with app.run_test(size=SIZE) as pilot:
         await open_library(pilot, hashed=False)
         titles = {c.title for c in app.get_system_commands(app.screen)}
-        for expected in ("Toggle", "Column", "Row", "Invert", "None", "Filter", "Sort", "Search", "Save", "Load",
-                         "Copy notation", "Notation", "Merge", "Outputs", "Help", "Jobs", "Add sel."):
+        for expected in (
+            "Toggle",
+            "Column",
+            "Row",
+            "Invert",
+            "None",
+            "Filter",
+            "Sort",
+            "Search",
+            "Save",
+            "Load",
+            "Copy notation",
+            "Notation",
+            "Merge",
+            "Outputs",
+            "Help",
+            "Jobs",
+            "Add sel.",
+        ):
             assert expected in titles, expected
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)

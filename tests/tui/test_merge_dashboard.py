@@ -113,9 +113,14 @@ def test_job_view_folds_events():
     from engine.merge import events as ev
 
     v = JobView()
-    v.apply(ev.Started(outputs=["a", "b"], tensors_total=10, bytes_to_read=100, bytes_to_write=50, device="cpu", sources=3))
-    v.apply(ev.Progress("merging", 5, 10, 50, 100, 20, 1.0, 0.5, 1.0, "k", 1000,
-                        outputs=[ev.OutputProgress("a", 5, 5, 50, 50)]))
+    v.apply(
+        ev.Started(outputs=["a", "b"], tensors_total=10, bytes_to_read=100, bytes_to_write=50, device="cpu", sources=3)
+    )
+    v.apply(
+        ev.Progress(
+            "merging", 5, 10, 50, 100, 20, 1.0, 0.5, 1.0, "k", 1000, outputs=[ev.OutputProgress("a", 5, 5, 50, 50)]
+        )
+    )
     v.apply(ev.MergeWarning("key_missing", "key k missing from _x02", model_id="_x02"))
     v.apply(ev.OutputDone("a", 50, 5))
     assert v.fraction == 0.5 and v.outputs["a"].done and not v.outputs["b"].done
@@ -173,7 +178,9 @@ async def test_jobs_screen_resumes_a_job_that_died(work_dir):
         await pilot.pause(0.2)
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, MergeScreen), what="the resumed job's dashboard")
-        await wait_for(pilot, lambda: engine_jobs.get_job(job.id).status == "finished", timeout=120, what="the resumed job")
+        await wait_for(
+            pilot, lambda: engine_jobs.get_job(job.id).status == "finished", timeout=120, what="the resumed job"
+        )
     mixes = work_dir.parent / "mixes"
     assert (mixes / "mix-base.safetensors").exists() and (mixes / "mix-nsfw.safetensors").exists()
 
@@ -196,8 +203,11 @@ async def test_a_busy_output_is_refused_with_the_reason(work_dir):
             await pilot.press("m")
             screen = app.screen
             await pilot.press("l")
-            await wait_for(pilot, lambda: any("Starting the merge failed" in n.message for n in app._notifications),
-                           what="the refusal")
+            await wait_for(
+                pilot,
+                lambda: any("Starting the merge failed" in n.message for n in app._notifications),
+                what="the refusal",
+            )
             assert screen.job is None and not screen.query_one("#launch").disabled
         finally:
             os.kill(job.pid, signal.SIGCONT)
