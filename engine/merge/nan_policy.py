@@ -10,7 +10,7 @@ from typing import Callable
 
 from engine.merge.backends.base import Bad
 from engine.merge.errors import MergeError
-from engine.plan.model import MEAN, MergePlan
+from engine.plan.model import MEAN, METHOD, MergePlan
 
 WARNINGS_PER_MODEL = 10  # one warning per key up to this many, then a count
 
@@ -37,8 +37,13 @@ class NanPolicy:
                 names = ", ".join(f"{plan.files[f].model_id} ({plan.files[f].path.name})" for f, _ in bad.sources)
                 raise MergeError(f"NaN/Inf values in {key} of model {names}: stopped (skip_nan = true leaves that "
                                  "model out of the keys where this happens)", first.model_id, key)
-            left = len(node.sources) - len(self.excluded.get(bad.node, ()))
-            if node.kind != MEAN or left <= len(bad.sources):
+            if node.kind == METHOD and (node.sources[0].file, node.sources[0].key) in bad.sources:
+                base = plan.files[node.sources[0].file].model_id
+                raise MergeError(f"NaN/Inf values in {key} of the base {base}: a method's base cannot be left out",
+                                 base, key)
+            models = len(node.sources) - (node.kind == METHOD)
+            left = models - len(self.excluded.get(bad.node, ()))
+            if node.kind not in (MEAN, METHOD) or left <= len(bad.sources):
                 raise MergeError(f"NaN/Inf values in {key} of model {first.model_id} ({first.path.name}), and no "
                                  "other model of the selection has this tensor: cannot skip it", first.model_id, key)
             for f, stored in bad.sources:

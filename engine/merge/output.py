@@ -226,7 +226,8 @@ def plan_fingerprint(plan, format_version: int) -> str:
         "format": format_version,
         "files": [[str(f.path), f.size, f.mtime_ns] for f in plan.files],
         "nodes": [[n.kind, n.key, list(n.shape), n.dtype, n.check_finite, list(n.factors),
-                   [[s.file, s.key, s.dtype, s.offset, s.weight] for s in n.sources]] for n in plan.nodes],
+                   [[s.file, s.key, s.dtype, s.offset, s.weight] for s in n.sources]]
+                  + ([n.method.summary(), n.scale] if n.method is not None else []) for n in plan.nodes],
         "steps": [[s.key, s.nodes] for s in plan.steps],
         "outputs": [[str(o.path), hashlib.sha256(build_header(o.tensors, o.metadata)).hexdigest(), o.nodes]
                     for o in plan.outputs],

@@ -183,6 +183,7 @@ class _Run:
             _warm_cpu_kernels()
         self.memory = self.meter.memory = MemoryMonitor(self.device)
         hashes = self._hashes()
+        plan.hashes = hashes  # every source's now: the methods' drop masks are keyed by SHA256
         self._check_sources_unchanged()
         start = self._open_outputs(resume, hashes)
         self._open_fds()

@@ -12,10 +12,23 @@ from functools import lru_cache
 from pathlib import Path
 
 from engine.checkpoint.architectures import Architecture
-from engine.checkpoint.format import TensorInfo, TensorPlan, canonical_order, read_header
+from engine.checkpoint.format import DTYPES, TensorInfo, TensorPlan, canonical_order, read_header
 from engine.checkpoint.keys import is_fp8_scale, normal_name, stored_variants
 from engine.library.report import CHECKPOINT, Severity
-from engine.plan.model import ARANGE, COPY, MEAN, OUTPUT_DTYPE, MergePlan, Node, OutputPlan, Source, SourceFile, Step
+from engine.methods.params import resolve as resolve_method
+from engine.plan.model import (
+    ARANGE,
+    COPY,
+    MEAN,
+    METHOD,
+    OUTPUT_DTYPE,
+    MergePlan,
+    Node,
+    OutputPlan,
+    Source,
+    SourceFile,
+    Step,
+)
 
 # Significant bits of each float source dtype (what a product with a weight must keep exact).
 _SOURCE_BITS = {"F16": 11, "BF16": 8, "F32": 24, "F64": 53, "F8_E4M3": 4, "F8_E5M2": 3}
@@ -89,14 +102,23 @@ class Builder:
             self.r.weight(mid),
         )
 
-    def node(self, kind: str, key: str, sources: list[Source], check: bool, dtype: str | None = None) -> int:
-        ident = (kind, key, dtype, tuple((s.file, s.key, s.weight) for s in sources))
+    def node(self, kind: str, key: str, sources: list[Source], check: bool, dtype: str | None = None,
+             method=None) -> int:
+        ident = (kind, key, dtype, tuple((s.file, s.key, s.weight) for s in sources), method)
         nid = self.node_ids.get(ident)
         if nid is None:
             shape = sources[0].shape if sources else self.arch.tensors[key].shape
-            factors = exact_factors(sources) if kind == MEAN else (1.0,) * len(sources)
+            scale = 1.0
+            if kind == MEAN:
+                factors = exact_factors(sources)
+            elif kind == METHOD:  # the base first (unused factor), then the models' exact factors
+                model_factors = exact_factors(sources[1:])
+                scale = factor_scale(sources[1], model_factors[0])
+                factors = (1.0, *model_factors)
+            else:
+                factors = (1.0,) * len(sources)
             nid = len(self.nodes)
-            self.nodes.append(Node(nid, kind, key, shape, tuple(sources), check, dtype, factors))
+            self.nodes.append(Node(nid, kind, key, shape, tuple(sources), check, dtype, factors, method, scale))
             self.node_ids[ident] = nid
         return nid
 
@@ -124,6 +146,10 @@ class Builder:
         comp = arch.components[cid]
         extras = self.extra_keys_under(cid, models)
         missing: dict[str, list[str]] = {}
+        fields = self.r.methods.get(sel)
+        method = resolve_method(fields) if fields and fields.get("method", "mean") != "mean" else None
+        base = method.base if method is not None and method.base in self.file_index else None
+        base_lacks: list[str] = []
         for key in list(comp.keys) + extras:
             stored = [(m, self.stored_key(m, key)) for m in models]
             present = [(m, s) for m, s in stored if s is not None]
@@ -146,6 +172,19 @@ class Builder:
             sources = [self.source(m, s) for m, s in present]
             if not self.same_shapes(sel, key, present, sources):
                 continue
+            if method is not None and base is not None and all(DTYPES[x.dtype].is_float for x in sources):
+                stored_base = self.stored_key(base, key)
+                if stored_base is not None:
+                    base_source = self.source(base, stored_base)
+                    if base_source.shape == sources[0].shape:
+                        yield key, self.node(METHOD, key, [base_source, *sources], check=True, method=method)
+                        continue
+                    self.report_once(
+                        ("base-shape", sel, key), Severity.ERROR,
+                        f"selection {sel!r}: {key} is {list(sources[0].shape)} in the models but "
+                        f"{list(base_source.shape)} in the base {base}", model_id=base, code="shape_mismatch")
+                    continue
+                base_lacks.append(key)
             kind = MEAN if len(sources) > 1 else COPY
             yield key, self.node(kind, key, sources, check=True)
         if extras:
@@ -157,6 +196,13 @@ class Builder:
                 output=label,
                 code="extra_kept",
             )
+        if base_lacks:
+            example = ", ".join(base_lacks[:2]) + (", ..." if len(base_lacks) > 2 else "")
+            self.report_once(
+                ("base-lacks", sel, cid), Severity.WARNING,
+                f"selection {sel!r}: the base {base} lacks {len(base_lacks)} {cid} keys ({example}); they are the "
+                f"selection's weighted mean instead of {method.method}", model_id=base, output=label,
+                code="base_lacks_key")
         for m, keys_missing in missing.items():
             severity = Severity.ERROR if self.r.strict else Severity.WARNING
             example = ", ".join(keys_missing[:2]) + (", ..." if len(keys_missing) > 2 else "")
@@ -328,6 +374,15 @@ def _exact_factors(pairs: tuple[tuple[float, str], ...]) -> tuple[float, ...]:
     if all(_significant_bits(k) <= 53 - widest for k in ints) and sum(ints) < 2**53:
         return tuple(float(k) for k in ints)
     return tuple(w for w, _ in pairs)
+
+
+def factor_scale(source: Source, factor: float) -> float:
+    """What ``exact_factors`` multiplied the weights by (an integer, or 1.0 where the weights
+    kept their binary values): a sum of factor * delta divided by it is the sum of weight *
+    delta, exactly rounded once (add-difference is not normalised by the weights)."""
+    if factor == source.weight:
+        return 1.0
+    return float(Fraction(repr(factor)) / Fraction(repr(source.weight)))
 
 
 def _significant_bits(k: int) -> int:

@@ -17,23 +17,16 @@ from engine.checkpoint.architectures import architectures
 from engine.checkpoint.writer import partial_path
 from engine.library.report import CHECKPOINT, Severity
 from engine.merge.devices import device_problem
+from engine.methods.params import problems as method_problems
+from engine.methods.params import resolve as resolve_method
 from engine.plan.provenance import PROVENANCE_KEYS, cached_hashes, pin_problem
 
 # Problems after which nodes cannot be built (a reference to something that does not exist).
-STRUCTURAL = frozenset(
-    {
-        "unknown_model",
-        "unknown_selection",
-        "unknown_component",
-        "empty_selection",
-        "duplicate_model",
-        "bad_dtype",
-        "bad_weight",
-        "no_outputs",
-        "no_sources",
-        "unknown_arch",
-    }
-)
+STRUCTURAL = frozenset({
+    "unknown_model", "unknown_selection", "unknown_component", "empty_selection", "duplicate_model",
+    "bad_dtype", "bad_weight", "no_outputs", "no_sources", "unknown_arch",
+    "bad_method", "bad_method_param", "bad_method_combination", "method_unsupported", "base_unusable",
+})
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -129,6 +122,35 @@ def check_settings(p, r) -> None:
     for sel in r.select:
         if sel not in used:
             p.note(f"selection {sel!r} feeds no output", code="unused_selection")
+    check_methods(p, r)
+
+
+def check_methods(p, r) -> None:
+    """Every ``[methods.<selection>]`` table: each bad field named with the value given, the
+    combinations that are not defined, and the settings not supported yet."""
+    for sel, fields in r.methods.items():
+        if sel not in r.select:
+            p.error(f"methods.{sel}: there is no selection {sel!r} in [select]", code="unknown_selection")
+            continue
+        found = method_problems(sel, fields, r.models, r.weights, r.select[sel])
+        for code, message in found:
+            p.error(message, code=code)
+        if found or fields.get("method") == "mean":
+            continue
+        base = resolve_method(fields).base
+        if base in r.select[sel]:
+            p.warn(f"methods.{sel}: the base {base} is also a model of the selection: it contributes a zero delta "
+                   "(probably a mistake)", base, code="base_in_selection")
+
+
+def method_bases(r) -> dict[str, str]:
+    """selection -> the base model of its method (selections with a valid method and base)."""
+    out = {}
+    for sel, fields in r.methods.items():
+        base = fields.get("base")
+        if fields.get("method", "mean") != "mean" and isinstance(base, str) and base in r.models:
+            out[sel] = base
+    return out
 
 
 def check_models(p, r, used: list[str]):
@@ -175,6 +197,13 @@ def check_models(p, r, used: list[str]):
                     code="unknown_component",
                 )
                 continue
+            base = method_bases(r).get(sel)
+            if base is not None and base in good and reports[base].arch == arch_id:
+                status = reports[base].components.get(cid)
+                if status is None or not status.mergeable:
+                    why = status.problem if status is not None else f"{cid} not found"
+                    p.error(f"methods.{sel}.base = {base!r}: the base has no usable {cid}, which selection "
+                            f"{sel!r} feeds to output {label} ({why})", base, output=label, code="base_unusable")
             for m in r.select.get(sel, ()):
                 if m not in good or (m, cid) in seen or reports[m].arch != arch_id:
                     continue
@@ -200,9 +229,10 @@ def check_hashes(p, r, used: list[str]) -> dict:
     NaN/Inf counts of the components used are reported before any merging."""
     hashes = cached_hashes([p.recipe.model_path(m) for m in used], used)
     components_used: dict[str, set[str]] = {}
+    bases = method_bases(r)
     for out in r.outputs:
         for cid, sel in out.sources.items():
-            for m in r.select.get(sel, ()):
+            for m in [*r.select.get(sel, ()), *([bases[sel]] if sel in bases else [])]:
                 components_used.setdefault(m, set()).add(cid)
     for m in used:
         pin = r.models[m].sha256

@@ -5,7 +5,9 @@ problem is an error:
 - **nodes**: one per distinct tensor to compute. A node is the weighted mean of one key over
   the models of a selection that have it (``mean``), one model's tensor (``copy``: one-model
   selections, buffers, keys outside every component), or ``arange`` (``position_ids``, never
-  averaged). Outputs that use the same selection for a component share its nodes, so the mean is
+  averaged), or ``method``: a selection's merge method other than the mean
+  (``engine.methods``), whose first source is the base and the rest the models. Outputs that
+  use the same selection for a component share its nodes, so the mean is
   computed once.
 - **steps**: nodes grouped by output key, in the order the outputs write them. A step reads
   each source tensor it needs once and feeds every node that uses it.
@@ -27,7 +29,7 @@ from engine.recipe.model import Recipe
 
 OUTPUT_DTYPE = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 
-MEAN, COPY, ARANGE = "mean", "copy", "arange"
+MEAN, COPY, ARANGE, METHOD = "mean", "copy", "arange", "method"
 
 
 
@@ -73,13 +75,17 @@ class Source:
 @dataclass
 class Node:
     id: int
-    kind: str  # MEAN | COPY | ARANGE
+    kind: str  # MEAN | COPY | ARANGE | METHOD
     key: str  # output key
     shape: tuple[int, ...]
     sources: tuple[Source, ...]
     check_finite: bool  # stop (or skip, with skip_nan) on NaN/Inf in a source
     dtype: str | None = None  # fixed output dtype (copies of buffers, arange); None: the output's
     factors: tuple[float, ...] = ()  # multiplier of each source in the sum (see plan.build.exact_factors)
+    # METHOD: the parameters (engine.methods.params.MethodParams); sources[0] is the base and
+    # factors[0] is unused (1.0); the models' factors are their weights times ``scale``
+    method: object | None = None
+    scale: float = 1.0
 
     @property
     def numel(self) -> int:

@@ -79,12 +79,17 @@ class _Planner:
         return self.problems, plan
 
     def used_models(self) -> list[str]:
-        """Model ids that feed some output, in [models] order."""
+        """Model ids that feed some output (the bases of methods included), in [models] order."""
+        from engine.plan.checks import method_bases
+
         r = self.recipe
+        bases = method_bases(r)
         wanted = set()
         for out in r.outputs:
             for sel in out.sources.values():
                 wanted.update(r.select.get(sel, ()))
+                if sel in bases:
+                    wanted.add(bases[sel])
         return [m for m in r.models if m in wanted]
 
     def inspect(self, model_ids: Iterable[str]) -> None:

@@ -210,7 +210,9 @@ def _description(recipe, output) -> str:
     parts = []
     for cid, sel in output.sources.items():
         n = len(recipe.select.get(sel, ()))
-        parts.append(f"{cid} = {sel} ({n} model{'s' * (n != 1)})")
+        method = recipe.methods.get(sel, {}).get("method", "mean")
+        how = f", {method}" if method != "mean" else ""
+        parts.append(f"{cid} = {sel} ({n} model{'s' * (n != 1)}{how})")
     how = "weighted average" if recipe.weights else "average"
     return f"{recipe.name}: {how} merged by astolfo; " + ", ".join(parts)
 
@@ -228,6 +230,11 @@ def _a1111_recipe(plan, output, used, hashes) -> dict:
                 for m in ids
             ],
         }
+        fields = recipe.methods.get(sel)
+        if fields and fields.get("method", "mean") != "mean":
+            from engine.methods.params import resolve  # the method and every parameter, defaults filled
+
+            components[cid]["method"] = resolve(fields).as_dict()
     return {
         "type": "astolfo",
         "interp_method": "weighted_average" if recipe.weights else "average",

@@ -52,6 +52,9 @@ class Recipe:
     date: str | None = None
     base_dir: Path = field(default_factory=Path)
     metadata: dict[str, str] = field(default_factory=dict)
+    # selection -> its [methods.<selection>] table as written (engine.methods.params fills the
+    # preset's defaults); a selection without one is the weighted mean
+    methods: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def resolve(self, path: str | os.PathLike) -> Path:
         """``path`` from the recipe as a usable path (relative ones against ``base_dir``)."""

@@ -26,6 +26,10 @@ Format::
     [weights]                        # optional relative weights (default 1), normalised per selection
     _x02 = 2.0
 
+    [methods.unet]                   # optional: how selection "unet" is combined (default: the mean)
+    method = "ties_soup"             # preset: mean | add_difference | ties | ties_soup | dare | della | model_stock
+    base = "_x01"                    # fields: see engine.methods.params
+
     [metadata]                       # optional extra str -> str written into every output
     "modelspec.author" = "me"
 
@@ -47,24 +51,13 @@ import tomllib
 from pathlib import Path, PurePath
 
 from engine.checkpoint.architectures import component_ids
+from engine.methods.params import FIELDS as METHOD_FIELDS
 from engine.recipe.model import ModelEntry, OutputSpec, Recipe, RecipeError
 
 # Keys each table accepts; anything else is a structural problem (a typo like `skip_nans` must
 # not be silently ignored).
-TOP_KEYS = (
-    "name",
-    "arch",
-    "dtype",
-    "device",
-    "date",
-    "strict",
-    "skip_nan",
-    "models",
-    "select",
-    "weights",
-    "metadata",
-    "output",
-)
+TOP_KEYS = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "models", "select",
+            "weights", "metadata", "methods", "output")
 OUTPUT_KEYS = ("path", "dtype", "title")
 MODEL_KEYS = ("path", "sha256")
 
@@ -138,21 +131,12 @@ class _Parser:
         select = self.select(self.table(doc, "select", required=True))
         weights = self.weights(self.table(doc, "weights"))
         metadata = self.metadata(self.table(doc, "metadata"))
+        methods = self.methods(self.table(doc, "methods"))
         outputs = self.outputs(doc.get("output"), name, select)
         return Recipe(
-            name=name,
-            models=models,
-            select=select,
-            outputs=outputs,
-            arch=arch,
-            dtype=dtype,
-            device=device,
-            weights=weights,
-            strict=strict,
-            skip_nan=skip_nan,
-            date=date,
-            base_dir=base_dir,
-            metadata=metadata,
+            name=name, models=models, select=select, outputs=outputs, arch=arch, dtype=dtype,
+            device=device, weights=weights, strict=strict, skip_nan=skip_nan, date=date,
+            base_dir=base_dir, metadata=metadata, methods=methods,
         )
 
     def string(self, table: dict, key: str, where: str, required: bool = False) -> str | None:
@@ -238,6 +222,25 @@ class _Parser:
                 )
                 continue
             out[key] = value
+        return out
+
+    def methods(self, table: dict) -> dict[str, dict[str, object]]:
+        """Each selection's method table as written; values are checked by the planner
+        (``engine.methods.params.problems``), which names selection, field and value."""
+        out = {}
+        for sel, value in table.items():
+            if not isinstance(value, dict):
+                self.bad(f"methods.{sel}: expected a table [methods.{sel}], got {_toml_type(value)}")
+                continue
+            fields = {}
+            for k, v in value.items():
+                if k not in METHOD_FIELDS:
+                    self.bad(f"methods.{sel}: unknown key {k!r} (known: {', '.join(METHOD_FIELDS)})")
+                elif isinstance(v, (dict, list)):
+                    self.bad(f"methods.{sel}.{k}: expected a string, number or boolean, got {_toml_type(v)}")
+                else:
+                    fields[k] = v
+            out[sel] = fields
         return out
 
     def outputs(self, value, name: str, select: dict[str, list[str]]) -> list[OutputSpec]:
@@ -361,6 +364,17 @@ def _float(x: float) -> str:
     return text if any(c in text for c in ".en") else text + ".0"
 
 
+def _value(v) -> str:
+    """A method field's value (string, boolean, integer or number) as TOML."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return _float(v)
+    return _string(str(v))
+
+
 def _path(p: PurePath) -> str:
     return _string(p.as_posix() if isinstance(p, PurePath) else str(p))
 
@@ -402,6 +416,12 @@ def recipe_to_toml(recipe: Recipe, run_settings: bool = True) -> str:
         lines += ["", "[metadata]"]
         for k, v in recipe.metadata.items():
             lines.append(f"{_key(k)} = {_string(v)}")
+
+    for sel, fields in recipe.methods.items():
+        lines += ["", f"[methods.{_key(sel)}]"]
+        for k in METHOD_FIELDS:
+            if k in fields:
+                lines.append(f"{k} = {_value(fields[k])}")
 
     for out in recipe.outputs:
         lines += ["", "[[output]]", f"path = {_path(out.path)}"]

@@ -13,7 +13,8 @@ from engine.merge.arithmetic import Kernel, _node_parts, _view, arange_values
 from engine.merge.backends import cpu_fused
 from engine.merge.backends.base import Bad
 from engine.merge.layout import Item, Segment
-from engine.plan.model import ARANGE, COPY, MergePlan
+from engine.methods import streamed
+from engine.plan.model import ARANGE, COPY, METHOD, MergePlan
 
 # CPU workers by default: the work is memory-bound well before this, and each worker in flight
 # holds a read and an output buffer.
@@ -91,6 +92,8 @@ class CpuBackend:
                 job.done.set()
 
     def _node(self, k: Kernel, seg: Segment, ns, job: _Job) -> Bad | None:
+        if self.plan.nodes[ns.node].kind == METHOD:
+            return self._method(k, seg, ns, job)
         node, kept, factors = _node_parts(self.plan, seg, ns, job.excluded)
         n = seg.numel
         outs = {d: _view(job.out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()}
@@ -119,6 +122,23 @@ class CpuBackend:
             if finite is not None and not bool(finite):
                 culprits = [(s.file, s.key) for s, v in zip(kept, views) if not k.finite(v[a:b])]
                 return Bad(seg, ns.node, culprits)
+        return None
+
+    def _method(self, k: Kernel, seg: Segment, ns, job: _Job) -> Bad | None:
+        """A merge method's slice (``engine.methods.streamed``), in sub-chunks of ``sub``."""
+        node, base, base_out, kept, factors, shas = streamed.method_parts(self.plan, seg, ns, job.excluded)
+        if base_out or not kept:
+            return Bad(seg, ns.node, [])
+        n = seg.numel
+        outs = [_view(job.out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()]
+        srcs = [base, *kept]
+        views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in srcs]
+        for a in range(0, n, self.sub):
+            b = min(n, a + self.sub)
+            finite = streamed.compute(k, node.method, node.key, seg.start + a, views[0][a:b],
+                                      [v[a:b] for v in views[1:]], factors, shas, node.scale, [o[a:b] for o in outs])
+            if not bool(finite):
+                return Bad(seg, ns.node, [(s.file, s.key) for s, v in zip(srcs, views) if not k.finite(v[a:b])])
         return None
 
 

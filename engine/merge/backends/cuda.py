@@ -38,7 +38,8 @@ from engine.merge.arithmetic import Kernel, _node_parts, _view, all_finite
 from engine.merge.backends.base import Bad
 from engine.merge.errors import MergeError
 from engine.merge.layout import Item
-from engine.plan.model import ARANGE, COPY, MEAN, MergePlan
+from engine.methods import streamed
+from engine.plan.model import ARANGE, COPY, MEAN, METHOD, MergePlan
 
 SLOTS = 2  # device buffer sets: one item uploads or downloads while the other computes
 DEPTH = 3  # items the host keeps in flight (each holds one pinned read and output buffer)
@@ -103,7 +104,14 @@ def scratch_sizes(plan: MergePlan, items: list[Item]) -> dict[str, int]:
                 node = plan.nodes[ns.node]
                 srcs = [seg.sources[i].dtype for i in ns.sources]
                 narrow = any(d in _NARROW for d in ns.outs)
-                if node.kind == MEAN:
+                if node.kind == METHOD:
+                    for name in streamed.SCRATCH:
+                        sizes[name] = max(sizes.get(name, 0), n)
+                    if any(d not in ("F32", "F64") for d in srcs):
+                        sizes["via32"] = max(sizes["via32"], n)
+                    if narrow:
+                        sizes["odd"] = max(sizes["odd"], n)
+                elif node.kind == MEAN:
                     sizes["acc"] = max(sizes["acc"], n)
                     if len(srcs) > 1:
                         sizes["tmp"] = max(sizes["tmp"], n)
@@ -114,11 +122,12 @@ def scratch_sizes(plan: MergePlan, items: list[Item]) -> dict[str, int]:
                 elif node.kind == COPY and srcs and srcs[0] == "F64" and narrow:
                     sizes["odd"] = max(sizes["odd"], n)
     return {"acc": sizes["acc"], "tmp": sizes["tmp"], "via32": sizes["via32"],
-            "odd_low": sizes["odd"], "odd_kept": sizes["odd"]}
+            "odd_low": sizes["odd"], "odd_kept": sizes["odd"], **{m: sizes.get(m, 0) for m in streamed.SCRATCH}}
 
 
 def scratch_bytes(sizes: dict[str, int]) -> int:
-    return 8 * (sizes["acc"] + sizes["tmp"] + sizes["odd_low"] + sizes["odd_kept"]) + 4 * sizes["via32"]
+    return (8 * (sizes["acc"] + sizes["tmp"] + sizes["odd_low"] + sizes["odd_kept"]) + 4 * sizes["via32"]
+            + 8 * sum(sizes.get(m, 0) for m in streamed.SCRATCH))
 
 
 def out_of_memory(free: int, total: int, needed: int, what: str) -> MergeError:
@@ -179,7 +188,7 @@ class CudaBackend:
             self.host_flags = [self.rt.pinned(n_flags, torch.bool) for _ in range(DEPTH)]
             for name, n in sizes.items():  # now, so that a lack of memory shows before any write
                 if n:
-                    dtype = torch.float64 if name in ("acc", "tmp") else (
+                    dtype = torch.float64 if name in ("acc", "tmp") or name in streamed.SCRATCH else (
                         torch.float32 if name == "via32" else torch.int64)
                     self.kernel.buf(name, dtype, n)
         except BaseException as e:
@@ -243,6 +252,16 @@ class CudaBackend:
         work = []  # decided now: ``excluded`` may change before the work runs
         for seg in item.segments:
             for ns in seg.nodes:
+                if self.plan.nodes[ns.node].kind == METHOD:
+                    node, base, base_out, models, factors, shas = streamed.method_parts(self.plan, seg, ns, excluded)
+                    if base_out or not models:
+                        handle.marks.append((seg, ns, [], None))
+                        continue
+                    fi = handle.flags
+                    handle.flags += 1
+                    handle.marks.append((seg, ns, [base, *models], fi))
+                    work.append((seg, ns, node, [base, *models], (factors, shas), fi))
+                    continue
                 node, kept, factors = _node_parts(self.plan, seg, ns, excluded)
                 fi = None
                 if node.kind != ARANGE:
@@ -290,7 +309,11 @@ class CudaBackend:
                     out.copy_(values)
                 continue
             views = [_view(din, s.buf_offset, s.nbytes, s.dtype) for s in kept]
-            if node.kind == COPY:
+            if node.kind == METHOD:
+                factors, shas = factors
+                finite = streamed.compute(k, node.method, node.key, seg.start, views[0], views[1:], factors, shas,
+                                          node.scale, outs)
+            elif node.kind == COPY:
                 finite = k.copy(views[0], outs, node.check_finite)
             else:
                 finite = k.mean(views, factors, outs)
