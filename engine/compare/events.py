@@ -10,6 +10,10 @@ class CompareError(Exception):
     says why in words a user can act on."""
 
 
+class UnknownReference(CompareError):
+    """``--reference`` names neither a model id nor a file: a usage error."""
+
+
 class CompareCancelled(CompareError):
     """The cancel event was set; nothing was cached."""
 

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from engine.compare.events import CacheHit, CompareError, LeftOut
+from engine.compare.events import CacheHit, CompareError, LeftOut, UnknownReference
 from engine.compare.findings import Thresholds
 from engine.library.report import ModelReport, Severity
 
@@ -52,7 +52,7 @@ def resolve_reference(reports: list[ModelReport], reference: str) -> ModelReport
         from engine.library.diagnose import inspect_file
 
         return inspect_file(reference, model_id=Path(reference).stem)
-    raise CompareError(f"reference {reference!r} is neither a model id nor a file")
+    raise UnknownReference(f"reference {reference!r} is neither a model id nor a file")
 
 
 def compare(
