@@ -77,9 +77,11 @@ def _headers(sources: list[Source], reference: Source | None) -> list[Header]:
     return out
 
 
-def plan_tensors(sources: list[Source], headers: list[Header], reference: Source | None):
+def plan_tensors(sources: list[Source], headers: list[Header], reference: Source | None,
+                 skip: dict[int, dict[str, str]] | None = None):
     """The tensors to compare and, per component, the models that have every one of them with
-    the expected size (the reference's, else the size most models have)."""
+    the expected size (the reference's, else the size most models have), less those ``skip``
+    leaves out (source index -> component -> reason, e.g. NaN values the hashes found)."""
     arch = get_architecture("sdxl")
     ref_i = len(sources) if reference else None
     all_sources = [*sources, *([reference] if reference else [])]
@@ -111,6 +113,9 @@ def plan_tensors(sources: list[Source], headers: list[Header], reference: Source
         if not ts:
             continue
         for i in range(len(sources)):
+            if skip and comp in skip.get(i, {}):
+                left_out.setdefault(i, {})[comp] = skip[i][comp]
+                continue
             bad = sum(1 for t in ts if have[i].get(t.key) != t.numel)
             if bad == 0:
                 members[comp].append(i)
@@ -127,6 +132,7 @@ def gather(
     cancel: threading.Event | None = None,
     on_event: Callable[[object], None] | None = None,
     budget_bytes: int = DEFAULT_BUDGET,
+    skip: dict[int, dict[str, str]] | None = None,
 ) -> Gathered:
     """Read every file once and return the Gram matrices (see the module docstring)."""
     import torch
@@ -134,7 +140,7 @@ def gather(
     from engine.kernels.gram import LANES, gram_add, gram_finish
 
     headers = _headers(sources, reference)
-    tensors, members, left_out = plan_tensors(sources, headers, reference)
+    tensors, members, left_out = plan_tensors(sources, headers, reference, skip)
     all_sources = [*sources, *([reference] if reference else [])]
     ref_i = len(sources) if reference else None
     minimum = 1 if reference else 2

@@ -23,11 +23,26 @@ def build_result(gathered: Gathered, ids: list[str], reference: str | None, th: 
     for comp in COMPONENTS:
         if comp not in gathered.grams:
             continue
-        models = [ids[i] for i in gathered.members[comp]]
+        members = list(gathered.members[comp])
         blocks = gathered.grams[comp]
         total = np.zeros_like(next(iter(blocks.values())))
         for g in blocks.values():  # fixed order: UNET_BLOCKS, then keys outside them
             total = total + g
+        if not np.all(np.isfinite(total)):  # NaN/Inf values the hashes did not already rule out
+            bad = [k for k in range(len(members)) if not np.isfinite(total[k, k])]
+            keep = [k for k in range(len(members) + 1) if k not in bad]
+            names = ", ".join(ids[members[k]] for k in bad)
+            for k in bad:
+                left_out.append({"id": ids[members[k]], "component": comp, "reason": f"NaN or Inf values in {comp}"})
+            total = total[np.ix_(keep, keep)]
+            blocks = {b: g[np.ix_(keep, keep)] for b, g in blocks.items()}
+            members = [members[k] for k in keep[:-1]]
+            if not np.all(np.isfinite(total)) or not members:  # against the mean, every delta has them
+                for i in members:
+                    left_out.append({"id": ids[i], "component": comp,
+                                     "reason": f"{comp} not compared: NaN or Inf values in {names or 'the reference'}"})
+                continue
+        models = [ids[i] for i in members]
         stats = group_stats(total, mean_reference=reference is None)
         entry = stats.to_dict(models)
         found = [dict(f, component=comp, block=None) for f in group_findings(stats, models, th)]

@@ -91,6 +91,7 @@ def compare(
 
     cache = catalog = None
     shas: dict[str, str] = {}
+    nonfinite: dict[str, dict[str, str]] = {}  # path -> component -> reason, from the hashes
     try:
         if use_cache:
             from engine.compare.cache import ResultCache
@@ -105,7 +106,12 @@ def compare(
             if catalog is not None:
                 for r in [*models, *([ref_report] if ref_report else [])]:
                     try:
-                        shas[str(r.path)] = catalog.hash_file(r.path, r, cancel=cancel).sha256
+                        hashes = catalog.hash_file(r.path, r, cancel=cancel)
+                        shas[str(r.path)] = hashes.sha256
+                        for cid, c in hashes.components.items():
+                            if c.nonfinite:
+                                nonfinite.setdefault(str(r.path), {})[cid] = (
+                                    f"{c.nan_count} NaN and {c.inf_count} Inf values in {cid}")
                     except HashError as e:
                         if cancel is not None and cancel.is_set():
                             from engine.compare.events import CompareCancelled
@@ -136,7 +142,7 @@ def compare(
                 emit(CacheHit(key))
                 hit["left_out"] = left_out + hit.get("left_out", [])
                 return hit
-        result = _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out)
+        result = _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite)
         # the models actually compared (a read failure drops one): key and store on those
         compared = [r for r in models if not any(x["id"] == r.model_id and x["component"] is None
                                                  for x in left_out)]
@@ -151,7 +157,7 @@ def compare(
             catalog.close()
 
 
-def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out) -> dict:
+def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite) -> dict:
     from engine.checkpoint.format import SafetensorsError
     from engine.compare.gather import DEFAULT_BUDGET, ReadFailure, Source, gather
     from engine.compare.result import build_result
@@ -164,9 +170,13 @@ def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_o
                                "one model and no reference: nothing to compare it with")
         sources = [Source(r.model_id, Path(r.path), r.key_map) for r in live]
         ref = Source(ref_report.model_id, Path(ref_report.path), ref_report.key_map) if ref_report else None
+        if ref_report is not None and nonfinite.get(str(ref_report.path)):
+            raise CompareError(f"reference {ref_report.model_id}: "
+                               + "; ".join(nonfinite[str(ref_report.path)].values()))
+        skip = {i: nonfinite[str(r.path)] for i, r in enumerate(live) if str(r.path) in nonfinite}
         try:
             gathered = gather(sources, ref, cancel=cancel, on_event=emit,
-                              budget_bytes=budget_bytes or DEFAULT_BUDGET)
+                              budget_bytes=budget_bytes or DEFAULT_BUDGET, skip=skip)
         except ReadFailure as e:
             leave_out(live[e.index], e.reason)
             del live[e.index]

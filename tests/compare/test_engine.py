@@ -250,3 +250,28 @@ def test_nothing_to_compare(models, tmp_path):
         compare(scan([tmp_path]), use_cache=False)
     with pytest.raises(CompareError):
         compare(scan([tmp_path]), reference="no-such-model", use_cache=False)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])  # ruled out by the hashes, or by the Gram matrix
+def test_nan_values_leave_the_model_out_of_that_component(models, tmp_path, use_cache):
+    import json
+
+    from safetensors.torch import load_file
+
+    from engine.checkpoint.writer import write_file
+
+    folder, paths = models
+    for stem in ("a00_base", "a01_ft_a", "a02_ft_b", "a03_ft_c", "a04_mix_ab"):
+        shutil.copy(paths[stem], tmp_path / f"{stem}.safetensors")
+    sd = load_file(str(paths["a03_ft_c"]))
+    key = next(k for k in sd if k.startswith("conditioner.embedders.1.") and k.endswith(".weight"))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    write_file(tmp_path / "a03_ft_c.safetensors", sd, {})
+    ids = ids_of(tmp_path)
+    res = compare(scan([tmp_path]), reference=ids["a00_base"], use_cache=use_cache)
+    json.loads(json.dumps(res, allow_nan=False))  # valid JSON: no NaN anywhere
+    assert ids["a03_ft_c"] not in res["components"]["te1"]["models"]
+    assert ids["a03_ft_c"] in res["components"]["te0"]["models"]
+    assert [(x["id"], x["component"]) for x in res["left_out"]] == [(ids["a03_ft_c"], "te1")]
+    assert ("combination", [ids["a04_mix_ab"], ids["a01_ft_a"], ids["a02_ft_b"]]) in comp_findings(res, "te1")
