@@ -96,3 +96,13 @@ def test_exit_codes(folder, tmp_path):
     done = astolfo(broken, cache=tmp_path)
     assert done.returncode == 1
     assert "a01_ft_a.safetensors" in done.stderr and "no model could be compared" in done.stderr
+
+
+def test_a_cached_run_of_the_command_imports_no_torch(folder, tmp_path):
+    assert astolfo(folder, "--reference", "m01", "--json", cache=tmp_path).returncode == 0
+    code = ("import sys\nfrom astolfo_tui.cli import main\n"
+            f"rc = main(['compare', {str(folder)!r}, '--reference', 'm01', '--json'])\n"
+            "print(rc, 'torch' in sys.modules, 'numba' in sys.modules, file=sys.stderr)\n")
+    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.stderr.split()[-3:] == ["0", "False", "False"], done.stderr
