@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order ``astolfo --help`` lists them.
-COMMANDS = ["open", "demo", "scan", "hash", "merge", "jobs", "attach", "cancel", "resume"]
+COMMANDS = ["open", "demo", "scan", "hash", "compare", "merge", "jobs", "attach", "cancel", "resume"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

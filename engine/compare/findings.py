@@ -1,0 +1,158 @@
+"""Findings from one group's statistics: which models are unchanged, identical, near
+duplicates, combinations of others, outliers, and which form families.
+
+- ``unchanged``: delta zero (the component is the reference's).
+- ``identical``: zero distance between two deltas; later steps keep the first of each set of
+  identical models (grid order) and drop the others.
+- ``near_duplicate``: cosine at or above ``near``.
+- ``combination``: a least-squares fit of the delta on the Gram matrix of 2 (else 3) others,
+  every weight at least ``min_weight`` (a mix has positive weights; this keeps "a = 2 mix - b"
+  and "a = 1.0 b + 0.0 c" out), relative residual under ``residual``. Candidates are the
+  ``candidates`` models most aligned with it, which bounds the work for large N.
+- ``outlier``: robust z-score (median, 1.4826 MAD) of the log norm or of the consensus cosine
+  beyond ``z``, the spread floored (``log_norm_floor``, ``consensus_floor``) so that exact
+  mixes and clones of ordinary models, which make the MAD tiny, are not outliers.
+- ``family``: average-linkage clustering on 1 - cosine, cut at 1 - ``family`` cosine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from engine.compare.stats import GroupStats
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    near: float = 0.98
+    residual: float = 0.05
+    min_weight: float = 0.05
+    candidates: int = 10
+    z: float = 3.0
+    log_norm_floor: float = 0.25
+    consensus_floor: float = 0.1
+    family: float = 0.3
+    identical: float = 1e-18  # squared distance relative to the larger squared norm
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def group_findings(stats: GroupStats, models: list[str], th: Thresholds) -> list[dict]:
+    n = len(models)
+    g = stats.gram
+    out: list[dict] = []
+    unchanged = [i for i in range(n) if stats.cosine[i][i] is None]
+    if unchanged:
+        out.append({"code": "unchanged", "models": [models[i] for i in unchanged]})
+    live = [i for i in range(n) if i not in set(unchanged)]
+    # identical: union of zero distances, the first in grid order represents the set
+    rep = {i: i for i in live}
+    for a, b in itertools.combinations(live, 2):
+        if rep[b] != b:
+            continue
+        d2 = g[a, a] + g[b, b] - 2.0 * g[a, b]
+        if d2 <= th.identical * max(g[a, a], g[b, b]) and rep[a] == a:
+            rep[b] = a
+    for r in sorted(set(rep.values())):
+        same = [i for i in live if rep[i] == r]
+        if len(same) > 1:
+            out.append({"code": "identical", "models": [models[i] for i in same], "distance": 0.0})
+    reps = [i for i in live if rep[i] == i]
+    cos = stats.cosine
+    for a, b in itertools.combinations(reps, 2):
+        if cos[a][b] is not None and cos[a][b] >= th.near:
+            out.append({"code": "near_duplicate", "models": [models[a], models[b]], "cosine": cos[a][b]})
+    for i in reps:
+        fit = _combination(i, reps, g, cos, th)
+        if fit is not None:
+            parts, weights, residual = fit
+            out.append({"code": "combination", "models": [models[i], *(models[p] for p in parts)],
+                        "weights": weights, "residual": residual})
+    out.extend(_outliers(live, stats, models, th))
+    for fam in _families(reps, cos, th.family):
+        members = [i for i in live if rep[i] in fam]
+        out.append({"code": "family", "models": [models[i] for i in members]})
+    return out
+
+
+def _combination(i: int, reps: list[int], g: np.ndarray, cos, th: Thresholds):
+    others = [j for j in reps if j != i and cos[i][j] is not None and cos[i][j] > 0]
+    others.sort(key=lambda j: (-cos[i][j], j))
+    others = others[: th.candidates]
+    for size in (2, 3):
+        best = None
+        for subset in itertools.combinations(sorted(others), size):
+            s = list(subset)
+            gs = g[np.ix_(s, s)]
+            rhs = g[s, i]
+            try:
+                w = np.linalg.solve(gs, rhs)
+            except np.linalg.LinAlgError:
+                continue
+            if not np.all(np.isfinite(w)) or np.any(w < th.min_weight):
+                continue
+            res2 = max(float(g[i, i] - w @ rhs), 0.0)
+            residual = math.sqrt(res2 / g[i, i])
+            if residual < th.residual and (best is None or residual < best[2]):
+                best = (s, [float(x) for x in w], residual)
+        if best is not None:
+            return best
+    return None
+
+
+def _robust_z(values: list[float], floor: float) -> list[float]:
+    v = np.asarray(values, np.float64)
+    med = float(np.median(v))
+    spread = max(1.4826 * float(np.median(np.abs(v - med))), floor)
+    return [(x - med) / spread for x in values]
+
+
+def _outliers(live: list[int], stats: GroupStats, models: list[str], th: Thresholds) -> list[dict]:
+    if len(live) < 4:  # a median of three says nothing about which one is odd
+        return []
+    out = []
+    logs = [math.log(stats.norm[i]) for i in live]
+    for i, z in zip(live, _robust_z(logs, th.log_norm_floor)):
+        if abs(z) > th.z:
+            out.append({"code": "outlier", "models": [models[i]], "measure": "norm", "z": z,
+                        "value": stats.norm[i]})
+    have = [i for i in live if stats.consensus[i] is not None]
+    if len(have) >= 4:
+        for i, z in zip(have, _robust_z([stats.consensus[i] for i in have], th.consensus_floor)):
+            if abs(z) > th.z:
+                out.append({"code": "outlier", "models": [models[i]], "measure": "consensus", "z": z,
+                            "value": stats.consensus[i]})
+    return out
+
+
+def _families(reps: list[int], cos, family: float) -> list[set[int]]:
+    """Average linkage (UPGMA, Lance-Williams updates) on 1 - cosine, merging while the closest
+    clusters are nearer than 1 - ``family``; clusters of two or more are families. Ties go to
+    the first pair in grid order, so the result does not depend on anything but the numbers."""
+    k = len(reps)
+    if k < 2:
+        return []
+    d = np.array([[1.0 - (cos[a][b] if cos[a][b] is not None else 0.0) for b in reps] for a in reps])
+    np.fill_diagonal(d, np.inf)
+    members = [[i] for i in reps]
+    alive = list(range(k))
+    cut = 1.0 - family
+    while len(alive) > 1:
+        sub = d[np.ix_(alive, alive)]
+        flat = int(np.argmin(sub))
+        p, q = alive[flat // len(alive)], alive[flat % len(alive)]
+        if sub.flat[flat] >= cut:
+            break
+        p, q = min(p, q), max(p, q)
+        sp, sq = len(members[p]), len(members[q])
+        d[p, :] = (sp * d[p, :] + sq * d[q, :]) / (sp + sq)
+        d[:, p] = d[p, :]
+        d[p, p] = np.inf
+        members[p] = sorted(members[p] + members[q])
+        alive.remove(q)
+    return [set(members[a]) for a in alive if len(members[a]) > 1]

@@ -1,0 +1,223 @@
+"""The one read: every model's tensors, chunk by chunk, all models in the same pass, into fp64
+Gram matrices of their deltas per component and UNet block.
+
+Per tensor, a chunk of the same elements is read from every model (and from the reference
+file, if any) into one fixed buffer, converted to fp64, the reference subtracted (or the mean
+of the models, computed per element), and added to the Gram lanes of the tensor's group with
+``engine.kernels.gram``. The buffer is sized by ``budget_bytes`` whatever the number of models
+(chunks shrink as models are added), so memory is the buffer plus the N x N matrices.
+
+The reference is the last row of every Gram matrix, so a group's matrix also holds the
+reference's squared norm and its products with the deltas. Additions happen in a fixed order
+(tensors in architecture order, lanes fixed by element index), so reruns give the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from engine.checkpoint.architectures import get_architecture
+from engine.checkpoint.format import DTYPES, Header, SafetensorsError, read_header
+from engine.checkpoint.reader import pread_exact
+from engine.compare.blocks import COMPONENTS, UNET_BLOCKS, unet_block
+from engine.compare.events import CompareCancelled, CompareError, Progress
+
+DEFAULT_BUDGET = 64 << 20  # bytes of read and fp64 buffers, whatever the number of models
+
+
+@dataclass
+class Source:
+    """A model file to compare; ``key_map`` is its report's canonical -> stored key map."""
+
+    id: str
+    path: Path
+    key_map: dict[str, str]
+
+
+class ReadFailure(Exception):
+    """A model's data could not be read mid-pass; the caller leaves it out and reruns."""
+
+    def __init__(self, index: int, reason: str):
+        self.index = index
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass
+class Gathered:
+    """What the pass found: for each component, the models (indices into the sources) that took
+    part, the Gram matrix of each group ((n + 1) x (n + 1), reference last), and per model the
+    components it was left out of and why."""
+
+    members: dict[str, list[int]] = field(default_factory=dict)
+    grams: dict[str, dict[str | None, np.ndarray]] = field(default_factory=dict)  # comp -> block -> G
+    left_out: dict[int, dict[str, str]] = field(default_factory=dict)
+    tensors: dict[str, int] = field(default_factory=dict)  # comp -> tensors compared
+
+
+@dataclass
+class _Tensor:
+    key: str
+    comp: str
+    block: str | None
+    numel: int
+
+
+def _headers(sources: list[Source], reference: Source | None) -> list[Header]:
+    out = []
+    for s in [*sources, *([reference] if reference else [])]:
+        out.append(read_header(s.path))  # a SafetensorsError here is the caller's to report
+    return out
+
+
+def plan_tensors(sources: list[Source], headers: list[Header], reference: Source | None,
+                 skip: dict[int, dict[str, str]] | None = None):
+    """The tensors to compare and, per component, the models that have every one of them with
+    the expected size (the reference's, else the size most models have), less those ``skip``
+    leaves out (source index -> component -> reason, e.g. NaN values the hashes found)."""
+    arch = get_architecture("sdxl")
+    ref_i = len(sources) if reference else None
+    all_sources = [*sources, *([reference] if reference else [])]
+    tensors: dict[str, list[_Tensor]] = {c: [] for c in COMPONENTS}
+    have: dict[int, dict[str, int]] = {}  # source index -> key -> numel (float tensors only)
+    for i, (s, h) in enumerate(zip(all_sources, headers)):
+        have[i] = {}
+        for key, stored in s.key_map.items():
+            info = h.tensors.get(stored)
+            if info is not None and DTYPES[info.dtype].is_float:
+                have[i][key] = info.numel
+    for key in arch.tensors:
+        comp = arch.component_of(key)
+        if comp not in tensors or key == arch.position_ids_key:
+            continue
+        if ref_i is not None:
+            numel = have[ref_i].get(key)
+        else:
+            counts = Counter(have[i][key] for i in range(len(sources)) if key in have[i])
+            numel = counts.most_common(1)[0][0] if counts else None
+        if numel is None:
+            continue
+        block = unet_block(key) if comp == "unet" else None
+        tensors[comp].append(_Tensor(key, comp, block, numel))
+    members: dict[str, list[int]] = {}
+    left_out: dict[int, dict[str, str]] = {}
+    for comp, ts in tensors.items():
+        members[comp] = []
+        if not ts:
+            continue
+        for i in range(len(sources)):
+            if skip and comp in skip.get(i, {}):
+                left_out.setdefault(i, {})[comp] = skip[i][comp]
+                continue
+            bad = sum(1 for t in ts if have[i].get(t.key) != t.numel)
+            if bad == 0:
+                members[comp].append(i)
+            elif bad == len(ts):
+                left_out.setdefault(i, {})[comp] = f"no {comp}"
+            else:
+                left_out.setdefault(i, {})[comp] = f"{bad} of {len(ts)} {comp} tensors missing or of another size"
+    return tensors, members, left_out
+
+
+def _advise(fds, readers, headers, sources, key: str) -> None:
+    """Ask the kernel to read the next tensor of every file while this one is reduced, so the
+    reads of all files overlap with the arithmetic (a hint: failures are ignored)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for i in readers:
+        info = headers[i].tensors[sources[i].key_map[key]]
+        try:
+            os.posix_fadvise(fds[i], headers[i].data_start + info.begin, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return
+
+
+def gather(
+    sources: list[Source],
+    reference: Source | None,
+    cancel: threading.Event | None = None,
+    on_event: Callable[[object], None] | None = None,
+    budget_bytes: int = DEFAULT_BUDGET,
+    skip: dict[int, dict[str, str]] | None = None,
+) -> Gathered:
+    """Read every file once and return the Gram matrices (see the module docstring)."""
+    import torch
+
+    from engine.kernels.gram import LANES, gram_add, gram_finish
+
+    headers = _headers(sources, reference)
+    tensors, members, left_out = plan_tensors(sources, headers, reference, skip)
+    all_sources = [*sources, *([reference] if reference else [])]
+    ref_i = len(sources) if reference else None
+    minimum = 1 if reference else 2
+    active = {c: m for c, m in members.items() if len(m) >= minimum and tensors[c]}
+    total = sum(t.numel * (len(active[c]) + (1 if reference else 0)) for c in active for t in tensors[c])
+    done = 0
+    fds: dict[int, int] = {}
+    out = Gathered(members={c: list(m) for c, m in active.items()}, left_out=left_out)
+    try:
+        for i, s in enumerate(all_sources):
+            try:
+                fds[i] = os.open(s.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                if os.fstat(fds[i]).st_size != headers[i].file_size:
+                    raise SafetensorsError(s.path, "file changed size since its header was read")
+            except OSError as e:
+                err = SafetensorsError(s.path, f"cannot open: {e.strerror or e}")
+                if ref_i is not None and i == ref_i:
+                    raise CompareError(f"reference {s.id}: {err}") from None
+                raise ReadFailure(i, str(err)) from None
+            except SafetensorsError as e:
+                if ref_i is not None and i == ref_i:
+                    raise CompareError(f"reference {s.id}: {e}") from None
+                raise ReadFailure(i, str(e)) from None
+        for comp, rows in active.items():
+            n = len(rows)
+            readers = [*rows, *([ref_i] if ref_i is not None else [])]
+            chunk = max(LANES, budget_bytes // (16 * (n + 1)))
+            xs = np.empty((n + 1, chunk), np.float64)
+            raw = np.empty((len(readers), chunk * 8), np.uint8)
+            lanes: dict[str | None, np.ndarray] = {}
+            for ti, t in enumerate(tensors[comp]):
+                if ti + 1 < len(tensors[comp]):
+                    _advise(fds, readers, headers, all_sources, tensors[comp][ti + 1].key)
+                acc = lanes.get(t.block)
+                if acc is None:
+                    acc = lanes[t.block] = np.zeros((n + 1, n + 1, LANES), np.float64)
+                for start in range(0, t.numel, chunk):
+                    if cancel is not None and cancel.is_set():
+                        raise CompareCancelled()
+                    m = min(chunk, t.numel - start)
+                    for r, i in enumerate(readers):
+                        info = headers[i].tensors[all_sources[i].key_map[t.key]]
+                        size = DTYPES[info.dtype].itemsize
+                        view = memoryview(raw[r])[: m * size]
+                        try:
+                            pread_exact(fds[i], view, headers[i].data_start + info.begin + start * size,
+                                        all_sources[i].path)
+                        except SafetensorsError as e:
+                            if i == ref_i:
+                                raise CompareError(f"reference {all_sources[i].id}: {e}") from None
+                            raise ReadFailure(i, str(e)) from None
+                        values = torch.from_numpy(raw[r][: m * size]).view(DTYPES[info.dtype].torch_dtype)
+                        torch.from_numpy(xs[r, :m]).copy_(values)
+                    if ref_i is None:
+                        xs[n, :m] = xs[:n, :m].sum(axis=0) / n
+                    xs[:n, :m] -= xs[n, :m]
+                    gram_add(acc, xs[:, :m], start)
+                    done += m * len(readers)
+                    if on_event is not None:
+                        on_event(Progress(done, total, comp, t.key))
+            order = [b for b in (*UNET_BLOCKS, None) if b in lanes]
+            out.grams[comp] = {b: gram_finish(lanes[b]) for b in order}
+            out.tensors[comp] = len(tensors[comp])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
