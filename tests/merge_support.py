@@ -5,6 +5,7 @@ torch arithmetic)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -92,3 +93,23 @@ def round_exact(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_abc_recipe(folder: Path, models: Path, **settings) -> Path:
+    """``folder/recipe.toml``: models a, b, c (``models``' m0..m2) averaged into every component
+    of ``out/mix.safetensors``, with ``settings`` at the top."""
+    text = recipe_text({m: str(models / f"m{i}.safetensors") for i, m in enumerate("abc")}, {"all": ["a", "b", "c"]},
+                       [sdxl_output("out/mix.safetensors", "all")], **settings)
+    path = folder / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def subprocess_env() -> dict:
+    """The environment for a child Python that imports the project and the test helpers."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    return env

@@ -5,16 +5,13 @@ for CUDA is refused with exit code 2 naming CUDA; an out-of-memory error of the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from merge_support import make_models, recipe_text, sdxl_output
-
-ROOT = Path(__file__).resolve().parents[2]
+from merge_support import make_models, subprocess_env, write_abc_recipe
 
 # The real CLI, with the engine's backend replaced by CudaBackend over the CPU test double of
 # the CUDA runtime, whose 30th launch fails for lack of memory.
@@ -45,23 +42,15 @@ def models(tmp_path_factory) -> Path:
     return folder
 
 
-def _recipe(folder: Path, models: Path, **settings) -> Path:
-    text = recipe_text({m: str(models / f"m{i}.safetensors") for i, m in enumerate("abc")}, {"all": ["a", "b", "c"]},
-                       [sdxl_output("out/mix.safetensors", "all")], **settings)
-    path = folder / "recipe.toml"
-    path.write_text(text)
-    return path
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=subprocess_env(), timeout=300)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_check_of_a_cuda_recipe_without_cuda_exits_2_naming_cuda(models, tmp_path):
-    recipe = _recipe(tmp_path, models, device="cuda")
+    recipe = write_abc_recipe(tmp_path, models, device="cuda")
     for extra in (["--check"], []):
         result = _run(["-m", "astolfo_tui", "merge", str(recipe), *extra])
         assert result.returncode == 2, result.stderr
@@ -71,7 +60,7 @@ def test_check_of_a_cuda_recipe_without_cuda_exits_2_naming_cuda(models, tmp_pat
 
 
 def test_out_of_memory_exits_1_with_the_advice_and_leaves_nothing(models, tmp_path):
-    recipe = _recipe(tmp_path, models)
+    recipe = write_abc_recipe(tmp_path, models)
     result = _run(["-c", OOM_CLI, "merge", str(recipe), "--json"])
     assert result.returncode == 1, result.stderr
     last = json.loads(result.stdout.splitlines()[-1])

@@ -5,7 +5,6 @@ with the same bytes as an uninterrupted run)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from merge_support import make_models, recipe_text, sdxl_output, sha256
+from merge_support import make_models, recipe_text, sdxl_output, sha256, subprocess_env, write_abc_recipe
 
 from engine.checkpoint.writer import partial_path
 from engine.merge.events import event_from_dict
@@ -23,8 +22,6 @@ from engine.merge.tuning import Tuning
 from engine.plan.planner import build_plan
 from engine.recipe.toml_file import load_recipe
 from engine.synth.checkpoints import SynthSpec, write_checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Runs the real CLI, with the engine slowed down through its event callback (tiny buffers, an
 # event per item, a short sleep per event) so that a signal can land in the middle of a merge.
@@ -54,23 +51,13 @@ def models(tmp_path_factory) -> Path:
     return folder
 
 
-def _write_recipe(folder: Path, models: Path, **settings) -> Path:
-    text = recipe_text({m: str(models / f"m{i}.safetensors") for i, m in enumerate("abc")}, {"all": ["a", "b", "c"]},
-                       [sdxl_output("out/mix.safetensors", "all")], **settings)
-    path = folder / "recipe.toml"
-    path.write_text(text)
-    return path
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    return env
 
 
 def _astolfo(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "astolfo_tui", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), cwd=cwd, timeout=300)
+                          env=subprocess_env(), cwd=cwd, timeout=300)
 
 
 def _lines(stdout: str) -> list[dict]:
@@ -78,7 +65,7 @@ def _lines(stdout: str) -> list[dict]:
 
 
 def test_check_and_merge_with_json_lines(models, tmp_path):
-    recipe = _write_recipe(tmp_path, models)
+    recipe = write_abc_recipe(tmp_path, models)
     checked = _astolfo("merge", recipe, "--check")
     assert checked.returncode == 0, checked.stderr
     summary = _lines(checked.stdout)[-1]
@@ -124,7 +111,7 @@ def test_failed_merge_exits_1_and_leaves_nothing(models, tmp_path):
 
 def _slow_merge(recipe: Path, *extra) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, "merge", str(recipe), "--json", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -136,7 +123,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def test_ctrl_c_exits_130_with_no_output(models, tmp_path):
-    recipe = _write_recipe(tmp_path, models)
+    recipe = write_abc_recipe(tmp_path, models)
     target = tmp_path / "out/mix.safetensors"
     proc = _slow_merge(recipe)
     _wait_for(lambda: partial_path(target).exists(), proc)
@@ -149,7 +136,7 @@ def test_ctrl_c_exits_130_with_no_output(models, tmp_path):
 
 def test_kill_9_leaves_no_target_and_resume_gives_identical_bytes(models, tmp_path):
     sources = {p: sha256(p) for p in sorted(models.iterdir())}
-    recipe = _write_recipe(tmp_path, models, skip_nan=False)
+    recipe = write_abc_recipe(tmp_path, models, skip_nan=False)
     target = tmp_path / "out/mix.safetensors"
 
     def durable_progress() -> bool:
@@ -183,7 +170,7 @@ def test_kill_9_leaves_no_target_and_resume_gives_identical_bytes(models, tmp_pa
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    execute(build_plan(load_recipe(_write_recipe(fresh, models))))
+    execute(build_plan(load_recipe(write_abc_recipe(fresh, models))))
     assert sha256(fresh / "out/mix.safetensors") == resumed
     assert {p: sha256(p) for p in sorted(models.iterdir())} == sources
 
@@ -206,10 +193,10 @@ except MergeError as e:
 
 def test_a_write_failure_names_the_file_and_leaves_nothing(models, tmp_path):
     """A file size limit stands in for a full disk: the write fails part-way through."""
-    recipe = _write_recipe(tmp_path, models)
+    recipe = write_abc_recipe(tmp_path, models)
     sources = {p: sha256(p) for p in sorted(models.iterdir())}
     result = subprocess.run([sys.executable, "-c", FULL_DISK, str(recipe)], capture_output=True, text=True,
-                            env=_env(), timeout=300)
+                            env=subprocess_env(), timeout=300)
     assert result.returncode == 1, result.stderr
     assert "mix.safetensors.partial" in result.stdout and "File too large" in result.stdout
     assert list((tmp_path / "out").iterdir()) == []
