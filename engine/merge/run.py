@@ -95,6 +95,8 @@ class _Run:
         self.tuning_given = tuning
         self.tuning = tuning or Tuning()
         self.read_limit = read_limit
+        # drop pages behind reads and writes when the merge's files would crowd out the RAM
+        self.drop_cache = drop_cache_wanted(plan.bytes_to_read + plan.bytes_to_write)
         self.backend_factory = backend_factory or open_backend
         self.device = torch.device("cpu")
         self.memory: MemoryMonitor | None = None
@@ -202,7 +204,7 @@ class _Run:
         self.meter.start_stage()
         pipeline = Pipeline(plan, self.fds, self.streams, self.tuning, self.device, self.nan,
                             PassHooks(self.check_cancel, self.progress, self.item_done), self.read_limit,
-                            drop_cache_wanted(plan.bytes_to_read + plan.bytes_to_write), self.backend_factory)
+                            self.drop_cache, self.backend_factory)
         while True:
             try:
                 pipeline.run(start)
@@ -221,10 +223,9 @@ class _Run:
         for out in plan.outputs:
             out.metadata = build_metadata(plan, out, hashes)
         fingerprint = plan_fingerprint(plan, FORMAT_VERSION)
-        drop = drop_cache_wanted(plan.bytes_to_read + plan.bytes_to_write)
         for out in plan.outputs:
             out.path.parent.mkdir(parents=True, exist_ok=True)
-            self.streams.append(OutputStream(out.path, out.tensors, out.metadata, fingerprint, drop))
+            self.streams.append(OutputStream(out.path, out.tensors, out.metadata, fingerprint, self.drop_cache))
         return open_streams(plan, self.streams, resume, fingerprint, self.warn)
 
     def _commit(self, resumed_tensors: int) -> MergeResult:
