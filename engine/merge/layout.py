@@ -62,6 +62,9 @@ class Item:
     segments: list[Segment] = field(default_factory=list)
     read_bytes: int = 0
     out_bytes: int = 0
+    # method node id -> its whole-tensor statistics (engine.methods.tensor_stats), set by the
+    # pipeline before the item goes to a backend
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -96,7 +96,8 @@ class _Run:
         self.tuning = tuning or Tuning()
         self.read_limit = read_limit
         # drop pages behind reads and writes when the merge's files would crowd out the RAM
-        self.drop_cache = drop_cache_wanted(plan.bytes_to_read + plan.bytes_to_write)
+        self.bytes_to_read = plan.bytes_to_read  # a sum over every source: once, not per progress tick
+        self.drop_cache = drop_cache_wanted(self.bytes_to_read + plan.bytes_to_write)
         self.backend_factory = backend_factory or open_backend
         self.device = torch.device("cpu")
         self.memory: MemoryMonitor | None = None
@@ -123,7 +124,7 @@ class _Run:
         self.emit(ev.MergeWarning(code, message, model_id, key, output))
 
     def progress(self, force: bool = False) -> None:
-        self.meter.merging(self.stage, self.bytes_read, self.bytes_done, self.plan.bytes_to_read,
+        self.meter.merging(self.stage, self.bytes_read, self.bytes_done, self.bytes_to_read,
                            self.resumed_bytes, self.streams, self.current_key, force)
 
     def check_cancel(self) -> None:
@@ -193,7 +194,7 @@ class _Run:
         resumed_tensors = sum(s.skip_below for s in self.streams)
         self.emit(ev.Started(
             outputs=[str(o.path) for o in plan.outputs], tensors_total=plan.tensor_count,
-            bytes_to_read=plan.bytes_to_read, bytes_to_write=sum(s.total_bytes for s in self.streams),
+            bytes_to_read=self.bytes_to_read, bytes_to_write=sum(s.total_bytes for s in self.streams),
             device=describe(self.device), sources=len(plan.files), resumed_tensors=resumed_tensors,
             device_uuid=torch_uuid(self.device) if self.device.type == "cuda" else None,
         ))
@@ -212,8 +213,18 @@ class _Run:
             except Restart:
                 reopen_at_durable(self.streams)
                 start = first_needed_step(plan, self.streams)
+        self._report_clamped(pipeline.stats.clamped)
         self.nan.summarize()
         return self._commit(resumed_tensors)
+
+    def _report_clamped(self, clamped: dict[int, tuple[str, float]]) -> None:
+        """Model stock's t outside [0, 1] on some tensors (clamped there): one warning."""
+        if not clamped:
+            return
+        keys = sorted(clamped.values())
+        shown = ", ".join(f"{k} (t {t:.3g})" for k, t in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5
+                                                                        else "")
+        self.warn("stock_t_clamped", f"model stock: t was clamped to [0, 1] on {len(keys)} tensor(s): {shown}")
 
     def _open_outputs(self, resume: bool, hashes: dict) -> int:
         """Metadata, the output streams (fresh or resumed), and the first step to run."""

@@ -6,11 +6,9 @@ The recipe keeps only what the user wrote (``engine.recipe.model.MethodSpec``), 
 back does not turn preset defaults into explicit settings; ``resolve`` fills the rest from the
 preset, then from the global defaults, into the ``MethodParams`` the plan and the backends use.
 
-Which methods are computed today: those whose result is element-wise in one read of each
-source (``add_difference``, ``ties_soup`` and the sum vote with ``trim = 1``, ``dare``). A
-per-tensor statistic of each delta (the trim threshold, DELLA's ranks, model stock's cosines)
-needs a first pass over each source tensor that the streamed merge does not do yet: the checks
-refuse those settings as not yet supported instead of computing something else.
+Every method is computed by the streamed merge: element-wise in one read of each source, except
+where a per-tensor statistic of each delta is needed first (the trim threshold, DELLA's ranks,
+model stock's cosines: ``engine.methods.tensor_stats`` reads those keys' sources once more).
 """
 
 from __future__ import annotations
@@ -162,12 +160,4 @@ def problems(sel: str, fields: dict, models: dict, weights: dict, selection: lis
         if weighted:
             out.append(("bad_method_combination", f"{where}: combine = 'stock' does not use weights "
                                                   f"(weights given for {', '.join(weighted)})"))
-    # Settings the streamed merge does not compute yet: refused, never approximated.
-    if 0 < p.trim < 1:
-        bad("trim", "trim below 1 is not yet supported (it needs a per-tensor threshold pass)", "method_unsupported",
-            value=p.trim)
-    if p.drop_eps != 0:
-        bad("drop_eps", "DELLA's rank-dependent drop is not yet supported", "method_unsupported", value=p.drop_eps)
-    if p.combine == "stock":
-        bad("combine", "model stock is not yet supported", "method_unsupported", value=p.combine)
     return out

@@ -34,7 +34,7 @@ from engine.merge.arithmetic import Kernel, all_finite
 
 F64 = torch.float64
 # Scratch vectors of one slice (names of Kernel.buf; the CUDA backend sizes them ahead).
-SCRATCH = ("m_base", "m_tau", "m_total", "m_probe", "m_pos", "m_posw", "m_neg", "m_negw")
+SCRATCH = ("m_base", "m_tau", "m_total", "m_probe", "m_pos", "m_posw", "m_neg", "m_negw", "m_abs")
 
 
 @lru_cache(maxsize=4096)
@@ -45,11 +45,13 @@ def mask_key(seed: int, sha256: str, key: str) -> int:
 
 
 def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: list[torch.Tensor],
-            factors: list[float], shas: list[str | None], scale: float, outs: list[torch.Tensor]) -> torch.Tensor:
+            factors: list[float], shas: list[str | None], scale: float, outs: list[torch.Tensor],
+            stats=None, idents: list[tuple[int, str]] | None = None) -> torch.Tensor:
     """Elements ``start ..`` of ``key`` by method ``params`` (MethodParams) into each of ``outs``:
     ``base`` and the models' ``views`` (same length), their ``factors`` and SHA256s (for the
-    drop masks; None only when nothing is dropped), ``scale``: factors / weights. Returns the
-    0-dim "every input finite" flag."""
+    drop masks; None only when nothing is dropped), ``scale``: factors / weights; ``stats``:
+    the key's ``tensor_stats.TensorStats`` where the method needs them, with ``idents`` the
+    models' ``(file, stored key)``. Returns the 0-dim "every input finite" flag."""
     n = base.numel()
     b = k.buf("m_base", F64, n)
     k.load(b, base)
@@ -63,13 +65,20 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
         pos, posw = k.buf("m_pos", F64, n).zero_(), k.buf("m_posw", F64, n).zero_()
         neg, negw = k.buf("m_neg", F64, n).zero_(), k.buf("m_negw", F64, n).zero_()
     drop = params.drop
-    for view, f, sha in zip(views, factors, shas):
+    idents = idents or [None] * len(views)
+    for view, f, sha, ident in zip(views, factors, shas, idents):
         k.load(tau, view)
         tau.sub_(b)
         probe.add_(tau)
-        if drop > 0:
+        if params.drop_eps != 0:  # DELLA: the keep mask from the key's ranks
+            keep = torch.from_numpy(stats.keep_mask(ident, start, n)).to(tau.device, non_blocking=True)
+            tau.masked_fill_(~keep, 0.0)
+        elif drop > 0:
             u = uniform_torch(mask_key(params.seed, sha, key), start, n, device=tau.device)
             tau.masked_fill_(u < drop, 0.0)
+        if params.trim < 1:  # kept where |tau| >= the model's threshold on this key
+            mag = torch.abs(tau, out=k.buf("m_abs", F64, n))
+            tau.masked_fill_(mag < stats.thresholds[ident], 0.0)
         if f != 1.0:
             tau.mul_(f)  # then add: never an FMA
         if not voting:
@@ -89,8 +98,10 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
         delta = torch.where(total > 0, pos.div_(posw), torch.where(total < 0, neg.div_(negw), 0.0))
     else:
         delta = total
-        if params.combine == "mean":
+        if params.combine in ("mean", "stock"):
             delta.div_(k.divisor(math.fsum(factors), F64))
+            if params.combine == "stock":
+                delta.mul_(stats.stock_t)
         elif scale != 1.0:
             delta.div_(k.divisor(scale, F64))
     divisor = params.rescale_divisor

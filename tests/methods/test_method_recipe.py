@@ -83,19 +83,20 @@ def test_every_bad_parameter_at_once_naming_selection_field_and_value(models, tm
     assert any("no selection 'nope'" in e for e in _errors(models, tmp_path, '[methods.nope]\nmethod = "dare"\n'))
 
 
-def test_undefined_combinations_and_unsupported_settings_are_refused(models, tmp_path):
+def test_undefined_combinations_are_refused(models, tmp_path):
     errors = _errors(models, tmp_path, '[methods.all]\nmethod = "add_difference"\nbase = "o"\nvote = "sum"\n')
     assert any("vote = 'sum' with combine = 'sum'" in e for e in errors), errors
     errors = _errors(models, tmp_path, '[methods.all]\nmethod = "model_stock"\nbase = "o"\nalpha = 0.5\ndrop = 0.1\n',
                      select={"all": ["a"]}, weights={"a": 2.0})
     for part in ("methods.all.alpha = 0.5: not defined", "methods.all.drop = 0.1: not defined",
-                 "needs at least two models", "does not use weights", "model stock is not yet supported"):
+                 "needs at least two models", "does not use weights"):
         assert any(part in e for e in errors), (part, errors)
-    errors = _errors(models, tmp_path, '[methods.all]\nmethod = "ties"\nbase = "o"\n')
-    assert any("methods.all.trim = 0.2 (the default of method 'ties')" in e and "not yet supported" in e
-               for e in errors), errors
-    errors = _errors(models, tmp_path, '[methods.all]\nmethod = "della"\nbase = "o"\ndrop = 0.2\ndrop_eps = 0.1\n')
-    assert any("methods.all.drop_eps = 0.1" in e and "not yet supported" in e for e in errors), errors
+
+
+def test_every_preset_with_its_required_fields_passes_the_check(models, tmp_path):
+    for table in ('method = "ties"\nbase = "o"\n', 'method = "della"\nbase = "o"\ndrop = 0.2\ndrop_eps = 0.1\n',
+                  'method = "model_stock"\nbase = "o"\n', 'method = "dare"\nbase = "o"\ndrop = 0.3\ntrim = 0.5\n'):
+        assert _errors(models, tmp_path, "[methods.all]\n" + table) == [], table
 
 
 def test_check_command_exits_2_listing_every_problem(models, tmp_path, capsys):

@@ -74,13 +74,34 @@ def reference(base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], p: di
     b = base.to(torch.float64).reshape(-1)
     n = b.numel()
     drop, vote, combine = p.get("drop", 0.0), p.get("vote", "none"), p.get("combine", "mean")
+    eps, trim = p.get("drop_eps", 0.0), p.get("trim", 1.0)
     deltas = []
     for x, w, path in zip(xs, ws, paths):
         tau = x.to(torch.float64).reshape(-1) - b
-        if drop > 0:  # kept where u >= drop
+        if eps != 0:  # DELLA: rank 1 for the smallest |tau|, ties by element order
+            ranks = torch.empty(n, dtype=torch.float64)
+            ranks[torch.sort(tau.abs(), stable=True).indices] = torch.arange(1, n + 1, dtype=torch.float64)
+            keep = (1.0 - drop + eps * (ranks / n - (n + 1) / (2 * n))).clamp(0.0, 1.0)
+            tau = torch.where(_uniform(p.get("seed", 0), path, key, n) >= 1.0 - keep, tau, torch.zeros_like(tau))
+        elif drop > 0:  # kept where u >= drop
             tau = torch.where(_uniform(p.get("seed", 0), path, key, n) >= drop, tau, torch.zeros_like(tau))
+        if trim < 1:  # the k-th smallest |tau| of the dropped delta, kept at and above it
+            threshold = torch.kthvalue(tau.abs(), max(int((1 - trim) * n), 1)).values
+            tau = torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
         deltas.append(tau * w)
-    if vote == "none":
+    if combine == "stock":
+        cosines = []
+        for i in range(len(deltas)):
+            for j in range(i + 1, len(deltas)):
+                d = deltas[i].norm() * deltas[j].norm()
+                cosines.append(float(deltas[i] @ deltas[j] / d) if d > 0 else 0.0)
+        c = sum(cosines) / len(cosines)
+        t = len(deltas) * c / (1 + (len(deltas) - 1) * c) if 1 + (len(deltas) - 1) * c > 0 else 0.0
+        combined = torch.zeros(n, dtype=torch.float64)
+        for d in deltas:
+            combined = combined + d
+        combined = combined / len(deltas) * min(1.0, max(0.0, t))
+    elif vote == "none":
         combined = torch.zeros(n, dtype=torch.float64)
         for d in deltas:
             combined = combined + d
@@ -188,11 +209,70 @@ def test_dare_with_a_vote(models, tmp_path):
     _check(models, path, p, "abc", [1.0, 1.0, 1.0], exact=True)
 
 
+def test_ties_with_the_default_trim(models, tmp_path):
+    path = _merge(_recipe(models, tmp_path, {"method": "ties", "base": "o"}))
+    _check(models, path, {"vote": "sum", "trim": 0.2}, "abc", [1.0, 1.0, 1.0], exact=True)
+
+
+def test_trim_with_the_count_vote_and_weights(models, tmp_path):
+    p = {"method": "ties", "base": "o", "trim": 0.5, "vote": "count"}
+    path = _merge(_recipe(models, tmp_path, p, weights={"a": 2.0, "b": 1.0, "c": 0.25}))
+    _check(models, path, p, "abc", [2.0, 1.0, 0.25], exact=True)
+
+
+def test_trim_keeps_everything_at_trim_one_and_on_tiny_tensors(models, tmp_path):
+    """trim 0.999: k = max(int(0.001 n), 1) is 1 on every tensor under 2000 elements (all kept)."""
+    p = {"method": "ties", "base": "o", "trim": 0.999}
+    path = _merge(_recipe(models, tmp_path, p))
+    _check(models, path, {"vote": "sum", "trim": 0.999}, "abc", [1.0, 1.0, 1.0], exact=True)
+
+
+def test_dare_then_trim(models, tmp_path):
+    p = {"method": "dare", "base": "o", "drop": 0.3, "trim": 0.4, "seed": 2, "rescale": False}
+    path = _merge(_recipe(models, tmp_path, p))
+    _check(models, path, p, "abc", [1.0, 1.0, 1.0], exact=True)
+
+
+def test_della_with_the_sum_vote_and_trim(models, tmp_path):
+    p = {"method": "della", "base": "o", "drop": 0.2, "drop_eps": 0.15, "vote": "sum", "trim": 0.6, "seed": 9}
+    path = _merge(_recipe(models, tmp_path, p))
+    _check(models, path, p, "abc", [1.0, 1.0, 1.0], exact=False)
+
+
+def test_della_negative_eps_over_one_model(models, tmp_path):
+    p = {"method": "della", "base": "o", "drop": 0.5, "drop_eps": -0.4, "seed": 1, "rescale": False}
+    path = _merge(_recipe(models, tmp_path, p, select=("c",)))
+    _check(models, path, p, "c", [1.0], exact=True)
+
+
+def test_model_stock(models, tmp_path):
+    path = _merge(_recipe(models, tmp_path, {"method": "model_stock", "base": "o"}))
+    _check(models, path, {"combine": "stock"}, "abc", [1.0, 1.0, 1.0], exact=False)
+
+
+def test_model_stock_factor_and_its_clamp():
+    from engine.methods.tensor_stats import stock_factor
+
+    same = [[4.0, 4.0], [4.0, 4.0]]  # two equal deltas: c = 1, t = 1
+    assert stock_factor(torch.tensor(same, dtype=torch.float64).numpy()) == (1.0, None)
+    orth = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert stock_factor(torch.tensor(orth, dtype=torch.float64).numpy()) == (0.0, None)
+    opposed = [[1.0, -1.0], [-1.0, 1.0]]  # c = -1: 1 + (N-1) c = 0, t is 0 and reported
+    t, raw = stock_factor(torch.tensor(opposed, dtype=torch.float64).numpy())
+    assert t == 0.0 and raw is not None
+    zero = [[0.0, 0.0], [0.0, 1.0]]  # a zero delta counts as cos 0
+    assert stock_factor(torch.tensor(zero, dtype=torch.float64).numpy()) == (0.0, None)
+
+
 # --------------------------------------------------------------------------- masks and bytes
 
 
-def test_bytes_do_not_depend_on_buffer_size_model_order_or_backend(models, tmp_path, monkeypatch):
-    p = {"method": "dare", "base": "o", "drop": 0.2, "vote": "sum", "seed": 3}
+@pytest.mark.parametrize("p", [
+    {"method": "dare", "base": "o", "drop": 0.2, "vote": "sum", "seed": 3},
+    {"method": "della", "base": "o", "drop": 0.2, "drop_eps": 0.1, "vote": "sum", "trim": 0.3, "seed": 3},
+    {"method": "model_stock", "base": "o"},
+], ids=["dare", "della-trim", "stock"])
+def test_bytes_do_not_depend_on_buffer_size_model_order_or_backend(models, tmp_path, monkeypatch, p):
     first = _merge(_recipe(models, tmp_path, p, name="small"), SMALL).read_bytes()
     assert _merge(_recipe(models, tmp_path, p, name="small"), LARGE).read_bytes() == first  # the same file
     again = _merge(_recipe(models, tmp_path, p, select=("c", "a", "b"), name="order"), SMALL)

@@ -133,10 +133,12 @@ class CpuBackend:
         outs = [_view(job.out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()]
         srcs = [base, *kept]
         views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in srcs]
+        stats, idents = job.item.stats.get(ns.node), [(s.file, s.key) for s in kept]
         for a in range(0, n, self.sub):
             b = min(n, a + self.sub)
             finite = streamed.compute(k, node.method, node.key, seg.start + a, views[0][a:b],
-                                      [v[a:b] for v in views[1:]], factors, shas, node.scale, [o[a:b] for o in outs])
+                                      [v[a:b] for v in views[1:]], factors, shas, node.scale, [o[a:b] for o in outs],
+                                      stats, idents)
             if not bool(finite):
                 return Bad(seg, ns.node, [(s.file, s.key) for s, v in zip(srcs, views) if not k.finite(v[a:b])])
         return None

@@ -260,7 +260,8 @@ class CudaBackend:
                     fi = handle.flags
                     handle.flags += 1
                     handle.marks.append((seg, ns, [base, *models], fi))
-                    work.append((seg, ns, node, [base, *models], (factors, shas), fi))
+                    extra = (factors, shas, item.stats.get(ns.node), [(s.file, s.key) for s in models])
+                    work.append((seg, ns, node, [base, *models], extra, fi))
                     continue
                 node, kept, factors = _node_parts(self.plan, seg, ns, excluded)
                 fi = None
@@ -310,9 +311,9 @@ class CudaBackend:
                 continue
             views = [_view(din, s.buf_offset, s.nbytes, s.dtype) for s in kept]
             if node.kind == METHOD:
-                factors, shas = factors
+                factors, shas, stats, idents = factors
                 finite = streamed.compute(k, node.method, node.key, seg.start, views[0], views[1:], factors, shas,
-                                          node.scale, outs)
+                                          node.scale, outs, stats, idents)
             elif node.kind == COPY:
                 finite = k.copy(views[0], outs, node.check_finite)
             else:

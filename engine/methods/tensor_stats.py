@@ -1,0 +1,213 @@
+"""Whole-tensor statistics that some methods need before their element-wise pass over a key:
+the trim threshold of each model's delta, DELLA's rank-dependent keep masks, model stock's
+interpolation factor ``t``.
+
+The streamed merge computes every element from the sources' values at that element only; these
+three depend on a whole tensor (a k-th smallest magnitude, the rank of each magnitude, cosines
+of flattened deltas). So just before the first slice of such a key is handed to a backend, the
+pipeline's thread reads the key's sources once more, straight from the files (the page cache
+usually still holds them, the readers fetched them a moment ago), and computes them here:
+
+- trim: for each model, after its drop, the ``max(int((1 - trim) * n), 1)``-th smallest |tau|
+  (``engine.kernels.select``, exact, from the fp64 bits; no sort): one number per model;
+- DELLA: for each model, the rank r of each |tau| (1 for the smallest, ties by element order),
+  the keep probability ``p = 1 - drop + drop_eps * (r / n - (n + 1) / (2 n))`` clamped to
+  [0, 1], and the element kept when ``u >= 1 - p`` (``u`` the same counter-based uniform as
+  DARE's): one bit per element and model, packed;
+- model stock: the fp64 Gram matrix of the deltas (``engine.kernels.gram``, a fixed summation
+  order whatever the chunking), ``c`` the mean over pairs of their cosines (0 for a zero delta),
+  ``t = N c / (1 + (N - 1) c)`` clamped to [0, 1] (0 where the denominator is <= 0).
+
+Everything is computed on the CPU in fp64 from the files' bytes, whatever the backend, so CPU
+and CUDA merges use the same numbers and write the same bytes. Memory: one model's delta and
+the base at a time (16 bytes per element of the key) for trim and DELLA, a fixed-size block of
+all models for model stock, plus DELLA's masks (n / 8 bytes per model, held until the key is
+done: the one cost that grows with N, 8 MB per model for the largest SDXL tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.checkpoint.format import DTYPES
+from engine.checkpoint.reader import pread_exact
+from engine.kernels.hashing import uniform_numpy
+from engine.methods.streamed import mask_key, method_parts
+from engine.plan.model import METHOD, MergePlan, Source
+
+# Elements of all the models read at once for model stock's Gram matrix (bytes / 8 / N each).
+STOCK_BLOCK_BYTES = 64 << 20
+
+
+def needs_stats(params) -> bool:
+    """Whether a method needs a look at whole tensors before its element-wise pass."""
+    return params.trim < 1 or params.drop_eps != 0 or params.combine == "stock"
+
+
+@dataclass
+class TensorStats:
+    """A method node's whole-tensor numbers, for the sources it was computed from (keyed by
+    ``(file, stored key)``, so a slice finds its model's whatever the order or exclusions)."""
+
+    thresholds: dict[tuple[int, str], float] = field(default_factory=dict)  # trim: keep |tau| >= this
+    keep_bits: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # DELLA: packed keep masks
+    stock_t: float | None = None
+    stock_raw: float | None = None  # t before the clamp (None when not clamped)
+
+    def keep_mask(self, src: tuple[int, str], start: int, n: int) -> np.ndarray | None:
+        """DELLA's keep decisions of elements ``start .. start + n`` of one model (bool)."""
+        bits = self.keep_bits.get(src)
+        if bits is None:
+            return None
+        a, b = start // 8, (start + n + 7) // 8
+        return np.unpackbits(bits[a:b])[start - 8 * a: start - 8 * a + n].astype(bool)
+
+
+def read_f64(fd: int, src: Source, path, start: int, stop: int) -> torch.Tensor:
+    """Elements ``start .. stop`` of a stored float tensor, widened exactly to fp64."""
+    spec = DTYPES[src.dtype]
+    raw = torch.empty((stop - start) * spec.itemsize, dtype=torch.uint8)
+    pread_exact(fd, memoryview(raw.numpy()), src.offset + start * spec.itemsize, path)
+    values = raw.view(spec.torch_dtype)
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.to(torch.float32)  # fp16/bf16 -> fp32 is exact
+    return values.to(torch.float64)
+
+
+def compute_stats(params, key: str, base: Source, models: list[Source], shas: list[str | None],
+                  read: Callable[[Source, int, int], torch.Tensor], check_cancel: Callable[[], None],
+                  mask_key: Callable[[int, str, str], int]) -> TensorStats:
+    """The statistics of one method node over its base and (kept) model sources."""
+    n = math.prod(base.shape)
+    stats = TensorStats()
+    if params.combine == "stock":
+        _stock(stats, base, models, n, read, check_cancel)
+        return stats
+    b = read(base, 0, n)
+    k = max(int((1 - params.trim) * n), 1)
+    for src, sha in zip(models, shas):
+        check_cancel()
+        tau = read(src, 0, n).sub_(b)
+        ident = (src.file, src.key)
+        if params.drop_eps != 0:
+            keep = della_keep(tau, params.drop, params.drop_eps, uniform_numpy(mask_key(params.seed, sha, key), 0, n))
+            stats.keep_bits[ident] = np.packbits(keep)
+            tau.masked_fill_(torch.from_numpy(~keep), 0.0)
+        elif params.drop > 0:
+            u = torch.from_numpy(uniform_numpy(mask_key(params.seed, sha, key), 0, n))
+            tau.masked_fill_(u < params.drop, 0.0)
+        if params.trim < 1:
+            stats.thresholds[ident] = kth_magnitude(tau, k)
+        del tau
+    return stats
+
+
+def kth_magnitude(tau: torch.Tensor, k: int) -> float:
+    """The k-th smallest |tau| (k from 1), exactly, from the fp64 bits."""
+    from engine.kernels.select import kth_smallest_magnitude_bits
+
+    bits = kth_smallest_magnitude_bits([tau.numpy().view(np.int64)], 64, k)
+    return float(np.array([bits], np.int64).view(np.float64)[0])
+
+
+def della_keep(tau: torch.Tensor, drop: float, eps: float, u: np.ndarray) -> np.ndarray:
+    """DELLA's keep decision of each element: ranks of |tau| (1 = smallest, ties by element
+    order), keep probability ``1 - drop + eps * (r / n - (n + 1) / (2 n))`` clamped to [0, 1],
+    kept where ``u >= 1 - p``."""
+    from engine.kernels.select import magnitude_ranks
+
+    n = tau.numel()
+    ranks = np.empty(n, np.float64)
+    magnitude_ranks(tau.numpy().view(np.int64), ranks)  # |x| sorts like its bits (NaN last)
+    p = 1.0 - drop + eps * (ranks / n - (n + 1) / (2 * n))
+    np.clip(p, 0.0, 1.0, out=p)
+    return u >= 1.0 - p
+
+
+def _stock(stats: TensorStats, base: Source, models: list[Source], n: int, read, check_cancel) -> None:
+    from engine.kernels.gram import LANES, gram_add, gram_finish
+
+    count = len(models)
+    if count < 2:  # no pair (a model left out for NaN): the base
+        stats.stock_t = 0.0
+        return
+    block = max(4096, STOCK_BLOCK_BYTES // 8 // count)
+    lanes = np.zeros((count, count, LANES), np.float64)
+    for a in range(0, n, block):
+        check_cancel()
+        b = min(n, a + block)
+        base_part = read(base, a, b)
+        taus = torch.stack([read(s, a, b).sub_(base_part) for s in models])
+        gram_add(lanes, taus.numpy(), a)
+    stats.stock_t, stats.stock_raw = stock_factor(gram_finish(lanes))
+
+
+def stock_factor(gram: np.ndarray) -> tuple[float, float | None]:
+    """(t, the raw t when it was clamped, else None) from the deltas' Gram matrix."""
+    count = gram.shape[0]
+    cosines = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            d = math.sqrt(gram[i, i]) * math.sqrt(gram[j, j])
+            cosines.append(gram[i, j] / d if d > 0 else 0.0)
+    c = math.fsum(cosines) / len(cosines)
+    denom = 1 + (count - 1) * c
+    if not math.isfinite(c):
+        return c, None  # a NaN/Inf source: the element pass flags it for the NaN policy
+    if denom <= 0:
+        return 0.0, -math.inf
+    t = count * c / denom
+    if 0.0 <= t <= 1.0:
+        return t, None
+    return min(1.0, max(0.0, t)), t
+
+
+class StatsFeed:
+    """Computes each method node's statistics once per pass, on the pipeline's thread, as its
+    first slice is submitted, and hands them to the items that hold its slices (``Item.stats``).
+    A node's numbers are dropped once its last slice has been handed out. ``clamped`` keeps,
+    across passes, the keys whose model stock ``t`` was clamped (node id -> (key, raw t))."""
+
+    def __init__(self, plan: MergePlan, fds: list[int], check_cancel: Callable[[], None]):
+        self.plan = plan
+        self.fds = fds
+        self.check_cancel = check_cancel
+        self._held: dict[int, TensorStats] = {}
+        self.clamped: dict[int, tuple[str, float]] = {}
+
+    def begin_pass(self) -> None:
+        """A new pass (after a NaN skip the sources kept may differ): nothing is reused."""
+        self._held.clear()
+
+    def attach(self, item, excluded: dict[int, set]) -> None:
+        for seg in item.segments:
+            for ns in seg.nodes:
+                node = self.plan.nodes[ns.node]
+                if node.kind != METHOD or not needs_stats(node.method):
+                    continue
+                stats = self._held.get(ns.node)
+                if stats is None:
+                    _, base, base_out, kept, _, shas = method_parts(self.plan, seg, ns, excluded)
+                    if base_out or not kept:
+                        continue  # the backend reports the slice as bad
+                    step = self.plan.steps[seg.step]
+                    by_ident = {(s.file, s.key): s for s in step.sources}
+                    stats = compute_stats(node.method, node.key, by_ident[(base.file, base.key)],
+                                          [by_ident[(s.file, s.key)] for s in kept], shas, self._read,
+                                          self.check_cancel, mask_key)
+                    self._held[ns.node] = stats
+                    if stats.stock_raw is not None:
+                        self.clamped[ns.node] = (node.key, stats.stock_raw)
+                    else:
+                        self.clamped.pop(ns.node, None)
+                item.stats[ns.node] = stats
+                if seg.stop >= node.numel:
+                    del self._held[ns.node]
+
+    def _read(self, src: Source, start: int, stop: int) -> torch.Tensor:
+        return read_f64(self.fds[src.file], src, self.plan.files[src.file].path, start, stop)
