@@ -80,12 +80,13 @@ class LibraryScreen(Screen):
         ),
         Binding("m", "merge", "Merge", tooltip="Check the recipe and open the merge dashboard"),
         Binding(
-            "t", "edit_method", "Method", tooltip="How the selection column under the cursor is combined: "
-            "mean, add_difference, ties, ... with its base and parameters"
+            "t",
+            "edit_method",
+            "Method",
+            tooltip="How the selection under the cursor is combined: method, base, parameters",
         ),
         Binding(
-            "v", "edit_weight", "Weight", show=False,
-            tooltip="The highlighted model's weight in every selection (the recipe's [weights])",
+            "v", "edit_weight", "Weight", show=False, tooltip="The highlighted model's weight, in every selection"
         ),
         Binding(
             "equals_sign",

@@ -178,7 +178,7 @@ class MergeScreen(Screen):
                     Text(sel),
                     Text(str(len(ids)), style=OK if ids else f"bold {ERROR}"),
                     Text(",".join(short_id(i) for i in ids) or "(none)", style="" if ids else ERROR),
-                    _method_text(recipe.methods.get(sel)),
+                    _method_text(recipe.methods.get(sel), len(ids)),
                 )
                 first = False
             table.add_row("", "", "", "", "", "")
@@ -407,13 +407,14 @@ class MergeScreen(Screen):
             self._poll_timer.stop()
 
 
-def _method_text(fields: dict | None) -> Text:
+def _method_text(fields: dict | None, count: int) -> Text:
     """A selection's method with every parameter, defaults filled (``MethodParams.summary``);
-    a table the checks refuse is shown as written (its problems are listed below the table)."""
+    a table the checks refuse is shown as written (its problems are listed below the table).
+    Without a method one model is copied and several are averaged."""
     from engine.methods.params import resolve
 
     if not fields or fields.get("method", "mean") == "mean":
-        return Text("mean", style=DIM)
+        return Text("copy" if count == 1 else "mean", style=DIM)
     try:
         return Text(resolve(fields).summary())
     except (KeyError, TypeError, ValueError):
