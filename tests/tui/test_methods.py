@@ -220,3 +220,23 @@ async def test_launch_a_merge_with_a_method_from_the_app(work_dir):
     output = work_dir.parent / "mixes" / "mix-base.safetensors"
     assert output.exists() and read_header(output).tensors
     assert "add_difference" in json.dumps(read_header(output).metadata)  # the provenance names the method
+
+
+def test_the_plan_names_each_components_method_even_one_the_checks_refuse():
+    from astolfo_tui.screens.merge import _method_text
+
+    assert _method_text(None, 3).plain == "mean" and _method_text({"method": "mean"}, 1).plain == "copy"
+    shown = _method_text({"method": "dare", "base": "_x00", "drop": 0.1}, 2).plain
+    assert shown.startswith("dare(base=_x00, alpha=1.0") and "drop=0.1" in shown and "rescale=True" in shown
+    assert _method_text({"method": "dare", "base": "_x00", "drop": "lots"}, 2).plain == "dare(base='_x00', drop='lots')"
+
+
+async def test_the_outputs_dialog_names_a_sources_method(demo_dir):
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        app.library.state.set_method("nsfw", {"method": "ties_soup", "base": "_x00"})
+        await pilot.press("u")
+        await pilot.pause()
+        labels = [str(prompt) for select in app.screen.query(Select) for prompt, _ in select._options]
+        assert "unet ← nsfw (ties_soup)" in labels and "unet ← unet" in labels
