@@ -240,3 +240,21 @@ async def test_the_outputs_dialog_names_a_sources_method(demo_dir):
         await pilot.pause()
         labels = [str(prompt) for select in app.screen.query(Select) for prompt, _ in select._options]
         assert "unet ← nsfw (ties_soup)" in labels and "unet ← unet" in labels
+
+
+async def test_a_bad_table_from_a_recipe_opens_with_its_problems_named(demo_dir):
+    """What a hand-written recipe says is shown as written, never crashes the dialog, and is
+    named by the checks (a base that is not a model, a word where a number goes)."""
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        app.library.state.set_method("unet", {"method": "dare", "base": "nope", "drop": "lots"})
+        app.library.grid.rebuild()
+        assert _header(app, "unet") == "unet\n=0 dare"
+        dialog = await _open_method_dialog(app, pilot)
+        assert dialog.query_one("#method-base", Select).value == "nope"
+        assert dialog.query_one("#param-drop", Input).value == "lots"
+        shown = _problems_text(dialog)
+        assert "methods.unet.base = 'nope': not a model id in [models]" in shown
+        assert "methods.unet.drop = 'lots': expected a finite number" in shown
+        assert dialog.query_one("#ok", Button).disabled
