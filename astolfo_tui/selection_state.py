@@ -71,6 +71,8 @@ class SelectionState:
         self.skip_nan = False
         self.date: str | None = None
         self.metadata: dict[str, str] = {}
+        # selection -> its [methods.<selection>] table as the user set it (no entry: the mean)
+        self.methods: dict[str, dict[str, object]] = {}
         self.arch = _majority_arch(reports)
         layout = SD15_COLUMNS if self.arch == "sd15" else SDXL_COLUMNS
         self.columns: dict[str, SelectionColumn] = {n: SelectionColumn(n, c) for n, c in layout}
@@ -186,6 +188,7 @@ class SelectionState:
         )
         new.metadata = dict(self.metadata)
         new.weights = {moved[m]: w for m, w in self.weights.items() if moved.get(m)}
+        new.methods = {sel: _with_base(fields, moved) for sel, fields in self.methods.items() if sel in new.columns}
         return new
 
     # -- columns -----------------------------------------------------------------------------
@@ -204,12 +207,15 @@ class SelectionState:
             raise ValueError(f"there is already a selection named {new!r}")
         self.columns = {(new if k == old else k): v for k, v in self.columns.items()}
         self.columns[new].name = new
+        if old in self.methods:
+            self.methods[new] = self.methods.pop(old)
         for out in self.outputs:
             out.sources = {c: (new if s == old else s) for c, s in out.sources.items()}
 
     def remove_column(self, name: str) -> None:
         """Drop a selection; outputs whose UNet came from it go too, others lose that source."""
         col = self.columns.pop(name)
+        self.methods.pop(name, None)
         kept = []
         for out in self.outputs:
             if out.sources.get("unet") == name:
@@ -225,12 +231,36 @@ class SelectionState:
         suffix = "base" if unet_column.name == "unet" else unet_column.name
         return OutputSpec(path=self.output_dir / f"{self.name}-{suffix}.safetensors", sources=sources, dtype=None)
 
+    # -- methods and weights -----------------------------------------------------------------
+
+    def set_method(self, column: str, fields: dict[str, object] | None) -> None:
+        """How selection ``column`` is combined: its methods table as the user wrote it; None
+        or ``method = "mean"`` (the default) removes the table."""
+        if not fields or fields.get("method", "mean") == "mean":
+            self.methods.pop(column, None)
+        else:
+            self.methods[column] = dict(fields)
+
+    def method_name(self, column: str) -> str:
+        return str(self.methods.get(column, {}).get("method", "mean"))
+
+    def set_weight(self, model_id: str, weight: float | None) -> None:
+        """A model's [weights] entry; None or 1 (the default) removes it."""
+        if weight is None or weight == 1.0:
+            self.weights.pop(model_id, None)
+        else:
+            self.weights[model_id] = float(weight)
+
+    def weight(self, model_id: str) -> float:
+        return self.weights.get(model_id, 1.0)
+
     # -- recipes -----------------------------------------------------------------------------
 
     def to_recipe(self) -> Recipe:
         """The recipe for the current picks: only the models some selection uses are listed,
         each pinned to its SHA256 when hashing has produced one."""
-        used = [m for m in self.order if any(m in c.ids for c in self.columns.values())]
+        bases = {f.get("base") for sel, f in self.methods.items() if sel in self.columns}
+        used = [m for m in self.order if m in bases or any(m in c.ids for c in self.columns.values())]
         models = {m: ModelEntry(id=m, path=self.reports[m].path, sha256=self.sha256.get(m)) for m in used}
         return Recipe(
             name=self.name,
@@ -248,6 +278,7 @@ class SelectionState:
             date=self.date,
             base_dir=self.base_dir,
             metadata=dict(self.metadata),
+            methods={sel: dict(f) for sel, f in self.methods.items() if sel in self.columns},
         )
 
     def apply_recipe(self, recipe: Recipe) -> list[str]:
@@ -276,6 +307,7 @@ class SelectionState:
         self.dtype = recipe.dtype
         self.device = recipe.device
         self.weights = {mapping[i]: w for i, w in recipe.weights.items() if i in mapping}
+        self.methods = {sel: _with_base(f, mapping) for sel, f in recipe.methods.items() if sel in self.columns}
         self.strict = recipe.strict
         self.skip_nan = recipe.skip_nan
         self.date = recipe.date
@@ -304,6 +336,16 @@ def _resolved(path: Path) -> Path:
         return Path(path).resolve()
     except OSError:
         return Path(path).absolute()
+
+
+def _with_base(fields: dict[str, object], ids: dict) -> dict[str, object]:
+    """A methods table with its base renamed through ``ids`` (recipe or old id -> library id);
+    a base not found stays as written, so the check names it."""
+    out = dict(fields)
+    base = out.get("base")
+    if isinstance(base, str) and ids.get(base):
+        out["base"] = ids[base]
+    return out
 
 
 def _majority_arch(reports: list[ModelReport]) -> str:

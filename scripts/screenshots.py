@@ -94,6 +94,8 @@ async def shoot_library(demo: Path, out: Path) -> list[Path]:
         await pilot.press("equals_sign")  # SDXL base (synthetic) as the =sd reference
         await wait_for(pilot, lambda: any(v.same_as_reference for v in grid.hashes.values()))
         pick_demo(lib.state)
+        lib.state.set_method("nsfw", {"method": "add_difference", "base": "_x00", "alpha": 0.5})
+        lib.state.set_weight("_x02", 1.5)
         grid.rebuild()
         lib._refresh_status()
         grid.cursor_coordinate = Coordinate(grid.get_row_index("_x04"), grid.get_column_index(SEL + "te1"))
@@ -112,6 +114,16 @@ async def shoot_library(demo: Path, out: Path) -> list[Path]:
         await pilot.press("escape", "u")
         await pilot.pause(0.3)
         shots.append(save(app, out, "outputs"))
+        await pilot.press("escape")
+        grid.cursor_coordinate = Coordinate(grid.get_row_index("_x04"), grid.get_column_index(SEL + "unet"))
+        await pilot.press("t")  # the method dialog, as the user fills it in
+        await pilot.pause(0.3)
+        app.screen.query_one("#method-choice").value = "dare"
+        app.screen.query_one("#method-base").value = "_x00"
+        app.screen.query_one("#param-drop").value = "0.1"
+        app.screen.query_one("#param-seed").value = "114514"
+        await pilot.pause(0.3)
+        shots.append(save(app, out, "method"))
         await pilot.press("escape", "question_mark")
         await pilot.pause(0.3)
         shots.append(save(app, out, "help"))

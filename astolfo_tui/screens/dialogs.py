@@ -185,3 +185,36 @@ class NotationDialog(ModalScreen[None]):
             self.notify(f"Saved {path}")
         else:
             self.dismiss(None)
+
+
+class WeightDialog(_FormDialog):
+    """A model's weight in every selection ([weights]: a positive number, 1 when empty);
+    dismisses with the weight, 1.0 for the default, or None when cancelled."""
+
+    def __init__(self, model_id: str, weight: float) -> None:
+        super().__init__(classes="dialog")
+        self.model_id, self.weight = model_id, weight
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box"):
+            yield Label(f"Weight of {self.model_id}", classes="dialog-title", markup=False)
+            yield Input("" if self.weight == 1.0 else repr(self.weight), placeholder="1 (default)", id="weight")
+            yield Label("multiplies its delta (methods) or its share of the mean, in every selection", classes="dim")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("OK", variant="primary", id="ok")
+                yield Button("Cancel", id="cancel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#weight", Input).focus()
+
+    def _finish(self) -> None:
+        text = self.query_one("#weight", Input).value.strip()
+        try:
+            weight = float(text) if text else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not (weight > 0 and weight != float("inf")):  # NaN fails the first test
+            self.notify(f"weights.{self.model_id} = {text!r}: weights must be positive numbers", severity="error")
+            return
+        self.dismiss(weight)

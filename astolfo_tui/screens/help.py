@@ -28,6 +28,7 @@ def _legend() -> Table:
         (Text("✗", style="#f7768e"), "cannot be ticked: the component is broken or missing (the details say why)"),
         (Text("◉ ○", style="bold #9ece6a"), "the VAE source (one model)"),
         (Text("=19", style="#9ece6a"), "how many models a selection has"),
+        (Text("=19 ties", style="italic #7dcfff"), "the selection's merge method, when it is not the mean (t sets it)"),
         (
             Text("#te0 3630852f", style="italic"),
             "short component hash; the same colour in a column = the identical component",

@@ -28,7 +28,9 @@ from astolfo_tui.screens.dialogs import (
     ConfirmDialog,
     NotationDialog,
     PathDialog,
+    WeightDialog,
 )
+from astolfo_tui.screens.method_dialog import MethodDialog
 from astolfo_tui.screens.outputs import OutputsDialog
 from astolfo_tui.selection_state import SelectionState
 from astolfo_tui.widgets.details import DetailsPane
@@ -77,6 +79,15 @@ class LibraryScreen(Screen):
             tooltip="Show the selections in the article's notation; save them to a file",
         ),
         Binding("m", "merge", "Merge", tooltip="Check the recipe and open the merge dashboard"),
+        Binding(
+            "t",
+            "edit_method",
+            "Method",
+            tooltip="How the selection under the cursor is combined: method, base, parameters",
+        ),
+        Binding(
+            "v", "edit_weight", "Weight", show=False, tooltip="The highlighted model's weight, in every selection"
+        ),
         Binding(
             "equals_sign",
             "mark_reference",
@@ -401,7 +412,9 @@ class LibraryScreen(Screen):
         mid = self.grid.current_model
         self._details_for = mid
         report = self.state.reports.get(mid) if mid else None
-        self.query_one(DetailsPane).show(report, self.file_hashes.get(mid) if mid else None)
+        self.query_one(DetailsPane).show(
+            report, self.file_hashes.get(mid) if mid else None, weight=self.state.weight(mid) if mid else 1.0
+        )
 
     def action_mark_reference(self) -> None:
         mid = self.grid.current_model
@@ -551,6 +564,35 @@ class LibraryScreen(Screen):
 
         self.app.push_screen(OutputsDialog(self.state), done)
 
+    # -- methods and weights -----------------------------------------------------------------
+
+    def action_edit_method(self) -> None:
+        name = self.grid.current_selection
+        if name is None:
+            self.notify("Move the cursor to a selection column to choose its method.", severity="warning")
+            return
+
+        def done(fields) -> None:
+            if fields is not None and name in self.state.columns:
+                self.state.set_method(name, fields)
+                self.grid.rebuild()  # the header names the method, and may need a wider column
+                self._refresh_status()
+
+        self.app.push_screen(MethodDialog(self.state, name), done)
+
+    def action_edit_weight(self) -> None:
+        mid = self.grid.current_model
+        if mid is None:
+            return
+
+        def done(weight: float | None) -> None:
+            if weight is not None and mid in self.state.reports:
+                self.state.set_weight(mid, weight)
+                self._show_details()
+                self._refresh_status()
+
+        self.app.push_screen(WeightDialog(mid, self.state.weight(mid)), done)
+
     # -- recipes and notation ----------------------------------------------------------------
 
     def default_recipe_path(self) -> Path:
@@ -653,11 +695,12 @@ class LibraryScreen(Screen):
         same = [m for m in self.state.order if (v := self.grid.hashes.get(m)) and v.same_as_reference]
         if same:
             lines["=sd"] = same
-        ticked = [m for m in self.state.order if self.state.selected_anywhere(m)]
+        bases = {f.get("base") for f in self.state.methods.values()}
+        ticked = [m for m in self.state.order if self.state.selected_anywhere(m) or m in bases]
         legend = [
             (m, self.state.reports[m].file_name, getattr(self.file_hashes.get(m), "autov2", None)) for m in ticked
         ]
-        return format_notation(self.state.order, lines) + format_legend(legend)
+        return format_notation(self.state.order, lines, self.state.methods) + format_legend(legend)
 
     def action_copy_notation(self) -> None:
         self.app.copy_to_clipboard(self.notation())

@@ -167,6 +167,7 @@ class MergeScreen(Screen):
         table.add_column("selection", no_wrap=True)
         table.add_column("n", justify="right")
         table.add_column("models", ratio=1)
+        table.add_column("method", ratio=1)
         for out in recipe.outputs:
             first = True
             for comp, sel in out.sources.items():
@@ -177,9 +178,10 @@ class MergeScreen(Screen):
                     Text(sel),
                     Text(str(len(ids)), style=OK if ids else f"bold {ERROR}"),
                     Text(",".join(short_id(i) for i in ids) or "(none)", style="" if ids else ERROR),
+                    _method_text(recipe.methods.get(sel), len(ids)),
                 )
                 first = False
-            table.add_row("", "", "", "", "")
+            table.add_row("", "", "", "", "", "")
         return table
 
     def _problems_text(self) -> Group | Text:
@@ -403,6 +405,21 @@ class MergeScreen(Screen):
     def on_unmount(self) -> None:
         if self._poll_timer is not None:
             self._poll_timer.stop()
+
+
+def _method_text(fields: dict | None, count: int) -> Text:
+    """A selection's method with every parameter, defaults filled (``MethodParams.summary``);
+    a table the checks refuse is shown as written (its problems are listed below the table).
+    Without a method one model is copied and several are averaged."""
+    from engine.methods.params import resolve
+
+    if not fields or fields.get("method", "mean") == "mean":
+        return Text("copy" if count == 1 else "mean", style=DIM)
+    try:
+        return Text(resolve(fields).summary())
+    except (KeyError, TypeError, ValueError):
+        written = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k != "method")
+        return Text(f"{fields.get('method')}({written})", style=ERROR)
 
 
 def _is_error(problem: Problem) -> bool:

@@ -23,11 +23,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class OutputRow(Vertical):
     """One output: its path (the whole width: paths are long) and, below it, a source selection
-    per component."""
+    per component (named with its merge method when it is not the mean: ``unet ← nsfw (dare)``)."""
 
-    def __init__(self, spec: OutputSpec, components: tuple[str, ...], choices: dict[str, list[str]]) -> None:
+    def __init__(self, spec: OutputSpec, components: tuple[str, ...], choices: dict[str, list[str]],
+                 methods: dict[str, str] | None = None) -> None:
         super().__init__(classes="output-row")
         self.spec, self.components, self.choices = spec, components, choices
+        self.methods = methods or {}
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="output-path-row"):
@@ -35,7 +37,8 @@ class OutputRow(Vertical):
             yield Button("✕", classes="remove-output", tooltip="Remove this output")
         with Horizontal(classes="output-sources"):
             for comp in self.components:
-                options = [(Text(f"{comp} ← {name}"), name) for name in self.choices[comp]]
+                options = [(Text(f"{comp} ← {name}" + (f" ({self.methods[name]})" if name in self.methods else "")),
+                            name) for name in self.choices[comp]]
                 value = self.spec.sources.get(comp)
                 yield Select(
                     options,
@@ -77,6 +80,7 @@ class OutputsDialog(ModalScreen[bool]):
         self.state = state
         self.components = architectures().get(state.arch or "", get_architecture("sdxl")).display_order
         self.choices = {c: [n for n, col in state.columns.items() if col.component == c] for c in self.components}
+        self.methods = {n: state.method_name(n) for n in state.columns if state.method_name(n) != "mean"}
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box widest", id="outputs-box"):
@@ -92,7 +96,7 @@ class OutputsDialog(ModalScreen[bool]):
             yield Label("outputs: file, and the selection that feeds each component", classes="dim")
             with VerticalScroll(id="output-rows"):
                 for spec in self.state.outputs:
-                    yield OutputRow(spec, self.components, self.choices)
+                    yield OutputRow(spec, self.components, self.choices, self.methods)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Apply", variant="primary", id="apply")
                 yield Button("Add output", id="add-output")
@@ -108,7 +112,7 @@ class OutputsDialog(ModalScreen[bool]):
         n = len(self.query(OutputRow)) + 1
         sources = {c: names[0] for c, names in self.choices.items() if names}
         spec = OutputSpec(path=self.state.output_dir / f"{name}-{n}.safetensors", sources=sources)
-        self.query_one("#output-rows").mount(OutputRow(spec, self.components, self.choices))
+        self.query_one("#output-rows").mount(OutputRow(spec, self.components, self.choices, self.methods))
 
     @on(Button.Pressed, ".remove-output")
     def _remove(self, event: Button.Pressed) -> None:

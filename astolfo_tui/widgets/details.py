@@ -31,20 +31,21 @@ class DetailsPane(Horizontal):
         with VerticalScroll(id="details-hashes"):
             yield Static(id="details-hash-body")
 
-    def show(self, report: ModelReport | None, hashes=None) -> None:
+    def show(self, report: ModelReport | None, hashes=None, weight: float = 1.0) -> None:
         body = self.query_one("#details-body", Static)
         hash_body = self.query_one("#details-hash-body", Static)
         if report is None:
             body.update(Text("No model.", style=DIM))
             hash_body.update("")
             return
-        body.update(render_details(report, hashes))
+        body.update(render_details(report, hashes, weight))
         hash_body.update(render_hashes(report, hashes))
 
 
-def render_details(report: ModelReport, hashes) -> RenderableType:
-    """``hashes`` is the engine's FileHashes for this file, or None while hashing is pending."""
-    parts: list[RenderableType] = [_title(report), _components_table(report, hashes)]
+def render_details(report: ModelReport, hashes, weight: float = 1.0) -> RenderableType:
+    """``hashes`` is the engine's FileHashes for this file, or None while hashing is pending;
+    ``weight`` its [weights] entry in the recipe (1 when it has none, and then not shown)."""
+    parts: list[RenderableType] = [_title(report, weight), _components_table(report, hashes)]
     findings = _findings(report, hashes)
     if findings.plain:
         parts.append(findings)
@@ -80,11 +81,13 @@ def render_hashes(report: ModelReport, hashes) -> RenderableType:
     return t
 
 
-def _title(report: ModelReport) -> Text:
+def _title(report: ModelReport, weight: float = 1.0) -> Text:
     t = Text()
     t.append(report.model_id, style="bold #7aa2f7")
     t.append("  ")
     t.append(report.file_name, style="bold")
+    if weight != 1.0:
+        t.append(f"  weight {weight:g}", style=f"bold {WARN}")
     t.append("\n")
     facts = [f"{report.file_size:,} bytes"]
     if report.arch:

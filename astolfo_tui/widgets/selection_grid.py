@@ -3,7 +3,8 @@ Rich Text cells (a widget per cell is 20-100x slower to build). A toggle rewrite
 one header label; filters and sorts rebuild the visible rows from the state.
 
 Ticked cells show the model's short id and unticked ones ``--``, so a column reads like the
-article's notation (``te0: --,--,03,05...=19``); the header carries the ``=count``.
+article's notation (``te0: --,--,03,05...=19``); the header carries the ``=count`` and the
+selection's merge method when it is not the mean (``=10 ties``), as the notation writes it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ERROR = "#f7768e"
 WARN = "#e0af68"
 OK = "#9ece6a"
 OUTPUT = "#bb9af7"  # a mix astolfo wrote
+METHOD_STYLE = "italic #7dcfff"  # a selection's merge method in its header
 SHORT_HASH = 8
 
 FILTERS = ("all", "problems", "selected")
@@ -123,7 +125,7 @@ class SelectionGrid(DataTable):
         self.add_column(Text("size", justify="right"), key="size", width=8)
         self.add_column("ok", key="status", width=2)
         for name in self.state.columns:
-            self.add_column(self._sel_label(name), key=SEL + name, width=max(self.short_w, len(name), 3))
+            self.add_column(self._sel_label(name), key=SEL + name, width=self._sel_width(name))
         self.hash_components = self._architecture().display_order
         for comp in self.hash_components:
             self.add_column(Text(f"#{comp}\n", style="italic"), key=HASH + comp, width=SHORT_HASH)
@@ -205,7 +207,16 @@ class SelectionGrid(DataTable):
     def _sel_label(self, name: str) -> Text:
         label = Text(name, style="bold")
         label.append(f"\n={self.state.count(name)}", style=OK if self.state.count(name) else DIM)
+        method = self.state.method_name(name)
+        if method != "mean":
+            label.append(f" {method}", style=METHOD_STYLE)
         return label
+
+    def _sel_width(self, name: str) -> int:
+        """Wide enough for the ticks and the header (its method too: ``=10 add_difference``)."""
+        method = self.state.method_name(name)
+        header = len(f"={max(len(self.state.order), 10)} {method}") if method != "mean" else 0
+        return max(self.short_w, len(name), 3, header)
 
     def _row_cells(self, mid: str) -> list[Text]:
         report = self.state.reports[mid]
@@ -240,7 +251,7 @@ class SelectionGrid(DataTable):
 
     def _sel_cell(self, name: str, mid: str) -> Text:
         col = self.state.columns[name]
-        width = max(self.short_w, len(name), 3)
+        width = self._sel_width(name)
         ticked = mid in col.ids
         refused = self.state.refusal(name, mid)
         if col.single:

@@ -9,7 +9,9 @@ format-preserving TOML editor) instead of re-serialising it:
   stays relative even though the app holds it as an absolute path), and its pin stays as written;
 - models, selections, weights and metadata entries that went away are removed, new ones are
   appended (paths relative to the recipe's folder when they lie under it);
-- ``[[output]]`` tables are edited one by one while their number is unchanged.
+- ``[[output]]`` tables are edited one by one while their number is unchanged;
+- ``[methods.<selection>]`` tables are edited field by field (a field's comment stays), a new
+  one is appended, one whose selection became the mean is removed.
 
 ``portable_paths`` gives the relative form used for anything new.
 """
@@ -91,6 +93,7 @@ def update_document(text: str, recipe: Recipe, folder: Path) -> str:
     _sync_table(doc, "select", {k: list(v) for k, v in recipe.select.items()})
     _sync_table(doc, "weights", dict(recipe.weights), drop_empty=True)
     _sync_table(doc, "metadata", dict(recipe.metadata), drop_empty=True)
+    _sync_methods(doc, recipe)
     _sync_outputs(doc, recipe, folder)
     return tomlkit.dumps(doc)
 
@@ -125,6 +128,33 @@ def _sync_table(doc, key: str, wanted: dict, drop_empty: bool = False) -> None:
     for k, v in wanted.items():
         if k not in table or _plain(table[k]) != v:
             table[k] = v
+
+
+def _sync_methods(doc, recipe: Recipe) -> None:
+    """The ``[methods]`` tables say ``recipe.methods``: fields edited in place, so the
+    user's comments on the lines that stay are kept."""
+    if not recipe.methods:
+        if "methods" in doc:
+            del doc["methods"]
+        return
+    if "methods" not in doc:
+        doc["methods"] = tomlkit.table(is_super_table=True)
+    methods = doc["methods"]
+    for sel in [k for k in methods if k not in recipe.methods]:
+        del methods[sel]
+    for sel, fields in recipe.methods.items():
+        if sel not in methods:
+            table = tomlkit.table()
+            table.update(fields)
+            table.add(tomlkit.nl())
+            methods[sel] = table
+            continue
+        table = methods[sel]
+        for k in [k for k in table if k not in fields]:
+            del table[k]
+        for k, v in fields.items():
+            if k not in table or _plain(table[k]) != v or type(_plain(table[k])) is not type(v):
+                table[k] = v
 
 
 def _plain(value):

@@ -483,5 +483,6 @@ def _same_recipe(a: Recipe, b: Recipe) -> bool:
             [(os.path.abspath(r.output_path(o)), o.sources, o.dtype, o.title) for o in r.outputs],
         )
 
-    settings = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "select", "weights", "metadata")
+    settings = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "select", "weights", "metadata",
+                "methods")
     return files(a) == files(b) and all(getattr(a, k) == getattr(b, k) for k in settings)

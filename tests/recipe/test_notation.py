@@ -48,3 +48,29 @@ def test_parse_accepts_compact_and_commented_text():
         "te0": ["_x02", "_x03"],
         "unet": ["_x03"],
     }
+
+
+def test_method_after_the_count_only_what_differs_from_its_defaults():
+    from engine.recipe.notation import format_method, parse_methods
+
+    ids = ["_x00", "_x01", "_x02"]
+    ties = {"method": "ties", "base": "_x00", "trim": 0.3, "vote": "sum"}  # vote sum is ties' own default
+    line = format_line("unet", ids, ["_x01", "_x02"], ties)
+    assert line == "unet: --,01,02=2 ties(base=00, trim=0.3)"
+    assert format_method({"method": "ties_soup", "base": "_x00", "alpha": 1, "rescale": True}) == "ties_soup(base=00)"
+    assert format_method({"method": "dare", "base": "m1", "drop": 0.1, "rescale": False}) == (
+        "dare(base=m1, drop=0.1, rescale=false)")
+    assert format_method({"method": "mean"}) == format_method(None) == ""
+    assert format_line("te0", ids, ["_x01"], {"method": "mean"}) == "te0: --,01,--=1"
+    text = format_notation(ids, {"unet": ["_x01", "_x02"], "te0": ["_x01"]}, {"unet": ties})
+    assert text == "unet: --,01,02=2 ties(base=00, trim=0.3)\nte0: --,01,--=1\n"
+    assert parse_notation(text, ids) == {"unet": ["_x01", "_x02"], "te0": ["_x01"]}  # the method is skipped
+    assert parse_methods(text) == {"unet": "ties(base=00, trim=0.3)"}
+    with pytest.raises(NotationError, match="is not a number"):
+        parse_notation("unet: 01=2 ties(", ids)
+
+
+def test_a_method_not_known_to_the_presets_is_written_with_every_field():
+    from engine.recipe.notation import format_method
+
+    assert format_method({"method": "future", "base": "_x00", "k": 3}) == "future(base=00, k=3)"

@@ -213,3 +213,30 @@ def recipes(draw) -> Recipe:
 def test_any_recipe_round_trips_exactly(recipe):
     text = recipe_to_toml(recipe)
     assert parse_recipe(text, Path("/base")) == recipe
+
+
+def test_saving_over_the_users_file_edits_its_methods_tables_and_keeps_comments(tmp_path):
+    """[methods.<selection>] tables are edited field by field: a changed value keeps its line's
+    comment, a new table is added, a selection set back to the mean loses its table."""
+    text = ISSUE_EXAMPLE.replace("[[output]]                      # one table per output file", (
+        "# how the UNet is combined\n[methods.unet]   # mine\nmethod = \"ties_soup\"   # the soup\n"
+        "base = \"_x01\"\nalpha = 0.5  # half\n\n[methods.nsfw]\nmethod = \"add_difference\"\nbase = \"_x01\"\n\n"
+        "[[output]]                      # one table per output file"), 1)
+    target = tmp_path / "r.toml"
+    target.write_text(text, "utf-8")
+    r = load_recipe(target)
+    assert r.methods["unet"] == {"method": "ties_soup", "base": "_x01", "alpha": 0.5}
+    r.methods["unet"] = {"method": "ties_soup", "base": "_x01", "alpha": 0.8, "seed": 7}
+    del r.methods["nsfw"]
+    r.methods["te0"] = {"method": "dare", "base": "_x02", "drop": 0.1}
+    save_recipe(r, target, original=text)
+    saved = target.read_text("utf-8")
+    assert load_recipe(target) == r
+    assert "# how the UNet is combined\n[methods.unet]   # mine\nmethod = \"ties_soup\"   # the soup\n" in saved
+    assert "alpha = 0.8  # half" in saved and "seed = 7" in saved
+    assert "[methods.nsfw]" not in saved and "add_difference" not in saved
+    assert "[methods.te0]" in saved
+    assert "name = \"x17-AstolfoMix\"        # titles and default file names" in saved
+    r.methods = {}
+    save_recipe(r, target, original=saved)
+    assert "[methods" not in target.read_text("utf-8") and load_recipe(target) == r

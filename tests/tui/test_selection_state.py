@@ -99,3 +99,27 @@ def test_rebased_follows_files_when_positional_ids_move(demo_dir, tmp_path):
     assert again.ordered("unet") == ["m01", "m02"] and again.ordered("anime") == ["m03"]
     assert again.dtype == "bf16" and again.name == "mine"
     assert [o.sources["unet"] for o in again.outputs] == ["unet", "nsfw", "anime"]
+
+
+def test_methods_and_weights_go_into_the_recipe_and_come_back(demo_dir):
+    """A method's base is listed in [models] even when no selection ticks it; renaming or
+    removing a selection takes its method along; mean and weight 1 are the defaults, not entries."""
+    s = _state(demo_dir)
+    s.set_many("unet", ["_x01", "_x02"], True)
+    s.set_method("unet", {"method": "ties_soup", "base": "_x00", "alpha": 0.5})
+    s.set_weight("_x02", 2.0)
+    s.set_weight("_x01", 1.0)
+    recipe = s.to_recipe()
+    assert recipe.methods == {"unet": {"method": "ties_soup", "base": "_x00", "alpha": 0.5}}
+    assert list(recipe.models) == ["_x00", "_x01", "_x02"] and recipe.weights == {"_x02": 2.0}
+    back = _state(demo_dir)
+    back.apply_recipe(parse_recipe(recipe_to_toml(recipe), demo_dir))
+    assert back.methods == s.methods and back.weights == {"_x02": 2.0} and back.method_name("unet") == "ties_soup"
+    assert back.rebased(scan([demo_dir])).methods == s.methods
+    s.rename_column("unet", "anime")
+    assert s.method_name("anime") == "ties_soup" and "unet" not in s.methods
+    s.set_method("anime", {"method": "mean"})
+    assert s.methods == {} and s.method_name("anime") == "mean"
+    s.set_method("nsfw", {"method": "add_difference", "base": "_x00"})
+    s.remove_column("nsfw")
+    assert s.methods == {}
