@@ -23,7 +23,7 @@ from rich.table import Table
 
 from engine.compare.blocks import COMPONENTS
 from engine.compare.events import CompareCancelled, CompareError, Progress, UnknownReference
-from engine.compare.result import describe
+from engine.compare.result import describe, model_codes
 from engine.compare.run import compare
 
 from ..cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -155,13 +155,7 @@ def render(console: Console, result: dict) -> None:
     ref = result["reference"]
     console.print(f"reference: [bold]{escape(ref) if ref else 'the mean of the models'}[/]")
     for comp, entry in result["components"].items():
-        codes: dict[str, list[str]] = {}
-        for f in result["findings"]:
-            if f["component"] == comp and f["block"] is None:
-                for m in f["models"]:
-                    codes.setdefault(m, [])
-                    if f["code"] not in codes[m]:
-                        codes[m].append(f["code"])
+        codes = model_codes(result, comp)
         table = Table(title=comp, box=box.SIMPLE_HEAD, title_justify="left")
         for name in ("model", "norm", "rel. norm", "consensus", "influence", "findings"):
             table.add_column(name, justify="left" if name in ("model", "findings") else "right")

@@ -66,6 +66,25 @@ def build_result(gathered: Gathered, ids: list[str], reference: str | None, th: 
             "left_out": left_out, "thresholds": th.to_dict()}
 
 
+def model_codes(result: dict, component: str) -> dict[str, list[str]]:
+    """Per model, the codes of the whole-component findings naming it (first seen first): the
+    "findings" column of the CLI's table and of the app's compare screen."""
+    codes: dict[str, list[str]] = {}
+    for f in result["findings"]:
+        if f["component"] == component and f["block"] is None:
+            for m in f["models"]:
+                have = codes.setdefault(m, [])
+                if f["code"] not in have:
+                    have.append(f["code"])
+    return codes
+
+
+def findings_of(result: dict, model_id: str) -> list[dict]:
+    """The findings naming ``model_id``, whole components first (for the details pane)."""
+    found = [f for f in result["findings"] if model_id in f["models"]]
+    return sorted(found, key=lambda f: (f["block"] is not None, f["component"], f["block"] or ""))
+
+
 def describe(f: dict) -> str:
     """One finding in words, e.g. ``_x07 ~ 0.50 _x02 + 0.50 _x05 (residual 2%)``."""
     m = f["models"]

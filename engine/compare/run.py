@@ -25,7 +25,7 @@ Event = Callable[[object], None]
 def _problem(report: ModelReport) -> str | None:
     if report.severity >= Severity.ERROR:
         errors = [f.message for f in report.all_findings if f.severity >= Severity.ERROR]
-        return "; ".join(errors) or "unreadable"
+        return "; ".join(dict.fromkeys(errors)) or "unreadable"  # one reason per tensor kind, said once
     if report.arch != "sdxl":
         return f"not an SDXL checkpoint ({report.arch_label or report.kind})"
     if not report.key_map:
