@@ -275,3 +275,22 @@ def test_nan_values_leave_the_model_out_of_that_component(models, tmp_path, use_
     assert ids["a03_ft_c"] in res["components"]["te0"]["models"]
     assert [(x["id"], x["component"]) for x in res["left_out"]] == [(ids["a03_ft_c"], "te1")]
     assert ("combination", [ids["a04_mix_ab"], ids["a01_ft_a"], ids["a02_ft_b"]]) in comp_findings(res, "te1")
+
+
+def test_the_dendrogram_and_the_families_come_from_one_linkage():
+    """Two tight pairs and a loner: the tree joins each pair first, the dendrogram's leaves
+    keep pairs together, and the families are the pairs (cut at 1 - 0.3)."""
+    from astolfo_tui.compare_png import tree_segments
+    from engine.compare.findings import _families, cosine_distances, linkage
+
+    cos = [[1.0, 0.9, 0.1, 0.0, 0.1], [0.9, 1.0, 0.0, 0.1, 0.0], [0.1, 0.0, 1.0, 0.1, 0.8],
+           [0.0, 0.1, 0.1, 1.0, 0.0], [0.1, 0.0, 0.8, 0.0, 1.0]]
+    merges = linkage(cosine_distances(cos, list(range(5))))
+    assert [(a, b) for a, b, _h, _n in merges[:2]] == [(0, 1), (2, 4)]
+    assert merges[0][2] == pytest.approx(0.1) and merges[1][2] == pytest.approx(0.2)
+    assert [h for _a, _b, h, _n in merges] == sorted(h for _a, _b, h, _n in merges)  # monotone
+    assert merges[-1][3] == 5
+    order, lines = tree_segments(merges, 5)
+    assert sorted(order) == list(range(5)) and len(lines) == 4
+    assert abs(order.index(0) - order.index(1)) == 1 and abs(order.index(2) - order.index(4)) == 1
+    assert _families(list(range(5)), cos, 0.3) == [{0, 1}, {2, 4}]
