@@ -2,8 +2,9 @@
 duplicates, combinations of others, outliers, and which form families.
 
 - ``unchanged``: delta zero (the component is the reference's).
-- ``identical``: zero distance between two deltas; later steps keep the first of each set of
-  identical models (grid order) and drop the others.
+- ``identical``: the same component hash in the catalog (exact, over the stored bytes) where
+  both are known, else zero distance between the two deltas (``basis`` says which); later steps
+  keep the first of each set of identical models (grid order) and drop the others.
 - ``near_duplicate``: cosine at or above ``near``.
 - ``combination``: a least-squares fit of the delta on the Gram matrix of 2 (else 3) others,
   every weight at least ``min_weight`` (a mix has positive weights; this keeps "a = 2 mix - b"
@@ -42,26 +43,34 @@ class Thresholds:
         return asdict(self)
 
 
-def group_findings(stats: GroupStats, models: list[str], th: Thresholds) -> list[dict]:
+def group_findings(stats: GroupStats, models: list[str], th: Thresholds,
+                   hashes: list[str | None] | None = None) -> list[dict]:
+    """``hashes``: each model's exact hash of this component from the catalog, where known."""
     n = len(models)
+    hashes = hashes or [None] * n
     g = stats.gram
     out: list[dict] = []
     unchanged = [i for i in range(n) if stats.cosine[i][i] is None]
     if unchanged:
         out.append({"code": "unchanged", "models": [models[i] for i in unchanged]})
     live = [i for i in range(n) if i not in set(unchanged)]
-    # identical: union of zero distances, the first in grid order represents the set
+    # identical: union of equal hashes and zero distances, the first in grid order represents the set
     rep = {i: i for i in live}
     for a, b in itertools.combinations(live, 2):
-        if rep[b] != b:
+        if rep[b] != b or rep[a] != a:
+            continue
+        if hashes[a] is not None and hashes[a] == hashes[b]:
+            rep[b] = a
             continue
         d2 = g[a, a] + g[b, b] - 2.0 * g[a, b]
-        if d2 <= th.identical * max(g[a, a], g[b, b]) and rep[a] == a:
+        if d2 <= th.identical * max(g[a, a], g[b, b]):
             rep[b] = a
     for r in sorted(set(rep.values())):
         same = [i for i in live if rep[i] == r]
         if len(same) > 1:
-            out.append({"code": "identical", "models": [models[i] for i in same], "distance": 0.0})
+            by_hash = hashes[r] is not None and all(hashes[i] == hashes[r] for i in same)
+            out.append({"code": "identical", "models": [models[i] for i in same], "distance": 0.0,
+                        "basis": "hashes" if by_hash else "distance"})
     reps = [i for i in live if rep[i] == i]
     cos = stats.cosine
     for a, b in itertools.combinations(reps, 2):
