@@ -435,6 +435,7 @@ class LibraryScreen(Screen):
         self.app.call_from_thread(self._references_changed, mid, marked, views)
 
     def _references_changed(self, mid: str, marked: bool, views) -> None:
+        self.set_comparison(None)  # it was against another reference
         self.grid.set_hashes({m: v for m, v in views.items() if m in self.state.reports})
         self.notify(f"{mid} is {'now' if marked else 'no longer'} a reference for =sd.")
 
