@@ -118,6 +118,14 @@ async def test_the_screen_shows_cosines_findings_and_ticks_into_the_library(demo
         assert "compare" in _text(lib.query_one(DetailsPane), "#details-body")
 
 
+async def test_the_command_palette_offers_compare(demo_dir):
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_library(pilot, hashed=False)
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Compare" in titles and "Consensus column" in titles
+
+
 async def test_a_second_opening_is_instant_and_a_new_session_reads_the_cache(demo_dir, own_catalog):
     app = AstolfoApp([demo_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
