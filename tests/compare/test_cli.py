@@ -130,3 +130,20 @@ def test_png_is_drawn_and_a_bad_path_is_a_usage_error(folder, tmp_path):
         done = astolfo(folder, "--png", bad, cache=tmp_path)
         assert done.returncode == 2
         assert f"cannot write --png {bad}: {why}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_png_has_a_heatmap_and_a_dendrogram_per_component(tmp_path):
+    """Drawn from a result by hand: two components, one with a model whose delta is zero (no
+    cosine) and one with a single changed model (no tree to draw)."""
+    from astolfo_tui.compare_png import write_png
+
+    def entry(cos):
+        return {"models": ["a", "b", "c"], "cosine": cos}
+
+    result = {"reference": "base", "thresholds": {"family": 0.3}, "components": {
+        "unet": entry([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]]),
+        "te0": entry([[1.0, None, None], [None, None, None], [None, None, None]])}}
+    path = tmp_path / "two.png"
+    assert write_png(result, path) == 4
+    width, height = _png_size(path)
+    assert width > 600 and height > 400
