@@ -127,6 +127,13 @@ async def shoot_library(demo: Path, out: Path) -> list[Path]:
         await pilot.press("escape", "question_mark")
         await pilot.pause(0.3)
         shots.append(save(app, out, "help"))
+        await pilot.press("escape")
+        grid.cursor_coordinate = Coordinate(grid.get_row_index("_x01"), grid.get_column_index(SEL + "unet"))
+        await pilot.press("v")  # the comparison against SDXL base (marked =sd above), in one read
+        await wait_for(pilot, lambda: getattr(app.screen, "result", None) is not None and not app.screen.running)
+        await pilot.pause(0.3)
+        app.clear_notifications()
+        shots.append(save(app, out, "compare"))
         await pilot.press("escape", "m")
         await wait_for(pilot, lambda: getattr(app.screen, "plan", None) is not None)
         await pilot.pause(0.3)

@@ -1,10 +1,11 @@
-"""``astolfo compare DIR...|RECIPE [--reference MODEL] [--component C] [--json] [--csv FILE]``:
+"""``astolfo compare DIR...|RECIPE [--reference MODEL] [--component C] [--json] [--csv FILE] [--png FILE]``:
 which models are alike, which are clones, mixes or outliers, per component and UNet block,
 from one read of every file (see ``engine.compare``). Results are cached by the files' SHA256
 and the reference, so a second run reads no tensor data.
 
 Exit status: 0 when the comparison ran (findings are not errors), 1 if no model could be
-compared, 2 on usage errors (no paths, a path or reference that does not exist).
+compared, 2 on usage errors (no paths, a path or reference that does not exist, a --csv or --png
+file that cannot be written).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from engine.compare.blocks import COMPONENTS
 from engine.compare.events import CompareCancelled, CompareError, Progress, UnknownReference
-from engine.compare.result import describe
+from engine.compare.result import describe, model_codes
 from engine.compare.run import compare
 
 from ..cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -46,6 +47,8 @@ def register(subparsers) -> None:
                         help="only this component (repeatable; default: all)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--csv", metavar="FILE", help="also write one row per component, block and model")
+    parser.add_argument("--png", metavar="FILE",
+                        help="also draw a heatmap of cosines (grid order) and a dendrogram per component")
     parser.add_argument("--no-cache", action="store_true", help="neither use nor store cached results")
     parser.set_defaults(run=run)
 
@@ -90,6 +93,11 @@ def run(args) -> int:
             print(f"astolfo compare: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise
+    for option, target in (("--csv", args.csv), ("--png", args.png)):
+        problem = _unwritable(target) if target else None
+        if problem:  # said before the files are read, not after
+            print(f"astolfo compare: cannot write {option} {target}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     cancel = threading.Event()
     status = err.status("comparing", spinner="dots") if err.is_terminal and not args.json else None
 
@@ -127,12 +135,36 @@ def run(args) -> int:
         except OSError as e:
             print(f"astolfo compare: cannot write {args.csv}: {e.strerror or e}", file=sys.stderr)
             return EXIT_USAGE
+    if args.png:
+        try:
+            from ..compare_png import write_png  # matplotlib only when a picture is asked for
+
+            write_png(result, args.png)
+        except ImportError as e:
+            print(f"astolfo compare: --png needs matplotlib ({e}); pip install matplotlib", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as e:
+            print(f"astolfo compare: cannot write {args.png}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_USAGE
     if args.json:
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     else:
         render(Console(), result)
     return EXIT_OK
+
+
+def _unwritable(target: str) -> str | None:
+    """Why ``target`` cannot be written as a file, or None when it looks writable."""
+    path = Path(target).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        return "it is a folder"
+    if not parent.is_dir():
+        return f"no such folder {parent}"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return None
 
 
 def _left_out_of(reports, error) -> list[str]:
@@ -155,13 +187,7 @@ def render(console: Console, result: dict) -> None:
     ref = result["reference"]
     console.print(f"reference: [bold]{escape(ref) if ref else 'the mean of the models'}[/]")
     for comp, entry in result["components"].items():
-        codes: dict[str, list[str]] = {}
-        for f in result["findings"]:
-            if f["component"] == comp and f["block"] is None:
-                for m in f["models"]:
-                    codes.setdefault(m, [])
-                    if f["code"] not in codes[m]:
-                        codes[m].append(f["code"])
+        codes = model_codes(result, comp)
         table = Table(title=comp, box=box.SIMPLE_HEAD, title_justify="left")
         for name in ("model", "norm", "rel. norm", "consensus", "influence", "findings"):
             table.add_column(name, justify="left" if name in ("model", "findings") else "right")

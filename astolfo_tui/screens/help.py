@@ -67,6 +67,7 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         from astolfo_tui.app import AstolfoApp
+        from astolfo_tui.screens.compare import CompareScreen
         from astolfo_tui.screens.jobs import JobsScreen
         from astolfo_tui.screens.library import LibraryScreen
         from astolfo_tui.screens.merge import MergeScreen
@@ -82,6 +83,7 @@ class HelpScreen(ModalScreen[None]):
             yield Static(_legend())
             yield Static(bindings_table("Selection grid", [*move, *SelectionGrid.BINDINGS]))
             yield Static(bindings_table("Library", LibraryScreen.BINDINGS))
+            yield Static(bindings_table("Compare", CompareScreen.BINDINGS))
             yield Static(bindings_table("Merge dashboard", MergeScreen.BINDINGS))
             yield Static(bindings_table("Jobs", JobsScreen.BINDINGS))
             yield Static(

@@ -86,7 +86,22 @@ class LibraryScreen(Screen):
             tooltip="How the selection under the cursor is combined: method, base, parameters",
         ),
         Binding(
-            "v", "edit_weight", "Weight", show=False, tooltip="The highlighted model's weight, in every selection"
+            "W", "edit_weight", "Weight", show=False, key_display="shift+w",
+            tooltip="The highlighted model's weight, in every selection",
+        ),
+        Binding(
+            "v",
+            "compare",
+            "Compare",
+            tooltip="Compare the models (cosines, clones, mixes, outliers) for the highlighted selection's component",
+        ),
+        Binding(
+            "V",
+            "toggle_consensus",
+            "Consensus column",
+            show=False,
+            key_display="shift+v",
+            tooltip="Show or hide each model's consensus cosine (from the last comparison) in the grid",
         ),
         Binding(
             "equals_sign",
@@ -133,6 +148,7 @@ class LibraryScreen(Screen):
         self._hash_worker = None
         self._details_for: str | None = None
         self._details_timer = None
+        self.comparison: dict | None = None  # the last compare result over these models
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -191,6 +207,7 @@ class LibraryScreen(Screen):
         return self.scan_complete and self._hash_finished
 
     def start_scan(self) -> None:
+        self.set_comparison(None)  # its ids and numbers are the old scan's
         self.scan_complete = False
         self._hash_finished = False
         self._hash_progress = (0, 0)
@@ -413,7 +430,8 @@ class LibraryScreen(Screen):
         self._details_for = mid
         report = self.state.reports.get(mid) if mid else None
         self.query_one(DetailsPane).show(
-            report, self.file_hashes.get(mid) if mid else None, weight=self.state.weight(mid) if mid else 1.0
+            report, self.file_hashes.get(mid) if mid else None, self.comparison,
+            weight=self.state.weight(mid) if mid else 1.0,
         )
 
     def action_mark_reference(self) -> None:
@@ -432,6 +450,7 @@ class LibraryScreen(Screen):
         self.app.call_from_thread(self._references_changed, mid, marked, views)
 
     def _references_changed(self, mid: str, marked: bool, views) -> None:
+        self.set_comparison(None)  # it was against another reference
         self.grid.set_hashes({m: v for m, v in views.items() if m in self.state.reports})
         self.notify(f"{mid} is {'now' if marked else 'no longer'} a reference for =sd.")
 
@@ -716,6 +735,28 @@ class LibraryScreen(Screen):
         from astolfo_tui.screens.merge import MergeScreen
 
         self.app.push_screen(MergeScreen(library=self))
+
+    # -- comparing ---------------------------------------------------------------------------
+
+    def action_compare(self) -> None:
+        from astolfo_tui.screens.compare import CompareScreen  # the engine's compare loads with it
+
+        if not self.scan_complete:
+            self.notify("Wait for the scan to finish, then compare.", severity="warning")
+            return
+        self.app.push_screen(CompareScreen(self, self.grid.current_selection or self.grid.consensus_selection))
+
+    def set_comparison(self, result: dict | None) -> None:
+        """A comparison finished (or was dropped): the grid's column and the details follow."""
+        self.comparison = result
+        self.grid.set_comparison(result)
+        if self.is_mounted:
+            self._show_details()
+
+    def action_toggle_consensus(self) -> None:
+        self.grid.toggle_consensus()
+        if self.comparison is None and self.grid.show_consensus:
+            self.notify("No comparison yet: press v to compare, then the column fills in.", severity="warning")
 
 
 def _read_text(path: Path) -> str | None:

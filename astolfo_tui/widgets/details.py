@@ -31,24 +31,29 @@ class DetailsPane(Horizontal):
         with VerticalScroll(id="details-hashes"):
             yield Static(id="details-hash-body")
 
-    def show(self, report: ModelReport | None, hashes=None, weight: float = 1.0) -> None:
+    def show(self, report: ModelReport | None, hashes=None, comparison: dict | None = None,
+             weight: float = 1.0) -> None:
         body = self.query_one("#details-body", Static)
         hash_body = self.query_one("#details-hash-body", Static)
         if report is None:
             body.update(Text("No model.", style=DIM))
             hash_body.update("")
             return
-        body.update(render_details(report, hashes, weight))
+        body.update(render_details(report, hashes, comparison, weight))
         hash_body.update(render_hashes(report, hashes))
 
 
-def render_details(report: ModelReport, hashes, weight: float = 1.0) -> RenderableType:
+def render_details(report: ModelReport, hashes, comparison: dict | None = None, weight: float = 1.0) -> RenderableType:
     """``hashes`` is the engine's FileHashes for this file, or None while hashing is pending;
-    ``weight`` its [weights] entry in the recipe (1 when it has none, and then not shown)."""
+    ``comparison`` the last compare result over the library, if any; ``weight`` its [weights]
+    entry in the recipe (1 when it has none, and then not shown)."""
     parts: list[RenderableType] = [_title(report, weight), _components_table(report, hashes)]
     findings = _findings(report, hashes)
     if findings.plain:
         parts.append(findings)
+    compared = _compare_findings(report.model_id, comparison)
+    if compared.plain:
+        parts.append(compared)
     meta = _metadata(report)
     if meta is not None:
         parts.append(meta)
@@ -143,6 +148,31 @@ def _findings(report: ModelReport, hashes) -> Text:
                 out.append(" ✗ ", style=f"bold {ERROR}")
                 out.append(f"{cid}: ", style="bold")
                 out.append(f"{ch.nan_count} NaN and {ch.inf_count} Inf values: this component cannot be merged\n")
+    out.rstrip()
+    return out
+
+
+def _compare_findings(model_id: str, comparison: dict | None) -> Text:
+    """What the comparison found about this model, in words (component and block first)."""
+    from engine.compare.result import describe, findings_of
+
+    out = Text()
+    if not comparison:
+        return out
+    found = findings_of(comparison, model_id)
+    left = [x for x in comparison.get("left_out", []) if x.get("id") == model_id]
+    if not found and not left:
+        return out
+    out.append("compare\n", style="bold underline")
+    for f in found:
+        where = f["component"] + (f" {f['block']}" if f["block"] else "")
+        out.append(f" {where:<10}", style="bold")
+        out.append(f"{f['code']:<15}", style="#7dcfff")
+        out.append(describe(f) + "\n")
+    for x in left:
+        out.append(f" {x.get('component') or 'all':<10}", style="bold")
+        out.append(f"{'left out':<15}", style=WARN)
+        out.append(x["reason"] + "\n")
     out.rstrip()
     return out
 

@@ -28,6 +28,7 @@ from engine.recipe.notation import short_id
 SEL = "sel:"
 HASH = "hash:"
 METRIC = "metric:"
+CONSENSUS = "consensus"  # the optional column: consensus cosine from the last comparison
 
 # Colours for groups of identical components, in order of first appearance.
 GROUP_COLOURS = ("#e5c07b", "#61afef", "#c678dd", "#56b6c2", "#d19a66", "#e06c75", "#98c379", "#f0a6ca")
@@ -104,6 +105,9 @@ class SelectionGrid(DataTable):
         self.hash_components: tuple[str, ...] = ()
         self.metric_components: tuple[str, ...] = ()
         self._visible: list[str] = []
+        self.comparison: dict | None = None  # engine.compare's result, once one is known
+        self.show_consensus = False
+        self.consensus_selection: str | None = next(iter(state.columns), None)
 
     # -- building ----------------------------------------------------------------------------
 
@@ -133,6 +137,8 @@ class SelectionGrid(DataTable):
         self.metric_components = tuple(c for c in ("te0", "te", "vae") if c in self._architecture().components)
         for comp in self.metric_components:
             self.add_column(Text(f"m:{comp}\n", style="italic"), key=METRIC + comp, width=max(4, len(comp) + 2))
+        if self.show_consensus:
+            self.add_column(self._consensus_label(), key=CONSENSUS, width=6)
         self.add_column("=sd", key="sd", width=3)
         self.fixed_columns = 1
         self._fill_rows()
@@ -187,6 +193,9 @@ class SelectionGrid(DataTable):
         }
         if key in simple:
             return (simple[key](),)
+        if key == CONSENSUS:
+            value = self.consensus_of(mid)
+            return (-value if value is not None else 2.0,)  # most agreeing first, unknown last
         comp = key.split(":", 1)[1]
         if key.startswith(HASH):
             return ((hv.short.get(comp, "~") if hv else "~"),)
@@ -202,7 +211,7 @@ class SelectionGrid(DataTable):
             return "#" + key[len(HASH) :]
         if key.startswith(METRIC):
             return "m:" + key[len(METRIC) :]
-        return {"status": "ok"}.get(key, key)
+        return {"status": "ok", CONSENSUS: "consensus cosine"}.get(key, key)
 
     def _sel_label(self, name: str) -> Text:
         label = Text(name, style="bold")
@@ -236,6 +245,8 @@ class SelectionGrid(DataTable):
         cells += [self._sel_cell(name, mid) for name in self.state.columns]
         cells += [self._hash_cell(comp, mid) for comp in self.hash_components]
         cells += [self._metric_cell(comp, mid) for comp in self.metric_components]
+        if self.show_consensus:
+            cells.append(self._consensus_cell(mid))
         hv = self.hashes.get(mid)
         cells.append(Text("=sd", style="bold #7dcfff") if hv and hv.same_as_reference else Text(""))
         return cells
@@ -293,6 +304,55 @@ class SelectionGrid(DataTable):
         if not metric:
             return Text("")
         return Text(metric, style="bold #7dcfff" if metric == "0000" else "")
+
+    def consensus_component(self) -> str | None:
+        col = self.state.columns.get(self.consensus_selection or "")
+        return col.component if col else None
+
+    def consensus_of(self, mid: str) -> float | None:
+        entry = (self.comparison or {}).get("components", {}).get(self.consensus_component() or "")
+        if not entry or mid not in entry["models"]:
+            return None
+        return entry["consensus"][entry["models"].index(mid)]
+
+    def _consensus_label(self) -> Text:
+        return Text(f"cos\n{self.consensus_component() or ''}", style="italic")
+
+    def _consensus_cell(self, mid: str) -> Text:
+        if self.comparison is None:
+            return Text("")
+        if mid == self.comparison.get("reference"):
+            return Text("ref", style=DIM, justify="right")
+        value = self.consensus_of(mid)
+        if value is None:
+            return Text("-", style=DIM, justify="right")
+        return Text(f"{value:+.2f}", style=OK if value >= 0.5 else (WARN if value >= 0 else ERROR), justify="right")
+
+    def set_comparison(self, result: dict | None) -> None:
+        self.comparison = result
+        self.redraw_consensus()
+
+    def toggle_consensus(self) -> None:
+        self.show_consensus = not self.show_consensus
+        self.rebuild()
+
+    def redraw_consensus(self) -> None:
+        """The column follows the comparison and the highlighted selection's component."""
+        if not self.show_consensus or ColumnKey(CONSENSUS) not in self.columns:
+            return
+        self.columns[ColumnKey(CONSENSUS)].label = self._consensus_label()
+        for mid in self._visible:
+            self.update_cell(mid, CONSENSUS, self._consensus_cell(mid))
+
+    def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
+        """Moving to another selection column changes the component the column shows (the
+        event goes on to the library, which follows the row)."""
+        name = self.current_selection
+        if name is not None and name != self.consensus_selection:
+            before = self.consensus_component()
+            self.consensus_selection = name
+            if self.consensus_component() != before:
+                self.redraw_consensus()
 
     # -- updates -----------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 duplicates, combinations of others, outliers, and which form families.
 
 - ``unchanged``: delta zero (the component is the reference's).
-- ``identical``: zero distance between two deltas; later steps keep the first of each set of
-  identical models (grid order) and drop the others.
+- ``identical``: the same component hash in the catalog (exact, over the stored bytes) where
+  both are known, else zero distance between the two deltas (``basis`` says which); later steps
+  keep the first of each set of identical models (grid order) and drop the others.
 - ``near_duplicate``: cosine at or above ``near``.
 - ``combination``: a least-squares fit of the delta on the Gram matrix of 2 (else 3) others,
   every weight at least ``min_weight`` (a mix has positive weights; this keeps "a = 2 mix - b"
@@ -42,26 +43,34 @@ class Thresholds:
         return asdict(self)
 
 
-def group_findings(stats: GroupStats, models: list[str], th: Thresholds) -> list[dict]:
+def group_findings(stats: GroupStats, models: list[str], th: Thresholds,
+                   hashes: list[str | None] | None = None) -> list[dict]:
+    """``hashes``: each model's exact hash of this component from the catalog, where known."""
     n = len(models)
+    hashes = hashes or [None] * n
     g = stats.gram
     out: list[dict] = []
     unchanged = [i for i in range(n) if stats.cosine[i][i] is None]
     if unchanged:
         out.append({"code": "unchanged", "models": [models[i] for i in unchanged]})
     live = [i for i in range(n) if i not in set(unchanged)]
-    # identical: union of zero distances, the first in grid order represents the set
+    # identical: union of equal hashes and zero distances, the first in grid order represents the set
     rep = {i: i for i in live}
     for a, b in itertools.combinations(live, 2):
-        if rep[b] != b:
+        if rep[b] != b or rep[a] != a:
+            continue
+        if hashes[a] is not None and hashes[a] == hashes[b]:
+            rep[b] = a
             continue
         d2 = g[a, a] + g[b, b] - 2.0 * g[a, b]
-        if d2 <= th.identical * max(g[a, a], g[b, b]) and rep[a] == a:
+        if d2 <= th.identical * max(g[a, a], g[b, b]):
             rep[b] = a
     for r in sorted(set(rep.values())):
         same = [i for i in live if rep[i] == r]
         if len(same) > 1:
-            out.append({"code": "identical", "models": [models[i] for i in same], "distance": 0.0})
+            by_hash = hashes[r] is not None and all(hashes[i] == hashes[r] for i in same)
+            out.append({"code": "identical", "models": [models[i] for i in same], "distance": 0.0,
+                        "basis": "hashes" if by_hash else "distance"})
     reps = [i for i in live if rep[i] == i]
     cos = stats.cosine
     for a, b in itertools.combinations(reps, 2):
@@ -130,29 +139,50 @@ def _outliers(live: list[int], stats: GroupStats, models: list[str], th: Thresho
     return out
 
 
-def _families(reps: list[int], cos, family: float) -> list[set[int]]:
-    """Average linkage (UPGMA, Lance-Williams updates) on 1 - cosine, merging while the closest
-    clusters are nearer than 1 - ``family``; clusters of two or more are families. Ties go to
-    the first pair in grid order, so the result does not depend on anything but the numbers."""
-    k = len(reps)
-    if k < 2:
-        return []
-    d = np.array([[1.0 - (cos[a][b] if cos[a][b] is not None else 0.0) for b in reps] for a in reps])
+def linkage(dist: np.ndarray) -> list[tuple[int, int, float, int]]:
+    """Average linkage (UPGMA, Lance-Williams updates) on a k x k distance matrix: the k - 1
+    merges as (cluster, cluster, height, size), clusters numbered as scipy numbers them (the
+    leaves 0..k-1, the merge of step s is k + s). Ties go to the first pair in order, so the
+    result depends on nothing but the numbers. The families and the ``--png`` dendrogram are
+    both cut from this one tree."""
+    k = dist.shape[0]
+    d = np.array(dist, dtype=np.float64, copy=True)
     np.fill_diagonal(d, np.inf)
-    members = [[i] for i in reps]
+    label = list(range(k))
+    size = [1] * k
     alive = list(range(k))
-    cut = 1.0 - family
+    merges: list[tuple[int, int, float, int]] = []
     while len(alive) > 1:
         sub = d[np.ix_(alive, alive)]
         flat = int(np.argmin(sub))
         p, q = alive[flat // len(alive)], alive[flat % len(alive)]
-        if sub.flat[flat] >= cut:
-            break
         p, q = min(p, q), max(p, q)
-        sp, sq = len(members[p]), len(members[q])
+        sp, sq = size[p], size[q]
+        merges.append((label[p], label[q], float(sub.flat[flat]), sp + sq))
         d[p, :] = (sp * d[p, :] + sq * d[q, :]) / (sp + sq)
         d[:, p] = d[p, :]
         d[p, p] = np.inf
-        members[p] = sorted(members[p] + members[q])
+        label[p], size[p] = k + len(merges) - 1, sp + sq
         alive.remove(q)
-    return [set(members[a]) for a in alive if len(members[a]) > 1]
+    return merges
+
+
+def cosine_distances(cos, idx: list[int]) -> np.ndarray:
+    """1 - cosine between the models ``idx`` (no cosine, a zero delta: distance 1)."""
+    return np.array([[1.0 - (cos[a][b] if cos[a][b] is not None else 0.0) for b in idx] for a in idx])
+
+
+def _families(reps: list[int], cos, family: float) -> list[set[int]]:
+    """The clusters of the linkage tree below the cut at 1 - ``family`` (average linkage is
+    monotone, so these are the merges made before the first one at or above the cut); clusters
+    of two or more are families, in the order of their first member."""
+    k = len(reps)
+    if k < 2:
+        return []
+    members: dict[int, list[int]] = {i: [reps[i]] for i in range(k)}
+    cut = 1.0 - family
+    for step, (a, b, height, _size) in enumerate(linkage(cosine_distances(cos, reps))):
+        if height >= cut:
+            break
+        members[k + step] = sorted(members.pop(a) + members.pop(b))
+    return sorted((set(m) for m in members.values() if len(m) > 1), key=min)

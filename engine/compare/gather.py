@@ -139,6 +139,29 @@ def _advise(fds, readers, headers, sources, key: str) -> None:
             return
 
 
+def to_float64(raw: np.ndarray, dtype: str, out: np.ndarray, f32: np.ndarray) -> None:
+    """Stored values (``raw``: their bytes) into ``out`` as fp64, exactly. numpy converts the
+    common dtypes with the CPU's vector instructions: ~13x faster than torch's ``copy_`` from
+    fp16 on this machine, where that conversion was most of a comparison's time. BF16 is the
+    upper half of an fp32; the rest (fp8) goes through torch."""
+    if dtype == "F16":
+        np.copyto(f32, raw.view(np.float16))
+        np.copyto(out, f32)
+    elif dtype == "BF16":
+        bits = f32.view(np.uint32)
+        np.copyto(bits, raw.view(np.uint16))
+        np.left_shift(bits, 16, out=bits)
+        np.copyto(out, f32)
+    elif dtype == "F32":
+        np.copyto(out, raw.view(np.float32))
+    elif dtype == "F64":
+        np.copyto(out, raw.view(np.float64))
+    else:
+        import torch
+
+        torch.from_numpy(out).copy_(torch.from_numpy(raw).view(DTYPES[dtype].torch_dtype))
+
+
 def gather(
     sources: list[Source],
     reference: Source | None,
@@ -148,7 +171,6 @@ def gather(
     skip: dict[int, dict[str, str]] | None = None,
 ) -> Gathered:
     """Read every file once and return the Gram matrices (see the module docstring)."""
-    import torch
 
     from engine.kernels.gram import LANES, gram_add, gram_finish
 
@@ -183,6 +205,7 @@ def gather(
             chunk = max(LANES, budget_bytes // (16 * (n + 1)))
             xs = np.empty((n + 1, chunk), np.float64)
             raw = np.empty((len(readers), chunk * 8), np.uint8)
+            f32 = np.empty(chunk, np.float32)  # the F16 and BF16 conversions go through fp32
             lanes: dict[str | None, np.ndarray] = {}
             for ti, t in enumerate(tensors[comp]):
                 if ti + 1 < len(tensors[comp]):
@@ -205,8 +228,7 @@ def gather(
                             if i == ref_i:
                                 raise CompareError(f"reference {all_sources[i].id}: {e}") from None
                             raise ReadFailure(i, str(e)) from None
-                        values = torch.from_numpy(raw[r][: m * size]).view(DTYPES[info.dtype].torch_dtype)
-                        torch.from_numpy(xs[r, :m]).copy_(values)
+                        to_float64(raw[r][: m * size], info.dtype, xs[r, :m], f32[:m])
                     if ref_i is None:
                         xs[n, :m] = xs[:n, :m].sum(axis=0) / n
                     xs[:n, :m] -= xs[n, :m]

@@ -17,7 +17,9 @@ from engine.compare.stats import group_stats
 
 
 def build_result(gathered: Gathered, ids: list[str], reference: str | None, th: Thresholds,
-                 left_out: list[dict]) -> dict:
+                 left_out: list[dict], hashes: list[dict[str, str]] | None = None) -> dict:
+    """``hashes``: per source, its components' exact hashes from the catalog (empty if unknown)."""
+    hashes = hashes or [{} for _ in ids]
     components: dict[str, dict] = {}
     findings: list[dict] = []
     for comp in COMPONENTS:
@@ -43,9 +45,10 @@ def build_result(gathered: Gathered, ids: list[str], reference: str | None, th: 
                                      "reason": f"{comp} not compared: NaN or Inf values in {names or 'the reference'}"})
                 continue
         models = [ids[i] for i in members]
+        same = [hashes[i].get(comp) for i in members]
         stats = group_stats(total, mean_reference=reference is None)
         entry = stats.to_dict(models)
-        found = [dict(f, component=comp, block=None) for f in group_findings(stats, models, th)]
+        found = [dict(f, component=comp, block=None) for f in group_findings(stats, models, th, same)]
         seen = {(f["code"], tuple(f["models"])) for f in found}
         findings.extend(found)
         if comp == "unet":
@@ -55,7 +58,7 @@ def build_result(gathered: Gathered, ids: list[str], reference: str | None, th: 
                     continue
                 bstats = group_stats(g, mean_reference=reference is None)
                 entry["blocks"][block] = bstats.to_dict(models)
-                for f in group_findings(bstats, models, th):
+                for f in group_findings(bstats, models, th, same):  # equal components: equal blocks
                     if (f["code"], tuple(f["models"])) not in seen:
                         findings.append(dict(f, component=comp, block=block))
         components[comp] = entry
@@ -64,6 +67,25 @@ def build_result(gathered: Gathered, ids: list[str], reference: str | None, th: 
             left_out.append({"id": ids[i], "component": comp, "reason": reason})
     return {"reference": reference, "components": components, "findings": findings,
             "left_out": left_out, "thresholds": th.to_dict()}
+
+
+def model_codes(result: dict, component: str) -> dict[str, list[str]]:
+    """Per model, the codes of the whole-component findings naming it (first seen first): the
+    "findings" column of the CLI's table and of the app's compare screen."""
+    codes: dict[str, list[str]] = {}
+    for f in result["findings"]:
+        if f["component"] == component and f["block"] is None:
+            for m in f["models"]:
+                have = codes.setdefault(m, [])
+                if f["code"] not in have:
+                    have.append(f["code"])
+    return codes
+
+
+def findings_of(result: dict, model_id: str) -> list[dict]:
+    """The findings naming ``model_id``, whole components first (for the details pane)."""
+    found = [f for f in result["findings"] if model_id in f["models"]]
+    return sorted(found, key=lambda f: (f["block"] is not None, f["component"], f["block"] or ""))
 
 
 def describe(f: dict) -> str:
@@ -79,4 +101,6 @@ def describe(f: dict) -> str:
         return f"{m[0]}: {f['measure']} z = {f['z']:+.1f}"
     if code == "unchanged":
         return f"the reference's: {', '.join(m)}"
+    if code == "identical":
+        return ", ".join(m) + (" (same component hash)" if f.get("basis") == "hashes" else " (zero distance)")
     return ", ".join(m)

@@ -25,7 +25,7 @@ Event = Callable[[object], None]
 def _problem(report: ModelReport) -> str | None:
     if report.severity >= Severity.ERROR:
         errors = [f.message for f in report.all_findings if f.severity >= Severity.ERROR]
-        return "; ".join(errors) or "unreadable"
+        return "; ".join(dict.fromkeys(errors)) or "unreadable"  # one reason per tensor kind, said once
     if report.arch != "sdxl":
         return f"not an SDXL checkpoint ({report.arch_label or report.kind})"
     if not report.key_map:
@@ -92,6 +92,7 @@ def compare(
     cache = catalog = None
     shas: dict[str, str] = {}
     nonfinite: dict[str, dict[str, str]] = {}  # path -> component -> reason, from the hashes
+    exact: dict[str, dict[str, str]] = {}  # path -> component -> exact hash, for "identical"
     try:
         if use_cache:
             from engine.compare.cache import ResultCache
@@ -108,6 +109,7 @@ def compare(
                     try:
                         hashes = catalog.hash_file(r.path, r, cancel=cancel)
                         shas[str(r.path)] = hashes.sha256
+                        exact[str(r.path)] = {cid: c.exact for cid, c in hashes.components.items()}
                         for cid, c in hashes.components.items():
                             if c.nonfinite:
                                 nonfinite.setdefault(str(r.path), {})[cid] = (
@@ -142,7 +144,7 @@ def compare(
                 emit(CacheHit(key))
                 hit["left_out"] = left_out + hit.get("left_out", [])
                 return hit
-        result = _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite)
+        result = _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite, exact)
         # the models actually compared (a read failure drops one): key and store on those
         compared = [r for r in models if not any(x["id"] == r.model_id and x["component"] is None
                                                  for x in left_out)]
@@ -157,7 +159,7 @@ def compare(
             catalog.close()
 
 
-def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite) -> dict:
+def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite, exact) -> dict:
     from engine.checkpoint.format import SafetensorsError
     from engine.compare.gather import DEFAULT_BUDGET, ReadFailure, Source, gather
     from engine.compare.result import build_result
@@ -189,5 +191,6 @@ def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_o
             live.remove(bad)
             continue
         ids = [r.model_id for r in live]
-        result = build_result(gathered, ids, ref_report.model_id if ref_report else None, thresholds, [])
+        result = build_result(gathered, ids, ref_report.model_id if ref_report else None, thresholds, [],
+                              [exact.get(str(r.path), {}) for r in live])
         return result

@@ -124,6 +124,25 @@ def test_importing_imports_no_torch(module):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [], f"{module} imports torch"
 
 
+_MATPLOTLIB_PROBE = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(sorted(m for m in sys.modules if m.split(".")[0] == "matplotlib")[:3])
+"""
+
+
+@pytest.mark.parametrize("module", ["astolfo_tui.app", "astolfo_tui.commands.compare", "astolfo_tui.screens.compare",
+                                    "astolfo_tui.compare_png"])
+def test_matplotlib_waits_for_a_picture(module):
+    """Only drawing ``--png`` loads matplotlib: not the app, the command, its screen or the
+    drawing module itself."""
+    done = subprocess.run([sys.executable, "-c", _MATPLOTLIB_PROBE, module], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", f"{module} imports matplotlib"
+
+
 def test_checking_a_cpu_recipe_imports_no_torch(tmp_path):
     """Plan checks import torch only for the ``device = "cuda"`` probe."""
     models = tmp_path / "m"

@@ -102,7 +102,48 @@ def test_a_cached_run_of_the_command_imports_no_torch(folder, tmp_path):
     assert astolfo(folder, "--reference", "m01", "--json", cache=tmp_path).returncode == 0
     code = ("import sys\nfrom astolfo_tui.cli import main\n"
             f"rc = main(['compare', {str(folder)!r}, '--reference', 'm01', '--json'])\n"
-            "print(rc, 'torch' in sys.modules, 'numba' in sys.modules, file=sys.stderr)\n")
+            "print(rc, 'torch' in sys.modules, 'numba' in sys.modules, 'matplotlib' in sys.modules, "
+            "file=sys.stderr)\n")
     env = dict(os.environ, ASTOLFO_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.stderr.split()[-3:] == ["0", "False", "False"], done.stderr
+    assert done.stderr.split()[-4:] == ["0", "False", "False", "False"], done.stderr
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's header, which must be a PNG's."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_png_is_drawn_and_a_bad_path_is_a_usage_error(folder, tmp_path):
+    picture = tmp_path / "all.png"
+    done = astolfo(folder, "--reference", "m01", "--png", picture, cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    width, height = _png_size(picture)
+    assert picture.stat().st_size > 50_000 and width > 600
+    one = tmp_path / "te0.png"
+    assert astolfo(folder, "--reference", "m01", "--component", "te0", "--png", one, cache=tmp_path).returncode == 0
+    one_width, one_height = _png_size(one)
+    assert one_height < height / 2  # one row of panels instead of four
+    for bad, why in ((tmp_path / "no" / "such" / "x.png", "no such folder"), (tmp_path, "it is a folder")):
+        done = astolfo(folder, "--png", bad, cache=tmp_path)
+        assert done.returncode == 2
+        assert f"cannot write --png {bad}: {why}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_png_has_a_heatmap_and_a_dendrogram_per_component(tmp_path):
+    """Drawn from a result by hand: two components, one with a model whose delta is zero (no
+    cosine) and one with a single changed model (no tree to draw)."""
+    from astolfo_tui.compare_png import write_png
+
+    def entry(cos):
+        return {"models": ["a", "b", "c"], "cosine": cos}
+
+    result = {"reference": "base", "thresholds": {"family": 0.3}, "components": {
+        "unet": entry([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]]),
+        "te0": entry([[1.0, None, None], [None, None, None], [None, None, None]])}}
+    path = tmp_path / "two.png"
+    assert write_png(result, path) == 4
+    width, height = _png_size(path)
+    assert width > 600 and height > 400

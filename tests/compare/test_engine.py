@@ -275,3 +275,84 @@ def test_nan_values_leave_the_model_out_of_that_component(models, tmp_path, use_
     assert ids["a03_ft_c"] in res["components"]["te0"]["models"]
     assert [(x["id"], x["component"]) for x in res["left_out"]] == [(ids["a03_ft_c"], "te1")]
     assert ("combination", [ids["a04_mix_ab"], ids["a01_ft_a"], ids["a02_ft_b"]]) in comp_findings(res, "te1")
+
+
+def test_the_dendrogram_and_the_families_come_from_one_linkage():
+    """Two tight pairs and a loner: the tree joins each pair first, the dendrogram's leaves
+    keep pairs together, and the families are the pairs (cut at 1 - 0.3)."""
+    from astolfo_tui.compare_png import tree_segments
+    from engine.compare.findings import _families, cosine_distances, linkage
+
+    cos = [[1.0, 0.9, 0.1, 0.0, 0.1], [0.9, 1.0, 0.0, 0.1, 0.0], [0.1, 0.0, 1.0, 0.1, 0.8],
+           [0.0, 0.1, 0.1, 1.0, 0.0], [0.1, 0.0, 0.8, 0.0, 1.0]]
+    merges = linkage(cosine_distances(cos, list(range(5))))
+    assert [(a, b) for a, b, _h, _n in merges[:2]] == [(0, 1), (2, 4)]
+    assert merges[0][2] == pytest.approx(0.1) and merges[1][2] == pytest.approx(0.2)
+    assert [h for _a, _b, h, _n in merges] == sorted(h for _a, _b, h, _n in merges)  # monotone
+    assert merges[-1][3] == 5
+    order, lines = tree_segments(merges, 5)
+    assert sorted(order) == list(range(5)) and len(lines) == 4
+    assert abs(order.index(0) - order.index(1)) == 1 and abs(order.index(2) - order.index(4)) == 1
+    assert _families(list(range(5)), cos, 0.3) == [{0, 1}, {2, 4}]
+
+
+def test_identical_from_the_catalog_hashes_when_known(models, tmp_path):
+    """With the catalog, the clone's UNet is identical by its component hash; without it, by
+    the zero distance of the deltas."""
+    folder, _paths = models
+    ids = ids_of(folder)
+    pair = [ids["a03_ft_c"], ids["a05_clone_c"]]
+
+    def identical(res, comp):
+        return next(f for f in res["findings"] if f["code"] == "identical" and f["component"] == comp
+                    and f["block"] is None)
+
+    hashed = compare(scan([folder]), reference=ids["a00_base"], catalog_path=tmp_path / "catalog.sqlite3")
+    assert identical(hashed, "unet")["models"] == pair and identical(hashed, "unet")["basis"] == "hashes"
+    plain = compare(scan([folder]), reference=ids["a00_base"], use_cache=False)
+    assert identical(plain, "unet")["models"] == pair and identical(plain, "unet")["basis"] == "distance"
+
+
+def test_equal_hashes_make_models_identical_whatever_the_rounding():
+    """Two deltas a hair apart in the Gram matrix (summation order, another reader) are still
+    one component when their hashes are equal; an unknown hash falls back on the distance."""
+    import numpy as np
+
+    from engine.compare.findings import Thresholds, group_findings
+    from engine.compare.stats import group_stats
+
+    x = np.array([[1.0, 0.0, 0.0], [1.0, 1e-6, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # reference last: 0
+    stats = group_stats(x @ x.T)
+    models = ["a", "b", "c"]
+    codes = lambda found: [(f["code"], f["models"], f.get("basis")) for f in found if f["code"] == "identical"]  # noqa: E731
+    assert codes(group_findings(stats, models, Thresholds())) == []
+    assert codes(group_findings(stats, models, Thresholds(), ["h1", "h1", "h2"])) == [("identical", ["a", "b"],
+                                                                                      "hashes")]
+    assert codes(group_findings(stats, models, Thresholds(), ["h1", None, "h2"])) == []
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "F64", "F8_E4M3"])
+def test_stored_values_become_the_same_fp64_as_torch_gives(dtype):
+    """The numpy conversions of the pass against torch's, every value exact: normals,
+    subnormals, signed zeros, the largest values, infinities (where the dtype has them), NaN."""
+    import numpy as np
+    import torch
+
+    from engine.checkpoint.format import DTYPES
+    from engine.compare.gather import to_float64
+
+    tdt = DTYPES[dtype].torch_dtype
+    info = torch.finfo(tdt)
+    special = [0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny / 2, info.max, -info.max, 1.0, -3.5]
+    if dtype != "F8_E4M3":
+        special += [float("inf"), float("-inf"), float("nan")]
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(4093, generator=g, dtype=torch.float64)
+    values = torch.cat([torch.tensor(special, dtype=torch.float64), noise])
+    stored = values.to(tdt)
+    raw = stored.view(torch.uint8).numpy().copy()
+    out = np.full(len(values), 7.0)
+    to_float64(raw, dtype, out, np.empty(len(values), np.float32))
+    expected = stored.to(torch.float64).numpy()
+    assert np.array_equal(out, expected, equal_nan=True)
+    assert np.array_equal(np.signbit(out), np.signbit(expected))

@@ -178,7 +178,7 @@ async def test_weights_are_edited_shown_and_saved(work_dir):
         app.library.state.set_many("unet", ["_x01", "_x02"], True)
         put_cursor(app.library.query_one(SelectionGrid), "_x02", SEL + "unet")
         await pilot.pause()
-        await pilot.press("v")
+        await pilot.press("W")
         assert isinstance(app.screen, WeightDialog)
         await pilot.press(*"-1", "enter")
         assert isinstance(app.screen, WeightDialog) and app.library.state.weights == {}  # refused

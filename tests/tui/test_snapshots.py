@@ -82,6 +82,30 @@ async def test_merge_plan(demo_dir, tui_root, tmp_path, fixed_disk):
         assert_snapshot(app, "merge_plan", tui_root, tmp_path)
 
 
+async def test_compare(demo_dir, tui_root, tmp_path, monkeypatch):
+    """SDXL base marked =sd (in a catalog of this test's own) and the result already cached, so
+    the screen shows consensus cosines and no timing."""
+    import asyncio
+
+    from engine.compare.run import compare
+
+    monkeypatch.setenv("ASTOLFO_CACHE_DIR", str(tmp_path / "cache"))
+    app = AstolfoApp([demo_dir], reattach=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await _library(pilot, picks=True)
+        lib = app.library
+        put_cursor(lib.grid, "_x00", "id")
+        await pilot.press("equals_sign")
+        await wait_for(pilot, lambda: lib.grid.hashes["_x00"].same_as_reference, what="the =sd mark")
+        await asyncio.to_thread(compare, [lib.state.reports[m] for m in lib.state.order])
+        put_cursor(lib.grid, "_x01", SEL + "unet")
+        await pilot.press("v")
+        await wait_for(pilot, lambda: getattr(app.screen, "result", None) is not None, what="the comparison")
+        await pilot.pause(0.3)
+        assert app.screen.from_cache
+        assert_snapshot(app, "compare", tui_root, tmp_path)
+
+
 async def test_outputs_dialog(demo_dir, tui_root, tmp_path):
     app = AstolfoApp([demo_dir], reattach=False)
     async with app.run_test(size=SIZE) as pilot:
