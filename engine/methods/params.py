@@ -16,14 +16,20 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-METHODS = ("mean", "add_difference", "ties", "ties_soup", "dare", "della", "model_stock")
+METHODS = ("mean", "add_difference", "ties", "ties_soup", "dare", "della", "model_stock", "geometric_median", "tgmd",
+           "dgmla")
 VOTES = ("sum", "count", "none")
-COMBINES = ("mean", "sum", "stock")
-FIELDS = ("method", "base", "alpha", "trim", "vote", "drop", "drop_eps", "rescale", "seed", "combine")
+COMBINES = ("mean", "sum", "stock", "median")
+FIELDS = ("method", "base", "alpha", "trim", "vote", "drop", "drop_eps", "rescale", "seed", "combine", "eps", "maxiter",
+          "ftol")
 
 # Every field's value when neither the table nor the preset sets it (base has none).
 DEFAULTS = {"alpha": 1.0, "trim": 1.0, "vote": "none", "drop": 0.0, "drop_eps": 0.0, "rescale": True, "seed": 0,
-            "combine": "mean"}
+            "combine": "mean", "eps": 1e-6, "maxiter": 100, "ftol": 1e-20}
+# the geometric median's own fields (Weiszfeld: distance floor, iteration cap, relative stop)
+MEDIAN_FIELDS = ("eps", "maxiter", "ftol")
+MAXITER_LIMIT = 100_000
+_TGMD = {"trim": 1.0, "vote": "sum", "drop": 0.1, "rescale": False, "combine": "median", "seed": 0}
 
 PRESETS: dict[str, dict] = {
     "mean": {},
@@ -33,6 +39,9 @@ PRESETS: dict[str, dict] = {
     "dare": {"vote": "none", "rescale": True},
     "della": {"vote": "none", "rescale": True},
     "model_stock": {"combine": "stock"},
+    "geometric_median": {"combine": "median"},
+    "tgmd": dict(_TGMD),  # the AstolfoMix author's x116a: TIES vote, DARE drop, median
+    "dgmla": {**_TGMD, "drop_eps": -0.1},  # x215a: tgmd with DELLA's rank-dependent drop
 }
 REQUIRED = {"dare": ("drop",), "della": ("drop", "drop_eps")}
 
@@ -53,6 +62,14 @@ class MethodParams:
     rescale: bool = True
     seed: int = 0
     combine: str = "mean"
+    eps: float = 1e-6
+    maxiter: int = 100
+    ftol: float = 1e-20
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the deltas are trimmed, dropped or voted on (else each model is used whole)."""
+        return self.trim < 1 or self.drop > 0 or self.drop_eps != 0 or self.vote != "none"
 
     @property
     def rescale_divisor(self) -> float | None:
@@ -60,11 +77,16 @@ class MethodParams:
         return 1.0 - self.drop if self.rescale and self.drop > 0 else None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Every parameter (the median's own only where combine is "median")."""
+        d = asdict(self)
+        if self.combine != "median":
+            for name in MEDIAN_FIELDS:
+                del d[name]
+        return d
 
     def summary(self) -> str:
         """The method and its parameters in one line (``ties_soup(base=_x00, vote=count)``)."""
-        shown = {k: v for k, v in asdict(self).items() if k != "method"}
+        shown = {k: v for k, v in self.as_dict().items() if k != "method"}
         return f"{self.method}({', '.join(f'{k}={v}' for k, v in shown.items())})"
 
 
@@ -79,6 +101,7 @@ def resolve(fields: dict) -> MethodParams:
         method=method, base=values.get("base"), alpha=float(values["alpha"]), trim=float(values["trim"]),
         vote=values["vote"], drop=float(values["drop"]), drop_eps=float(values["drop_eps"]),
         rescale=bool(values["rescale"]), seed=int(values["seed"]), combine=values["combine"],
+        eps=float(values["eps"]), maxiter=int(values["maxiter"]), ftol=float(values["ftol"]),
     )
 
 
@@ -116,12 +139,10 @@ def problems(sel: str, fields: dict, models: dict, weights: dict, selection: lis
     for name in REQUIRED.get(method, ()):
         if name not in fields:
             out.append(("bad_method_param", f"{where}.{name}: required by method {method!r}"))
-    if "base" not in fields:
-        out.append(("bad_method_param", f"{where}.base: required by method {method!r} (a model id from [models])"))
-    elif not isinstance(fields["base"], str) or fields["base"] not in models:
+    if "base" in fields and (not isinstance(fields["base"], str) or fields["base"] not in models):
         bad("base", "not a model id in [models]")
     typed_ok = True
-    for name in ("alpha", "trim", "drop", "drop_eps"):
+    for name in ("alpha", "trim", "drop", "drop_eps", "eps", "ftol"):
         if name in fields and not _number(fields[name]):
             bad(name, "expected a finite number")
             typed_ok = False
@@ -137,9 +158,27 @@ def problems(sel: str, fields: dict, models: dict, weights: dict, selection: lis
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < SEED_LIMIT:
             bad("seed", f"expected an integer from 0 to {SEED_LIMIT - 1}")
             typed_ok = False
+    if "maxiter" in fields:
+        it = fields["maxiter"]
+        if isinstance(it, bool) or not isinstance(it, int) or not 1 <= it <= MAXITER_LIMIT:
+            bad("maxiter", f"expected an integer from 1 to {MAXITER_LIMIT}")
+            typed_ok = typed_ok and isinstance(it, int) and not isinstance(it, bool)  # a range error: go on
     if not typed_ok:
         return out
     p = resolve(fields)
+    if "base" not in fields and (p.combine != "median" or p.filtered):
+        why = "a model id from [models]" if p.combine != "median" else (
+            "a model id from [models]; only an unfiltered median (no trim, drop or vote) is taken of the models "
+            "themselves")
+        out.append(("bad_method_param", f"{where}.base: required by method {method!r} ({why})"))
+    if not p.eps > 0:
+        bad("eps", "the distance floor must be > 0", value=p.eps)
+    if not p.ftol >= 0:
+        bad("ftol", "the stopping tolerance must be >= 0", value=p.ftol)
+    if p.combine != "median":
+        for name in MEDIAN_FIELDS:
+            if name in fields:
+                bad(name, "only used by combine = 'median'")
     if not 0 < p.trim <= 1:
         bad("trim", "the kept fraction must be in (0, 1]", value=p.trim)
     if not 0 <= p.drop < 1:

@@ -52,15 +52,19 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
     drop masks; None only when nothing is dropped), ``scale``: factors / weights; ``stats``:
     the key's ``tensor_stats.TensorStats`` where the method needs them, with ``idents`` the
     models' ``(file, stored key)``. Returns the 0-dim "every input finite" flag."""
-    n = base.numel()
+    n = views[0].numel()
     b = k.buf("m_base", F64, n)
-    k.load(b, base)
+    if base is None:  # a median of the models themselves: deltas against 0 (exact)
+        b.zero_()
+    else:
+        k.load(b, base)
     probe = k.buf("m_probe", F64, n)
     probe.copy_(b)
     tau = k.buf("m_tau", F64, n)
     total = k.buf("m_total", F64, n)
     total.zero_()
-    voting = params.vote != "none"
+    median = params.combine == "median"  # the key's median is in ``stats``; the loop only checks the inputs
+    voting = params.vote != "none" and not median
     if voting:
         pos, posw = k.buf("m_pos", F64, n).zero_(), k.buf("m_posw", F64, n).zero_()
         neg, negw = k.buf("m_neg", F64, n).zero_(), k.buf("m_negw", F64, n).zero_()
@@ -70,6 +74,8 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
         k.load(tau, view)
         tau.sub_(b)
         probe.add_(tau)
+        if median:
+            continue
         if params.drop_eps != 0:  # DELLA: the keep mask from the key's ranks
             keep = torch.from_numpy(stats.keep_mask(ident, start, n)).to(tau.device, non_blocking=True)
             tau.masked_fill_(~keep, 0.0)
@@ -93,7 +99,10 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
         posw.add_(up.to(F64).mul_(f))
         neg.add_(torch.where(down, tau, 0.0))
         negw.add_(down.to(F64).mul_(f))
-    if voting:
+    if median:
+        delta = total
+        delta.copy_(torch.from_numpy(stats.median[start:start + n]))
+    elif voting:
         # the elected sign's disjoint mean (its weight is > 0 wherever that sign won); 0 on a tie
         delta = torch.where(total > 0, pos.div_(posw), torch.where(total < 0, neg.div_(negw), 0.0))
     else:
@@ -116,13 +125,14 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
 
 
 def method_parts(plan, seg, ns, excluded: dict[int, set]):
-    """A method node's slice: (node, base slice, whether the base is left out for NaN/Inf, the
+    """A method node's slice: (node, base slice or None, whether the base is left out for NaN/Inf, the
     models' slices not left out, their factors, their SHA256s or None where not known)."""
     node = plan.nodes[ns.node]
     skip = excluded.get(ns.node, ())
-    base = seg.sources[ns.sources[0]]
+    has_base = node.method.base is not None  # else a median of the models themselves
+    base = seg.sources[ns.sources[0]] if has_base else None
     kept, factors = [], []
-    for i, f in zip(ns.sources[1:], node.factors[1:]):
+    for i, f in zip(ns.sources[1:] if has_base else ns.sources, node.factors[1:] if has_base else node.factors):
         s = seg.sources[i]
         if (s.file, s.key) not in skip:
             kept.append(s)
@@ -135,4 +145,4 @@ def method_parts(plan, seg, ns, excluded: dict[int, set]):
         missing = plan.files[kept[shas.index(None)].file].model_id
         raise RuntimeError(f"model {missing}: its SHA256 is needed for the drop masks of {node.key} and is not known "
                            "(the merge hashes every source before it starts)")
-    return node, base, (base.file, base.key) in skip, kept, factors, shas
+    return node, base, base is not None and (base.file, base.key) in skip, kept, factors, shas

@@ -46,7 +46,7 @@ STOCK_BLOCK_BYTES = 64 << 20
 
 def needs_stats(params) -> bool:
     """Whether a method needs a look at whole tensors before its element-wise pass."""
-    return params.trim < 1 or params.drop_eps != 0 or params.combine == "stock"
+    return params.trim < 1 or params.drop_eps != 0 or params.combine in ("stock", "median")
 
 
 @dataclass
@@ -58,6 +58,9 @@ class TensorStats:
     keep_bits: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # DELLA: packed keep masks
     stock_t: float | None = None
     stock_raw: float | None = None  # t before the clamp (None when not clamped)
+    median: np.ndarray | None = None  # combine = "median": the key's median (engine.methods.median)
+    iterations: int = 0
+    median_in_memory: bool = False
 
     def keep_mask(self, src: tuple[int, str], start: int, n: int) -> np.ndarray | None:
         """DELLA's keep decisions of elements ``start .. start + n`` of one model (bool)."""
@@ -79,15 +82,29 @@ def read_f64(fd: int, src: Source, path, start: int, stop: int) -> torch.Tensor:
     return values.to(torch.float64)
 
 
-def compute_stats(params, key: str, base: Source, models: list[Source], shas: list[str | None],
+def compute_stats(params, key: str, base: Source | None, models: list[Source], shas: list[str | None],
                   read: Callable[[Source, int, int], torch.Tensor], check_cancel: Callable[[], None],
-                  mask_key: Callable[[int, str, str], int]) -> TensorStats:
-    """The statistics of one method node over its base and (kept) model sources."""
-    n = math.prod(base.shape)
+                  mask_key: Callable[[int, str, str], int], budget: int = 1 << 62) -> TensorStats:
+    """The statistics of one method node over its base (None: a median of the models
+    themselves) and (kept) model sources; ``budget``: the bytes a median may hold."""
+    n = math.prod(models[0].shape)
     stats = TensorStats()
     if params.combine == "stock":
         _stock(stats, base, models, n, read, check_cancel)
         return stats
+    if params.trim < 1 or params.drop_eps != 0:
+        _per_model(stats, params, key, base, models, shas, n, read, check_cancel, mask_key)
+    if params.combine == "median":
+        from engine.methods.median import geometric_median
+
+        found = geometric_median(params, key, base, models, shas, [s.weight for s in models], stats, read,
+                                 check_cancel, mask_key, budget)
+        stats.median, stats.iterations, stats.median_in_memory = found.delta, found.iterations, found.in_memory
+    return stats
+
+
+def _per_model(stats: TensorStats, params, key, base, models, shas, n, read, check_cancel, mask_key) -> None:
+    """Trim thresholds and DELLA masks, one model's whole delta at a time."""
     b = read(base, 0, n)
     k = max(int((1 - params.trim) * n), 1)
     for src, sha in zip(models, shas):
@@ -104,7 +121,6 @@ def compute_stats(params, key: str, base: Source, models: list[Source], shas: li
         if params.trim < 1:
             stats.thresholds[ident] = kth_magnitude(tau, k)
         del tau
-    return stats
 
 
 def kth_magnitude(tau: torch.Tensor, k: int) -> float:
@@ -174,6 +190,9 @@ class StatsFeed:
     across passes, the keys whose model stock ``t`` was clamped (node id -> (key, raw t))."""
 
     def __init__(self, plan: MergePlan, fds: list[int], check_cancel: Callable[[], None]):
+        from engine.recipe.sizes import memory_budget
+
+        self.budget = memory_budget(plan.recipe.memory)
         self.plan = plan
         self.fds = fds
         self.check_cancel = check_cancel
@@ -197,9 +216,10 @@ class StatsFeed:
                         continue  # the backend reports the slice as bad
                     step = self.plan.steps[seg.step]
                     by_ident = {(s.file, s.key): s for s in step.sources}
-                    stats = compute_stats(node.method, node.key, by_ident[(base.file, base.key)],
+                    stats = compute_stats(node.method, node.key,
+                                          None if base is None else by_ident[(base.file, base.key)],
                                           [by_ident[(s.file, s.key)] for s in kept], shas, self._read,
-                                          self.check_cancel, mask_key)
+                                          self.check_cancel, mask_key, self.budget)
                     self._held[ns.node] = stats
                     if stats.stock_raw is not None:
                         self.clamped[ns.node] = (node.key, stats.stock_raw)

@@ -111,10 +111,11 @@ class Builder:
             scale = 1.0
             if kind == MEAN:
                 factors = exact_factors(sources)
-            elif kind == METHOD:  # the base first (unused factor), then the models' exact factors
-                model_factors = exact_factors(sources[1:])
-                scale = factor_scale(sources[1], model_factors[0])
-                factors = (1.0, *model_factors)
+            elif kind == METHOD:  # the base first (unused factor; none for a plain median), then the models'
+                models = sources[1:] if method.base is not None else sources
+                model_factors = exact_factors(models)
+                scale = factor_scale(models[0], model_factors[0])
+                factors = (1.0, *model_factors) if method.base is not None else model_factors
             else:
                 factors = (1.0,) * len(sources)
             nid = len(self.nodes)
@@ -172,7 +173,11 @@ class Builder:
             sources = [self.source(m, s) for m, s in present]
             if not self.same_shapes(sel, key, present, sources):
                 continue
-            if method is not None and base is not None and all(DTYPES[x.dtype].is_float for x in sources):
+            floats = all(DTYPES[x.dtype].is_float for x in sources)
+            if method is not None and method.base is None and floats:  # a median of the models themselves
+                yield key, self.node(METHOD, key, sources, check=True, method=method)
+                continue
+            if method is not None and base is not None and floats:
                 stored_base = self.stored_key(base, key)
                 if stored_base is not None:
                     base_source = self.source(base, stored_base)

@@ -46,6 +46,8 @@ class Recipe:
     arch: str | None = None
     dtype: str = "fp16"
     device: str = "auto"
+    # how much a method may hold in memory ("8GB"; engine.recipe.sizes): a run setting, like device
+    memory: str | None = None
     weights: dict[str, float] = field(default_factory=dict)
     strict: bool = False
     skip_nan: bool = False

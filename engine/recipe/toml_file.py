@@ -12,6 +12,7 @@ Format::
     arch = "sdxl"                    # optional; checked against the models
     dtype = "fp16"                   # output storage: fp16 | bf16 | fp32
     device = "auto"                  # auto | cpu | cuda | cuda:N
+    memory = "8GB"                   # optional; what a geometric median may hold (a run setting)
     date = "2024-05-01"              # optional; ModelSpec date (never the clock)
     strict = false                   # refuse keys missing from some models of a selection
     skip_nan = false                 # skip a source tensor holding NaN/Inf instead of stopping
@@ -56,7 +57,7 @@ from engine.recipe.model import ModelEntry, OutputSpec, Recipe, RecipeError
 
 # Keys each table accepts; anything else is a structural problem (a typo like `skip_nans` must
 # not be silently ignored).
-TOP_KEYS = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "models", "select",
+TOP_KEYS = ("name", "arch", "dtype", "device", "memory", "date", "strict", "skip_nan", "models", "select",
             "weights", "metadata", "methods", "output")
 OUTPUT_KEYS = ("path", "dtype", "title")
 MODEL_KEYS = ("path", "sha256")
@@ -124,6 +125,15 @@ class _Parser:
         arch = self.string(doc, "arch", "arch")
         dtype = self.string(doc, "dtype", "dtype") or "fp16"
         device = self.string(doc, "device", "device") or "auto"
+        memory = self.string(doc, "memory", "memory")
+        if memory is not None:
+            from engine.recipe.sizes import parse_size
+
+            try:
+                parse_size(memory)
+            except ValueError as e:
+                self.bad(f"memory = {memory!r}: {e}")
+                memory = None
         date = self.date(doc.get("date"))
         strict = self.boolean(doc, "strict")
         skip_nan = self.boolean(doc, "skip_nan")
@@ -135,7 +145,7 @@ class _Parser:
         outputs = self.outputs(doc.get("output"), name, select)
         return Recipe(
             name=name, models=models, select=select, outputs=outputs, arch=arch, dtype=dtype,
-            device=device, weights=weights, strict=strict, skip_nan=skip_nan, date=date,
+            device=device, memory=memory, weights=weights, strict=strict, skip_nan=skip_nan, date=date,
             base_dir=base_dir, metadata=metadata, methods=methods,
         )
 
@@ -389,6 +399,8 @@ def recipe_to_toml(recipe: Recipe, run_settings: bool = True) -> str:
     lines.append(f"dtype = {_string(recipe.dtype)}")
     if run_settings:
         lines.append(f"device = {_string(recipe.device)}")
+        if recipe.memory is not None:
+            lines.append(f"memory = {_string(recipe.memory)}")
     if recipe.date is not None:
         lines.append(f"date = {_string(recipe.date)}")
     if recipe.strict:
@@ -483,6 +495,6 @@ def _same_recipe(a: Recipe, b: Recipe) -> bool:
             [(os.path.abspath(r.output_path(o)), o.sources, o.dtype, o.title) for o in r.outputs],
         )
 
-    settings = ("name", "arch", "dtype", "device", "date", "strict", "skip_nan", "select", "weights", "metadata",
-                "methods")
+    settings = ("name", "arch", "dtype", "device", "memory", "date", "strict", "skip_nan", "select", "weights",
+                "metadata", "methods")
     return files(a) == files(b) and all(getattr(a, k) == getattr(b, k) for k in settings)

@@ -131,14 +131,15 @@ class CpuBackend:
             return Bad(seg, ns.node, [])
         n = seg.numel
         outs = [_view(job.out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()]
-        srcs = [base, *kept]
+        srcs = [base, *kept] if base is not None else kept
         views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in srcs]
+        base_view, model_views = (views[0], views[1:]) if base is not None else (None, views)
         stats, idents = job.item.stats.get(ns.node), [(s.file, s.key) for s in kept]
         for a in range(0, n, self.sub):
             b = min(n, a + self.sub)
-            finite = streamed.compute(k, node.method, node.key, seg.start + a, views[0][a:b],
-                                      [v[a:b] for v in views[1:]], factors, shas, node.scale, [o[a:b] for o in outs],
-                                      stats, idents)
+            finite = streamed.compute(k, node.method, node.key, seg.start + a,
+                                      None if base_view is None else base_view[a:b], [v[a:b] for v in model_views],
+                                      factors, shas, node.scale, [o[a:b] for o in outs], stats, idents)
             if not bool(finite):
                 return Bad(seg, ns.node, [(s.file, s.key) for s, v in zip(srcs, views) if not k.finite(v[a:b])])
         return None

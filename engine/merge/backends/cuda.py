@@ -259,9 +259,10 @@ class CudaBackend:
                         continue
                     fi = handle.flags
                     handle.flags += 1
-                    handle.marks.append((seg, ns, [base, *models], fi))
+                    srcs = [base, *models] if base is not None else models
+                    handle.marks.append((seg, ns, srcs, fi))
                     extra = (factors, shas, item.stats.get(ns.node), [(s.file, s.key) for s in models])
-                    work.append((seg, ns, node, [base, *models], extra, fi))
+                    work.append((seg, ns, node, srcs, extra, fi))
                     continue
                 node, kept, factors = _node_parts(self.plan, seg, ns, excluded)
                 fi = None
@@ -312,7 +313,8 @@ class CudaBackend:
             views = [_view(din, s.buf_offset, s.nbytes, s.dtype) for s in kept]
             if node.kind == METHOD:
                 factors, shas, stats, idents = factors
-                finite = streamed.compute(k, node.method, node.key, seg.start, views[0], views[1:], factors, shas,
+                base_view, model_views = (views[0], views[1:]) if node.method.base is not None else (None, views)
+                finite = streamed.compute(k, node.method, node.key, seg.start, base_view, model_views, factors, shas,
                                           node.scale, outs, stats, idents)
             elif node.kind == COPY:
                 finite = k.copy(views[0], outs, node.check_finite)
