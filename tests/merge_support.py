@@ -113,3 +113,23 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return env
+
+
+def toml_value(v) -> str:
+    """A method table's value as TOML (booleans, strings, numbers)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def method_table(sel: str, method: dict) -> str:
+    return f"[methods.{sel}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in method.items())
+
+
+def drop_uniform(seed: int, path: Path, key: str, n: int):
+    """The drop masks' uniforms of one model's tensor, from the definition's coordinates (seed,
+    the file's SHA256, the key, the element index)."""
+    from engine.kernels.hashing import key_hash, stream_key, uniform_numpy
+
+    return torch.from_numpy(uniform_numpy(stream_key(seed, int(sha256(path)[:16], 16), key_hash(key)), 0, n))
+

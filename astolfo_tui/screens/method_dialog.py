@@ -4,9 +4,7 @@ model the deltas are taken from, and every parameter, checked as the user types.
 Everything here is read from ``engine.methods.params`` (METHODS, FIELDS, DEFAULTS, PRESETS,
 REQUIRED) and checked with its ``problems()``, the same function ``astolfo merge --check`` uses,
 so a new preset or field shows up here without a change to the app and the dialog never accepts
-what the merge would refuse as a bad value. Settings the engine does not compute yet
-(``method_unsupported``) are shown as warnings but may be kept: the recipe is still valid, and the
-merge screen says why it will not run.
+what the merge would refuse as a bad value.
 
 Values are typed as TOML would write them (``0.2``, ``true``, ``114514``); a word that is not TOML
 (``sum``) is taken as a string, so nobody has to type quotes. An empty field takes the default
@@ -26,11 +24,10 @@ from textual.widgets import Button, Footer, Input, Label, Select, Static
 
 from astolfo_tui.screens.dialogs import _FormDialog
 from astolfo_tui.selection_state import SelectionState
-from astolfo_tui.widgets.selection_grid import DIM, ERROR, WARN
+from astolfo_tui.widgets.selection_grid import DIM, ERROR
 from engine.methods.params import DEFAULTS, FIELDS, METHODS, PRESETS, REQUIRED, problems
 
 MEAN = "mean"  # the recipe's default: no [methods] table at all
-UNSUPPORTED = "method_unsupported"  # valid settings the engine does not compute yet
 PARAMS = tuple(f for f in FIELDS if f not in ("method", "base"))  # base has its own chooser
 
 
@@ -168,15 +165,11 @@ class MethodDialog(_FormDialog):
                              self.state.ordered(self.selection))
         except Exception as e:  # a value the checks did not expect: refuse it, never crash
             found = [("bad_method_param", f"methods.{self.selection}: cannot check these values ({e})")]
-        self.errors = [message for code, message in found if code != UNSUPPORTED]
-        waiting = [message for code, message in found if code == UNSUPPORTED]
+        self.errors = [message for _, message in found]
         text = Text()
         for message in self.errors:
             text.append("✗ ", style=f"bold {ERROR}")
             text.append(message + "\n")
-        for message in waiting:
-            text.append("! ", style=f"bold {WARN}")
-            text.append(message + " (kept in the recipe; the merge refuses it for now)\n")
         if not found:
             text.append("✓ " + (f"the weighted mean (no [methods.{self.selection}] table)" if mean else "valid"),
                         style=DIM)

@@ -25,7 +25,7 @@ from engine.plan.provenance import PROVENANCE_KEYS, cached_hashes, pin_problem
 STRUCTURAL = frozenset({
     "unknown_model", "unknown_selection", "unknown_component", "empty_selection", "duplicate_model",
     "bad_dtype", "bad_weight", "no_outputs", "no_sources", "unknown_arch",
-    "bad_method", "bad_method_param", "bad_method_combination", "method_unsupported", "base_unusable",
+    "bad_method", "bad_method_param", "bad_method_combination", "base_unusable",
 })
 
 _HEX = re.compile(r"^[0-9a-f]+$")

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from cuda_double import CudaRuntimeDouble
-from merge_support import load, recipe_text, round_exact, sdxl_output, sha256
+from merge_support import drop_uniform, load, method_table, recipe_text, round_exact, sdxl_output
 
-from engine.kernels.hashing import key_hash, stream_key, uniform_numpy
 from engine.library.report import Severity
 from engine.merge import run as merge_run
 from engine.merge.backends.cuda import CudaBackend
@@ -49,14 +48,8 @@ def _recipe(models: Path, tmp_path: Path, method: dict, select=("a", "b", "c", "
                        weights, **settings)
     if memory is not None:
         text = f'memory = "{memory}"\n' + text
-    text += "[methods.all]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in method.items())
+    text += method_table("all", method)
     return parse_recipe(text, tmp_path)
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
 def _merge(recipe, tuning=SMALL) -> Path:
@@ -67,10 +60,6 @@ def _merge(recipe, tuning=SMALL) -> Path:
 
 
 # --------------------------------------------------------------------------- the reference
-
-
-def _uniform(seed: int, path: Path, key: str, n: int) -> torch.Tensor:
-    return torch.from_numpy(uniform_numpy(stream_key(seed, int(sha256(path)[:16], 16), key_hash(key)), 0, n))
 
 
 def weiszfeld(points: torch.Tensor, w: torch.Tensor, eps=1e-6, maxiter=100, ftol=1e-20) -> torch.Tensor:
@@ -104,9 +93,9 @@ def filtered_points(base, xs, ws, p: dict, key: str, paths) -> torch.Tensor:
             ranks = torch.empty(n, dtype=torch.float64)
             ranks[torch.sort(tau.abs(), stable=True).indices] = torch.arange(1, n + 1, dtype=torch.float64)
             keep = (1.0 - drop + eps * (ranks / n - (n + 1) / (2 * n))).clamp(0.0, 1.0)
-            tau = torch.where(_uniform(p.get("seed", 0), path, key, n) >= 1.0 - keep, tau, 0.0)
+            tau = torch.where(drop_uniform(p.get("seed", 0), path, key, n) >= 1.0 - keep, tau, 0.0)
         elif drop > 0:
-            tau = torch.where(_uniform(p.get("seed", 0), path, key, n) >= drop, tau, 0.0)
+            tau = torch.where(drop_uniform(p.get("seed", 0), path, key, n) >= drop, tau, 0.0)
         if trim < 1:
             threshold = torch.kthvalue(tau.abs(), max(int((1 - trim) * n), 1)).values
             tau = torch.where(tau.abs() >= threshold, tau, 0.0)
@@ -257,7 +246,7 @@ def test_checks_of_the_median_fields(models, tmp_path):
     def errors(method):
         text = recipe_text({m: str(models / f"{m}.safetensors") for m in "oab"}, {"all": ["a", "b"]},
                            [sdxl_output(str(tmp_path / "x.safetensors"), "all")])
-        text += "[methods.all]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in method.items())
+        text += method_table("all", method)
         return [p.message for p in check_recipe(parse_recipe(text, tmp_path)) if p.severity >= Severity.ERROR]
 
     assert errors({"method": "geometric_median"}) == []

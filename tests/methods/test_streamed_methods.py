@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from cuda_double import CudaRuntimeDouble
-from merge_support import load, recipe_text, reference_mean, round_exact, sdxl_output, sha256
+from merge_support import (
+    drop_uniform,
+    load,
+    method_table,
+    recipe_text,
+    reference_mean,
+    round_exact,
+    sdxl_output,
+)
 
-from engine.kernels.hashing import key_hash, stream_key, uniform_numpy
 from engine.merge import run as merge_run
 from engine.merge.backends.cuda import CudaBackend
 from engine.merge.run import execute
@@ -44,14 +51,8 @@ def _recipe(models: Path, tmp_path: Path, method: dict, select=("a", "b", "c"), 
     ids = {m: str(models / f"{m}.safetensors") for m in "oabc"}
     text = recipe_text(ids, {"all": list(select)}, [sdxl_output(str(tmp_path / f"{name}.safetensors"), "all")],
                        weights)
-    text += "[methods.all]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in method.items())
+    text += method_table("all", method)
     return parse_recipe(text, tmp_path)
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
 def _merge(recipe, tuning=SMALL) -> Path:
@@ -62,10 +63,6 @@ def _merge(recipe, tuning=SMALL) -> Path:
 
 
 # --------------------------------------------------------------------------- the reference
-
-
-def _uniform(seed: int, path: Path, key: str, n: int) -> torch.Tensor:
-    return torch.from_numpy(uniform_numpy(stream_key(seed, int(sha256(path)[:16], 16), key_hash(key)), 0, n))
 
 
 def reference(base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], p: dict, key: str, paths: list[Path],
@@ -82,9 +79,9 @@ def reference(base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], p: di
             ranks = torch.empty(n, dtype=torch.float64)
             ranks[torch.sort(tau.abs(), stable=True).indices] = torch.arange(1, n + 1, dtype=torch.float64)
             keep = (1.0 - drop + eps * (ranks / n - (n + 1) / (2 * n))).clamp(0.0, 1.0)
-            tau = torch.where(_uniform(p.get("seed", 0), path, key, n) >= 1.0 - keep, tau, torch.zeros_like(tau))
+            tau = torch.where(drop_uniform(p.get("seed", 0), path, key, n) >= 1.0 - keep, tau, torch.zeros_like(tau))
         elif drop > 0:  # kept where u >= drop
-            tau = torch.where(_uniform(p.get("seed", 0), path, key, n) >= drop, tau, torch.zeros_like(tau))
+            tau = torch.where(drop_uniform(p.get("seed", 0), path, key, n) >= drop, tau, torch.zeros_like(tau))
         if trim < 1:  # the k-th smallest |tau| of the dropped delta, kept at and above it
             threshold = torch.kthvalue(tau.abs(), max(int((1 - trim) * n), 1)).values
             tau = torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
