@@ -128,9 +128,11 @@ def _report_peak():
 atexit.register(_report_peak)
 """
 
-SCRIPTS = {"astolfo": ASTOLFO, "astolfo-torch": ASTOLFO, "plain": PLAIN, "sd-mecha": MECHA}
-# astolfo-torch: astolfo with the torch kernel instead of the fused numba kernels (engine.kernels)
-ENGINE_ENV = {"astolfo-torch": {"ASTOLFO_CPU_KERNELS": "torch"}}
+SCRIPTS = {"astolfo": ASTOLFO, "astolfo-torch": ASTOLFO, "astolfo-buffered": ASTOLFO, "plain": PLAIN,
+           "sd-mecha": MECHA}
+# astolfo-torch: astolfo with the torch kernel instead of the fused numba kernels (engine.kernels);
+# astolfo-buffered: astolfo writing through the page cache instead of O_DIRECT (direct_io)
+ENGINE_ENV = {"astolfo-torch": {"ASTOLFO_CPU_KERNELS": "torch"}, "astolfo-buffered": {"ASTOLFO_DIRECT_IO": "0"}}
 
 
 # --------------------------------------------------------------------------- data
@@ -327,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-scale", type=int, default=4, help="scale of the N = 4, 8, 16 RSS sweep")
     ap.add_argument("--rss-n", default="4,8,16")
     ap.add_argument("--engines", default="astolfo,astolfo-torch,plain,sd-mecha",
-                    help="comma list: astolfo, astolfo-torch (the torch kernel), plain, sd-mecha")
+                    help="comma list: astolfo, astolfo-torch (the torch kernel), astolfo-buffered "
+                         "(writes through the page cache), plain, sd-mecha")
     ap.add_argument("--cold-engines", default="", help="engines of the cold run (default: --engines); the plain "
                     "loop holds every tensor: ~23 GB of RAM at full size")
     ap.add_argument("--runs", default="kernel,cold,cached,rss", help="comma list: kernel, cold, cached, rss")
@@ -565,9 +568,15 @@ def _doc_notes() -> str:
         - "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then
           dd writing the output's size with conv=fdatasync). "time / astolfo's": how many times
           longer an engine took than astolfo in the same run. astolfo-torch is astolfo with the
-          torch kernel (ASTOLFO_CPU_KERNELS=torch) instead of the fused numba kernels.
+          torch kernel (ASTOLFO_CPU_KERNELS=torch) instead of the fused numba kernels;
+          astolfo-buffered is astolfo reading and writing through the page cache
+          (ASTOLFO_DIRECT_IO=0) instead of O_DIRECT: the engine's I/O as it was before.
+        - astolfo writes its output with O_DIRECT (engine.checkpoint.direct_io) and, when the
+          merge's files are too big to stay cached (more than half the RAM: the cold run),
+          reads its sources with O_DIRECT too (engine.merge.direct_reads).
         - "cached, output in RAM": the same merge writing its output to /dev/shm (tmpfs), so the
-          disk's write speed is out of the way: what the read and compute side can do.
+          disk's write speed is out of the way: what the read and compute side can do. tmpfs
+          keeps its files in page-cache memory, so here every engine pays for the pages.
         - Kernel alone: one thread, 3 slices of 131072 elements, integer weights 3, 17, 50, best of
           15 interleaved repeats of 20 calls; "G source elements/s" counts every source element read.
         - Each engine runs in its own process; wall time includes Python and torch start-up; peak RSS

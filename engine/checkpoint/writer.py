@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from engine.checkpoint.direct_io import DirectAppendFile
 from engine.checkpoint.format import TensorPlan, build_header, canonical_order, dtype_name
 from engine.checkpoint.reader import _byte_view
 
@@ -20,6 +21,8 @@ class StreamingWriter:
 
     Data goes to ``<target>.partial`` beside the target; ``commit()`` flushes, fsyncs and
     renames it into place, so the target appears only when complete. ``abort()`` removes it.
+    With ``direct`` the data bypasses the page cache (``engine.checkpoint.direct_io``; where
+    the file system allows it).
     """
 
     def __init__(
@@ -28,6 +31,7 @@ class StreamingWriter:
         plans: list[TensorPlan],
         metadata: Mapping[str, str] | None = None,
         temp_path: str | os.PathLike | None = None,
+        direct: bool = False,
     ):
         self.target = Path(target)
         self.temp_path = Path(temp_path) if temp_path else partial_path(self.target)
@@ -36,6 +40,7 @@ class StreamingWriter:
         self.total_bytes = len(self.header_bytes) + sum(p.nbytes for p in self.plans)
         self._index = 0
         self._file = None
+        self.direct = direct
 
     @property
     def tensors_written(self) -> int:
@@ -51,13 +56,17 @@ class StreamingWriter:
             if head != self.header_bytes or os.fstat(f.fileno()).st_size < keep:
                 f.close()
                 raise ValueError(f"{self.temp_path}: partial file does not match this merge plan")
-            f.truncate(keep)
-            f.seek(keep)
+            if self.direct:
+                f.close()
+                f = DirectAppendFile(self.temp_path, keep)
+            else:
+                f.truncate(keep)
+                f.seek(keep)
             self._file = f
             self._index = resume_tensors
             return
         self.temp_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.temp_path, "wb")
+        self._file = DirectAppendFile(self.temp_path) if self.direct else open(self.temp_path, "wb")
         self._file.write(self.header_bytes)
 
     def write(self, key: str, data: bytes | memoryview | torch.Tensor) -> None:

@@ -59,8 +59,9 @@ class Readers:
     pages once copied (see drop_cache_wanted)."""
 
     def __init__(self, items, fds, plan, free, stop: threading.Event, n: int,
-                 throttle: ReadThrottle | None = None, drop_cache: bool = True):
+                 throttle: ReadThrottle | None = None, drop_cache: bool = True, direct=None):
         self.items = items
+        self.direct = direct  # engine.merge.direct_reads.DirectFiles: reads past the page cache
         self.throttle = throttle
         self.drop_cache = drop_cache
         self.fds = fds
@@ -98,11 +99,15 @@ class Readers:
     def _loop(self, k: int) -> None:
         try:
             for item in self.items[k::self.n]:
-                self._advise(item.index + PREFETCH_ITEMS)
+                if self.direct is None:
+                    self._advise(item.index + PREFETCH_ITEMS)
                 buf = self._buffer_for(item.index)
                 if buf is None:
                     return
-                self._read(item, buf)
+                if self.direct is None:
+                    self._read(item, buf)
+                else:
+                    self._read_direct(k, item, buf)
                 with self.lock:
                     self.ready[item.index] = buf
                     self.lock.notify_all()
@@ -140,15 +145,27 @@ class Readers:
             self.lock.notify_all()
         return buf
 
+    def _read_direct(self, k: int, item, buf: torch.Tensor) -> None:
+        from engine.merge.direct_reads import Range
+
+        ranges: dict[int, list[Range]] = {}
+        for seg in item.segments:
+            for s in seg.sources:
+                ranges.setdefault(s.file, []).append(Range(s.file_offset, s.file_offset + s.nbytes, s.buf_offset))
+        self.direct.read(k, ranges, buf.numpy(), self._before_read)
+
+    def _before_read(self, nbytes: int) -> None:
+        if self.stop.is_set():
+            raise Stop()
+        if self.throttle is not None:
+            self.throttle.wait_for(nbytes, self.stop)
+
     def _read(self, item, buf: torch.Tensor) -> None:
         view = memoryview(buf.numpy())
         spans: dict[int, list[int]] = {}
         for seg in item.segments:
             for s in seg.sources:
-                if self.stop.is_set():
-                    raise Stop()
-                if self.throttle is not None:
-                    self.throttle.wait_for(s.nbytes, self.stop)
+                self._before_read(s.nbytes)
                 pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
                              self.plan.files[s.file].path)
                 span = spans.setdefault(s.file, [s.file_offset, s.file_offset + s.nbytes])

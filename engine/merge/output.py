@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from engine.checkpoint.direct_io import direct_wanted
 from engine.checkpoint.format import TensorPlan, build_header
 from engine.checkpoint.writer import StreamingWriter, partial_path
 from engine.durable import write_json_atomic
@@ -73,9 +74,10 @@ class _ChunkedWriter(StreamingWriter):
 
 class OutputStream:
     def __init__(self, target: Path, plans: list[TensorPlan], metadata: dict[str, str], fingerprint: str,
-                 drop_cache: bool = True):
+                 drop_cache: bool = True, direct: bool | None = None):
         self.target = target
-        self.writer = _ChunkedWriter(target, plans, metadata)
+        # outputs are written once and not read back: past the page cache where possible
+        self.writer = _ChunkedWriter(target, plans, metadata, direct=direct_wanted() if direct is None else direct)
         self.fingerprint = fingerprint
         self.total = len(plans)
         self.skip_below = 0  # tensors already durable from an earlier run
@@ -172,7 +174,7 @@ class OutputStream:
         """The synced part of the output is not read again: let the kernel drop it from the
         page cache now rather than reclaim memory under pressure later."""
         f = self.writer._file
-        if f is None or not hasattr(os, "posix_fadvise"):
+        if f is None or getattr(f, "direct", False) or not hasattr(os, "posix_fadvise"):
             return
         end = f.tell() // 4096 * 4096
         if end > self._dropped:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from engine.merge.backends.base import Backend
+from engine.merge.direct_reads import open_direct
 from engine.merge.io import Readers, ReadThrottle, Writer, get
 from engine.merge.layout import Item, build_items, step_writes
 from engine.merge.nan_policy import NanPolicy
@@ -80,7 +81,7 @@ class Pipeline:
         plan, t = self.plan, self.tuning
         items = build_items(plan, t.buffer_bytes, start)
         stop = threading.Event()
-        backend = reader = writer = None
+        backend = reader = writer = direct = None
         inflight: deque = deque()
         ok = False
         try:
@@ -92,7 +93,13 @@ class Pipeline:
             for _ in range(max(2, t.out_buffers) + backend.depth - 1):
                 free_out.put(backend.alloc(t.buffer_bytes))
             throttle = ReadThrottle(self.read_limit) if self.read_limit else None
-            reader = Readers(items, self.fds, plan, free_read, stop, t.readers, throttle, self.drop_cache)
+            # files too big to stay cached are read past the page cache (direct_reads); their
+            # requests wait on the disk, not the CPU, so more of them are kept in flight
+            readers = max(t.readers, t.direct_readers) if self.drop_cache else t.readers
+            if self.drop_cache:
+                direct = open_direct(self.fds, [f.path for f in plan.files], readers)
+            reader = Readers(items, self.fds, plan, free_read, stop, readers if direct else t.readers, throttle,
+                             self.drop_cache, direct)
             writer = Writer(self.streams, step_writes(plan), free_out, stop, t)
             reader.start()
             writer.start()
@@ -120,7 +127,7 @@ class Pipeline:
             raise
         finally:
             stop.set()
-            _release(backend, reader, writer, raise_errors=ok)
+            _release(backend, reader, writer, direct, raise_errors=ok)
 
     def _wait(self, attempt, reader, writer):
         """Poll ``attempt`` (returns a value or None) while watching cancel, errors, progress."""
@@ -146,12 +153,13 @@ class Pipeline:
         self.hooks.tick()
 
 
-def _release(backend, reader, writer, raise_errors: bool) -> None:
+def _release(backend, reader, writer, direct, raise_errors: bool) -> None:
     """Stop the threads and close the backend, each even when an earlier one fails; an error
     here is raised only when the pass itself succeeded (else the pass's error is the cause)."""
     first: BaseException | None = None
     for release in (writer.close if writer else None, reader.join if reader else None,
-                    writer.join if writer else None, backend.close if backend else None):
+                    writer.join if writer else None, backend.close if backend else None,
+                    direct.close if direct else None):
         if release is None:
             continue
         try:

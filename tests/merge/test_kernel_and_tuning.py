@@ -53,8 +53,11 @@ def test_scratch_views_are_never_short():
     assert k.buf("acc", torch.float64, 10).numel() == 10  # grown, never cut
 
 
-def test_cpu_tuning_is_the_default():
-    assert Tuning.for_device(CPU) == Tuning()
+def test_cpu_tuning_reads_on_two_threads_where_there_are_two_cores():
+    assert Tuning.for_device(CPU, cores=1) == Tuning()
+    two = Tuning.for_device(CPU, cores=2)
+    assert (two.readers, two.read_buffers) == (2, 6)
+    assert Tuning.for_device(CPU, cores=16) == two
 
 
 def test_readers_follow_the_affinity_mask_not_the_machine(monkeypatch):

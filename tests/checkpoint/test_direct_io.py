@@ -1,0 +1,131 @@
+"""DirectAppendFile: the bytes on disk are exactly the bytes written, in whole blocks or not,
+across flushes, a reopen at an unaligned offset, and the fallbacks to buffered writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+
+from engine.checkpoint import direct_io
+from engine.checkpoint.direct_io import BLOCK, DirectAppendFile
+
+
+def _chunks(seed: int, total: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out, n = [], 0
+    while n < total:
+        size = rng.choice([1, 7, BLOCK - 1, BLOCK, BLOCK + 3, 3 * BLOCK + 17, 70_001])
+        out.append(rng.randbytes(size))
+        n += size
+    return out
+
+
+def test_odd_sized_writes_land_byte_for_byte(tmp_path):
+    path = tmp_path / "o.bin"
+    chunks = _chunks(1, 600_000)
+    f = DirectAppendFile(path, stage_bytes=64 * 1024)  # a small stage: many full-stage writes
+    for c in chunks:
+        f.write(memoryview(c))
+    assert f.tell() == sum(map(len, chunks))
+    f.close()
+    assert path.read_bytes() == b"".join(chunks)
+
+
+def test_a_flush_leaves_the_exact_length_and_writing_goes_on(tmp_path):
+    path = tmp_path / "o.bin"
+    f = DirectAppendFile(path, stage_bytes=4 * BLOCK)
+    f.write(b"a" * (BLOCK + 5))
+    f.flush()
+    os.fsync(f.fileno())
+    assert path.read_bytes() == b"a" * (BLOCK + 5)  # the padded tail block was cut back
+    f.write(b"b" * (2 * BLOCK))
+    f.flush()
+    assert path.read_bytes() == b"a" * (BLOCK + 5) + b"b" * (2 * BLOCK)
+    f.write(b"c")
+    f.close()
+    assert path.read_bytes() == b"a" * (BLOCK + 5) + b"b" * (2 * BLOCK) + b"c"
+
+
+@pytest.mark.parametrize("keep", [0, 1, BLOCK - 1, BLOCK, 5 * BLOCK + 123])
+def test_reopening_keeps_the_prefix_and_cuts_the_rest(tmp_path, keep):
+    path = tmp_path / "o.bin"
+    old = random.Random(2).randbytes(6 * BLOCK + 999)
+    path.write_bytes(old)
+    f = DirectAppendFile(path, offset=keep, stage_bytes=2 * BLOCK)
+    assert f.tell() == keep
+    f.write(b"new" * 3000)
+    f.close()
+    assert path.read_bytes() == old[:keep] + b"new" * 3000
+
+
+def test_reopening_past_the_end_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"x" * 10)
+    with pytest.raises(OSError, match="short.bin"):
+        DirectAppendFile(path, offset=BLOCK + 10)
+
+
+def test_a_file_system_that_refuses_o_direct_at_open_gets_buffered_writes(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refusing(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(direct_io.os, "open", refusing)
+    path = tmp_path / "o.bin"
+    f = DirectAppendFile(path)
+    assert not f.direct
+    f.write(b"xyz" * 5000)
+    f.close()
+    assert path.read_bytes() == b"xyz" * 5000
+
+
+def test_a_file_system_that_refuses_the_first_direct_write_gets_buffered_writes(tmp_path, monkeypatch):
+    real_pwrite = os.pwrite
+    refused = []
+
+    def refusing(fd, data, offset):
+        if direct_io.fcntl_flags(fd) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", refusing)
+    monkeypatch.setattr(direct_io, "direct_wanted", lambda: True)
+    path = tmp_path / "o.bin"
+    f = DirectAppendFile(path, stage_bytes=BLOCK)
+    data = random.Random(3).randbytes(3 * BLOCK + 1)
+    f.write(data)
+    f.close()
+    assert path.read_bytes() == data
+    assert not f.direct and len(refused) <= 1
+
+
+def test_the_environment_turns_it_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("ASTOLFO_DIRECT_IO", "0")
+    assert not direct_io.direct_wanted()
+    f = DirectAppendFile(tmp_path / "o.bin")
+    assert not f.direct
+    f.close()
+
+
+def test_a_write_error_still_releases_the_descriptor(tmp_path, monkeypatch):
+    f = DirectAppendFile(tmp_path / "o.bin", stage_bytes=BLOCK)
+    fd = f.fileno()
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct_io.os, "pwrite", full)
+    with pytest.raises(OSError, match="No space"):
+        f.write(b"x" * (2 * BLOCK))
+    with pytest.raises(OSError, match="No space"):
+        f.close()
+    assert f.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
