@@ -128,7 +128,7 @@ class Catalog:
         except OSError as e:
             raise CatalogError(self.path.parent, f"cannot create the cache folder: {e.strerror or e}") from None
         try:
-            self._db = self._open()
+            self._db = self._open_when_free()
         except sqlite3.OperationalError as e:  # locked, no permission: the file itself is fine
             raise CatalogError(self.path, f"cannot open the catalog: {e}") from None
         except sqlite3.DatabaseError as e:
@@ -140,6 +140,21 @@ class Catalog:
                 raise CatalogError(self.path, f"not a usable database ({e}) and cannot be moved aside") from None
             self.recovered_from = aside
             self._db = self._open()
+
+    def _open_when_free(self) -> sqlite3.Connection:
+        """``_open``, tried again while another connection holds the lock: SQLite answers
+        "database is locked" at once, without its busy handler, when two connections set up a
+        new database (the switch to WAL) at the same moment."""
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        delay = 0.01
+        while True:
+            try:
+                return self._open()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
