@@ -15,7 +15,8 @@ partial block stays in the stage and is written again, whole, once more bytes ar
 Where the file system refuses ``O_DIRECT`` (tmpfs before Linux 6.6, some FUSE and network
 file systems: ``EINVAL`` at open or at the first write), the file falls back to ordinary
 buffered writes through the same stage, so callers never need to know. ``ASTOLFO_DIRECT_IO=0``
-turns it off (the benchmark's A/B, and a way out should a file system misbehave).
+(``direct_wanted``, asked by the merge's output streams and source readers) turns it off: the
+benchmark's A/B, and a way out should a file system misbehave.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ class DirectAppendFile:
     appends from byte ``offset`` of ``path`` (0: the file is created or emptied; otherwise the
     file's first ``offset`` bytes are kept and anything after them is cut off)."""
 
-    def __init__(self, path: str | os.PathLike, offset: int = 0, stage_bytes: int = STAGE_BYTES):
+    def __init__(self, path: str | os.PathLike, offset: int = 0, stage_bytes: int = STAGE_BYTES,
+                 direct: bool = True):
         self.path = os.fspath(path)
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         if offset == 0:
             flags |= os.O_TRUNC
-        self.direct = direct_wanted()
+        self.direct = direct and hasattr(os, "O_DIRECT")
         self.fd = self._open(flags)
         self._cap = max(BLOCK, stage_bytes // BLOCK * BLOCK)
         self._map = mmap.mmap(-1, self._cap)  # anonymous: page-aligned, as O_DIRECT needs

@@ -88,6 +88,15 @@ def pread_exact(fd: int, view: memoryview, offset: int, path: str | os.PathLike)
         done += n
 
 
+def close_fds(fds: list[int]) -> None:
+    """Close every descriptor, ignoring errors (closing a read-only file loses nothing)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _byte_view(out: memoryview | bytearray | torch.Tensor) -> memoryview:
     if not isinstance(out, (memoryview, bytearray, bytes)):  # a torch.Tensor
         if not out.is_contiguous() or out.device.type != "cpu":

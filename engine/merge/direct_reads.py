@@ -28,6 +28,7 @@ import numpy as np
 
 from engine.checkpoint.direct_io import BLOCK, direct_wanted
 from engine.checkpoint.format import SafetensorsError
+from engine.checkpoint.reader import close_fds
 
 BOUNCE_BYTES = 8 << 20
 GAP = 256 << 10  # read through gaps up to this size rather than issue another request
@@ -128,11 +129,7 @@ class DirectFiles:
         return done
 
     def close(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.fds)
         self.fds = []
         self.bounces = []
         for m in getattr(self, "_maps", []):

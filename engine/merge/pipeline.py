@@ -95,11 +95,11 @@ class Pipeline:
             throttle = ReadThrottle(self.read_limit) if self.read_limit else None
             # files too big to stay cached are read past the page cache (direct_reads); their
             # requests wait on the disk, not the CPU, so more of them are kept in flight
-            readers = max(t.readers, t.direct_readers) if self.drop_cache else t.readers
+            readers = t.readers
             if self.drop_cache:
-                direct = open_direct(self.fds, [f.path for f in plan.files], readers)
-            reader = Readers(items, self.fds, plan, free_read, stop, readers if direct else t.readers, throttle,
-                             self.drop_cache, direct)
+                direct = open_direct(self.fds, [f.path for f in plan.files], max(t.readers, t.direct_readers))
+                readers = len(direct.bounces) if direct else t.readers
+            reader = Readers(items, self.fds, plan, free_read, stop, readers, throttle, self.drop_cache, direct)
             writer = Writer(self.streams, step_writes(plan), free_out, stop, t)
             reader.start()
             writer.start()

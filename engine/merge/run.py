@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from engine.checkpoint.format import SafetensorsError
+from engine.checkpoint.reader import close_fds
 from engine.library.report import Severity
 from engine.merge import events as ev
 from engine.merge.devices import MemoryMonitor, describe, host_rss_peak, resolve_device, torch_uuid
@@ -320,11 +321,7 @@ class _Run:
                     pass
 
     def _close_fds(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.fds)
         self.fds = []
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from engine.checkpoint import direct_io
 from engine.checkpoint.direct_io import BLOCK, DirectAppendFile
+from engine.checkpoint.format import TensorPlan
+from engine.merge.output import OutputStream
 
 
 def _chunks(seed: int, total: int) -> list[bytes]:
@@ -96,7 +98,6 @@ def test_a_file_system_that_refuses_the_first_direct_write_gets_buffered_writes(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(direct_io.os, "pwrite", refusing)
-    monkeypatch.setattr(direct_io, "direct_wanted", lambda: True)
     path = tmp_path / "o.bin"
     f = DirectAppendFile(path, stage_bytes=BLOCK)
     data = random.Random(3).randbytes(3 * BLOCK + 1)
@@ -106,10 +107,28 @@ def test_a_file_system_that_refuses_the_first_direct_write_gets_buffered_writes(
     assert not f.direct and len(refused) <= 1
 
 
+def _stream(tmp_path) -> OutputStream:
+    plans = [TensorPlan("a", "F16", (3,))]
+    stream = OutputStream(tmp_path / "out.safetensors", plans, {}, "fingerprint", drop_cache=False)
+    stream.open()
+    return stream
+
+
+def test_merge_outputs_are_written_past_the_page_cache(tmp_path):
+    stream = _stream(tmp_path)
+    f = stream.writer._file
+    assert isinstance(f, DirectAppendFile)
+    assert f.direct, "O_DIRECT is not available on the test's file system"
+    stream.abort()
+
+
 def test_the_environment_turns_it_off(monkeypatch, tmp_path):
     monkeypatch.setenv("ASTOLFO_DIRECT_IO", "0")
     assert not direct_io.direct_wanted()
-    f = DirectAppendFile(tmp_path / "o.bin")
+    stream = _stream(tmp_path)
+    assert not isinstance(stream.writer._file, DirectAppendFile)
+    stream.abort()
+    f = DirectAppendFile(tmp_path / "o.bin", direct=False)
     assert not f.direct
     f.close()
 
