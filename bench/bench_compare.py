@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import bench_merge  # noqa: E402 (bench/ is on sys.path when run as a script)
 from bench_merge import drop_caches, gb, machine, prehash, run_engine, synth_files, warm  # noqa: E402
-from common import BENCHMARKS_MD, write_section  # noqa: E402
+from common import BENCHMARKS_MD, markdown_table, write_section  # noqa: E402
 
 COMPARE = """
 import json, os, sys, time
@@ -181,9 +181,7 @@ def main(argv=None) -> int:
 
 def _table(rows: list[list[str]]) -> str:
     head = ["run", "what", "wall s", "input GB/s", "vs merge", "peak RSS", "notes"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(head, rows)
 
 
 if __name__ == "__main__":

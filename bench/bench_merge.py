@@ -56,10 +56,16 @@ from engine.plan.planner import build_plan
 from engine.merge.run import execute
 out, paths = sys.argv[1], sys.argv[2:]
 ids = [f"m{i:02d}" for i in range(len(paths))]
-lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"', "[models]"]
-lines += [f'{i} = "{p}"' for i, p in zip(ids, paths)]
-lines += ["[select]", "all = [" + ", ".join(f'"{i}"' for i in ids) + "]", "[[output]]", f'path = "{out}"']
-lines += [f'{c} = "all"' for c in ("unet", "te0", "te1", "vae")]
+# bench_methods: BENCH_METHOD (JSON) is the selection's [methods] table; with BENCH_BASE_FIRST the
+# first file is the base only, outside the selection; BENCH_MEMORY is the recipe's memory budget
+method = json.loads(os.environ.get("BENCH_METHOD") or "{}")
+chosen = ids[1:] if os.environ.get("BENCH_BASE_FIRST") else ids
+lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"']
+lines += [f'memory = "{os.environ["BENCH_MEMORY"]}"'] if os.environ.get("BENCH_MEMORY") else []
+lines += ["[models]"] + [f'{i} = "{p}"' for i, p in zip(ids, paths)]
+lines += ["[select]", "all = [" + ", ".join(f'"{i}"' for i in chosen) + "]"]
+lines += ["[methods.all]" if method else ""] + [f"{k} = {json.dumps(v)}" for k, v in method.items()]
+lines += ["[[output]]", f'path = "{out}"'] + [f'{c} = "all"' for c in ("unet", "te0", "te1", "vae")]
 # CPU seconds of each merge thread, sampled from /proc (threads are gone when the merge returns)
 cpu, marks, stop = {}, {}, threading.Event()
 def sample():

@@ -39,3 +39,9 @@ def write_section(path: Path, text: str) -> None:
         new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new, "utf-8")
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

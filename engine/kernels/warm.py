@@ -18,12 +18,17 @@ done = threading.Event()
 
 
 def warm() -> None:
-    """Compile (or load) every signature the CPU merge uses: one, the types are fixed."""
+    """Compile (or load) every signature the CPU merge uses: one a kernel, the types are fixed."""
     from engine.kernels import mean
 
     u16, f32, f64 = np.zeros(8, np.uint16), np.zeros(8, np.float32), np.zeros(8, np.float64)
     one = np.zeros(1, np.int64)
     mean.weighted_mean(u16, f32, f64, one, one, np.ones(1), 1.0, 8, u16, f32, f64, one, one, True)
+    from engine.kernels import methods  # the merge methods' element pass (cpu_fused.FusedNodes.method)
+
+    methods.method_elements(u16, f32, f64, 0, 0, one, one, np.ones(1), one, np.zeros(1), np.zeros((1, 1), np.uint8),
+                            0, 8, 0, 0.0, False, False, False, 0, 1, 1.0, 1.0, 1.0, 0.0, 1.0, np.zeros(1), u16, f32,
+                            f64, one, one)
     done.set()
 
 

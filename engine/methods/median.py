@@ -94,9 +94,7 @@ def _points(params, key, base, models, shas, w, stats, read, mask_key, a: int, b
     bb = read(base, a, b) if base is not None else None
     rows = []
     for src, sha in zip(models, shas):
-        t = read(src, a, b)
-        if bb is not None:
-            t.sub_(bb)
+        t = read(src, a, b) if bb is None else read(src, a, b, bb)
         ident = (src.file, src.key)
         if params.drop_eps != 0:
             t.masked_fill_(torch.from_numpy(~stats.keep_mask(ident, a, b - a)), 0.0)

@@ -37,6 +37,8 @@ import torch
 from engine.checkpoint.format import DTYPES
 from engine.checkpoint.reader import pread_exact
 from engine.kernels.hashing import uniform_numpy
+from engine.kernels.mean import KIND
+from engine.kernels.methods import widen, widen_minus
 from engine.methods.streamed import mask_key, method_parts
 from engine.plan.model import METHOD, MergePlan, Source
 
@@ -71,15 +73,34 @@ class TensorStats:
         return np.unpackbits(bits[a:b])[start - 8 * a: start - 8 * a + n].astype(bool)
 
 
-def read_f64(fd: int, src: Source, path, start: int, stop: int) -> torch.Tensor:
-    """Elements ``start .. stop`` of a stored float tensor, widened exactly to fp64."""
+_NO16, _NO32, _NO64 = np.zeros(0, np.uint16), np.zeros(0, np.float32), np.zeros(0, np.float64)
+
+
+def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elements ``start .. stop`` of a stored float tensor, widened exactly to fp64, less
+    ``minus`` (fp64, same length) when given; into ``out`` (fp64, contiguous) when given."""
     spec = DTYPES[src.dtype]
     raw = torch.empty((stop - start) * spec.itemsize, dtype=torch.uint8)
     pread_exact(fd, memoryview(raw.numpy()), src.offset + start * spec.itemsize, path)
+    if src.dtype in KIND:  # one fused pass (numba), not torch's two conversions and a subtraction
+        out = torch.empty(stop - start, dtype=torch.float64) if out is None else out
+        data = raw.numpy()
+        views = (data.view(np.uint16) if spec.itemsize == 2 else _NO16,
+                 data.view(np.float32) if spec.itemsize == 4 else _NO32,
+                 data.view(np.float64) if spec.itemsize == 8 else _NO64)
+        if minus is None:
+            widen(out.numpy(), KIND[src.dtype], 0, *views)
+        else:
+            widen_minus(out.numpy(), KIND[src.dtype], *views, minus.numpy())
+        return out
     values = raw.view(spec.torch_dtype)
     if values.dtype not in (torch.float32, torch.float64):
         values = values.to(torch.float32)  # fp16/bf16 -> fp32 is exact
-    return values.to(torch.float64)
+    values = values.to(torch.float64)
+    if minus is not None:
+        values.sub_(minus)
+    return values if out is None else out.copy_(values)
 
 
 def compute_stats(params, key: str, base: Source | None, models: list[Source], shas: list[str | None],
@@ -109,7 +130,7 @@ def _per_model(stats: TensorStats, params, key, base, models, shas, n, read, che
     k = max(int((1 - params.trim) * n), 1)
     for src, sha in zip(models, shas):
         check_cancel()
-        tau = read(src, 0, n).sub_(b)
+        tau = read(src, 0, n, b)
         ident = (src.file, src.key)
         if params.drop_eps != 0:
             keep = della_keep(tau, params.drop, params.drop_eps, uniform_numpy(mask_key(params.seed, sha, key), 0, n))
@@ -125,9 +146,9 @@ def _per_model(stats: TensorStats, params, key, base, models, shas, n, read, che
 
 def kth_magnitude(tau: torch.Tensor, k: int) -> float:
     """The k-th smallest |tau| (k from 1), exactly, from the fp64 bits."""
-    from engine.kernels.select import kth_smallest_magnitude_bits
+    from engine.kernels.select import kth_smallest_magnitude64
 
-    bits = kth_smallest_magnitude_bits([tau.numpy().view(np.int64)], 64, k)
+    bits = kth_smallest_magnitude64(tau.numpy().view(np.int64), k)
     return float(np.array([bits], np.int64).view(np.float64)[0])
 
 
@@ -158,7 +179,9 @@ def _stock(stats: TensorStats, base: Source, models: list[Source], n: int, read,
         check_cancel()
         b = min(n, a + block)
         base_part = read(base, a, b)
-        taus = torch.stack([read(s, a, b).sub_(base_part) for s in models])
+        taus = torch.empty((count, b - a), dtype=torch.float64)
+        for i, s in enumerate(models):
+            read(s, a, b, base_part, taus[i])
         gram_add(lanes, taus.numpy(), a)
     stats.stock_t, stats.stock_raw = stock_factor(gram_finish(lanes))
 
@@ -229,5 +252,6 @@ class StatsFeed:
                 if seg.stop >= node.numel:
                     del self._held[ns.node]
 
-    def _read(self, src: Source, start: int, stop: int) -> torch.Tensor:
-        return read_f64(self.fds[src.file], src, self.plan.files[src.file].path, start, stop)
+    def _read(self, src: Source, start: int, stop: int, minus: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        return read_f64(self.fds[src.file], src, self.plan.files[src.file].path, start, stop, minus, out)

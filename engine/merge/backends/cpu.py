@@ -107,11 +107,7 @@ class CpuBackend:
         bad_at = None if self.fused is None else self.fused.compute(node, kept, factors, ns.outs, n, job.read_buf,
                                                                     job.out_buf)
         if bad_at is not None:
-            if bad_at < 0:
-                return None
-            a = bad_at - bad_at % self.sub  # the sub-chunk the torch kernel would have stopped at
-            b = min(n, a + self.sub)
-            return Bad(seg, ns.node, [(s.file, s.key) for s, v in zip(kept, views) if not k.finite(v[a:b])])
+            return None if bad_at < 0 else self._fused_bad(k, seg, ns, kept, views, bad_at)
         for a in range(0, n, self.sub):
             b = min(n, a + self.sub)
             parts = [o[a:b] for o in outs.values()]
@@ -135,6 +131,10 @@ class CpuBackend:
         views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in srcs]
         base_view, model_views = (views[0], views[1:]) if base is not None else (None, views)
         stats, idents = job.item.stats.get(ns.node), [(s.file, s.key) for s in kept]
+        bad_at = None if self.fused is None else self.fused.method(node, base, kept, factors, shas, stats, ns.outs,
+                                                                   seg.start, n, job.read_buf, job.out_buf)
+        if bad_at is not None:
+            return None if bad_at < 0 else self._fused_bad(k, seg, ns, srcs, views, bad_at)
         for a in range(0, n, self.sub):
             b = min(n, a + self.sub)
             finite = streamed.compute(k, node.method, node.key, seg.start + a,
@@ -143,6 +143,12 @@ class CpuBackend:
             if not bool(finite):
                 return Bad(seg, ns.node, [(s.file, s.key) for s, v in zip(srcs, views) if not k.finite(v[a:b])])
         return None
+
+    def _fused_bad(self, k: Kernel, seg: Segment, ns, srcs, views, bad_at: int) -> Bad:
+        """The sources not finite in the sub-chunk where the torch kernel would have stopped."""
+        a = bad_at - bad_at % self.sub
+        b = min(seg.numel, a + self.sub)
+        return Bad(seg, ns.node, [(s.file, s.key) for s, v in zip(srcs, views) if not k.finite(v[a:b])])
 
 
 def cpu_count() -> int:

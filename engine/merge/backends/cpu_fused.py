@@ -95,3 +95,56 @@ class FusedNodes:
         out_offsets = np.array([off // DTYPES[d].itemsize for d, off in outs.items()], np.int64)
         return m.weighted_mean(in16, in32, in64, kinds, offsets, weights, math.fsum(factors), n,
                                out16, out32, out64, out_kinds, out_offsets, check)
+
+    def method(self, node, base, kept, factors, shas, stats, outs: dict[str, int], start: int, n: int,
+               read_buf: torch.Tensor, out_buf: torch.Tensor) -> int | None:
+        """A method node's ``n`` elements from element ``start`` of its key (``engine.kernels.methods``,
+        the twin of ``engine.methods.streamed.compute``): the first element whose inputs are not
+        all finite, or -1; None when the torch kernel must do it (a kind of tensor the kernels
+        do not read or write, or numba missing)."""
+        srcs = kept if base is None else [base, *kept]
+        if any(s.dtype not in FLOATS for s in srcs) or any(d not in FLOATS for d in outs):
+            return None
+        m = self._kernels()
+        if m is None:
+            return None
+        from engine.kernels import methods as mk
+        from engine.kernels.hashing import _signed
+        from engine.methods.streamed import mask_key
+
+        p = node.method
+        in16, in32, in64 = self.views(read_buf)
+        out16, out32, out64 = self.views(out_buf)
+        size = {s: DTYPES[s].itemsize for s in FLOATS}
+        base_kind = -1 if base is None else m.KIND[base.dtype]
+        base_off = 0 if base is None else base.buf_offset // size[base.dtype]
+        kinds = np.array([m.KIND[s.dtype] for s in kept], np.int64)
+        offsets = np.array([s.buf_offset // size[s.dtype] for s in kept], np.int64)
+        idents = [(s.file, s.key) for s in kept]
+        median = p.combine == "median"
+        della = p.drop_eps != 0 and not median
+        drop = p.drop > 0 and not della and not median
+        trim = p.trim < 1 and not median
+        keys = np.array([_signed(mask_key(p.seed, sha, node.key)) if drop else 0 for sha in shas], np.int64)
+        thresholds = np.array([stats.thresholds[i] if trim else 0.0 for i in idents], np.float64)
+        bit0 = 0
+        if della:  # each model's packed keep bits of this slice, one row each
+            a, b = start // 8, (start + n + 7) // 8
+            keep = np.stack([stats.keep_bits[i][a:b] for i in idents])
+            bit0 = start - 8 * a
+        else:
+            keep = np.zeros((len(kept), 1), np.uint8)
+        vote = mk.VOTE_NONE if p.vote == "none" or median else mk.VOTE_SUM if p.vote == "sum" else mk.VOTE_COUNT
+        combine = {"sum": mk.COMBINE_SUM, "mean": mk.COMBINE_MEAN, "stock": mk.COMBINE_STOCK,
+                   "median": mk.COMBINE_MEDIAN}[p.combine]
+        med = stats.median if median else np.zeros(1, np.float64)
+        if median and med.dtype != np.float64:
+            return None
+        out_kinds = np.array([m.KIND[d] for d in outs], np.int64)
+        out_offsets = np.array([off // size[d] for d, off in outs.items()], np.int64)
+        return mk.method_elements(
+            in16, in32, in64, base_kind, base_off, kinds, offsets, np.array(factors, np.float64), keys, thresholds,
+            keep, bit0, n, start, float(p.drop), drop, della, trim, vote, combine, math.fsum(factors),
+            float(node.scale), float(stats.stock_t) if combine == mk.COMBINE_STOCK else 1.0,
+            float(p.rescale_divisor or 0.0), float(p.alpha), med[start:start + n] if median else med,
+            out16, out32, out64, out_kinds, out_offsets)
