@@ -143,6 +143,7 @@ class Pipeline:
     def _finish(self, backend: Backend, pending, free_read, writer: Writer) -> None:
         item, handle, buf, out = pending
         bads = backend.finish(handle)
+        item.stats.clear()  # items live as long as the pass: their statistics (a median: 8 bytes an element) go now
         free_read.put(buf)
         if bads:
             writer.give_back(out)
