@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from engine.hashes.catalog import default_catalog_path
+from engine.sqlite_open import open_wal
 
 VERSION = 2  # bump when the numbers or the result's shape change
 _SCHEMA = """CREATE TABLE IF NOT EXISTS compare_results (
@@ -37,9 +38,7 @@ class ResultCache:
         self._db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_SCHEMA)
+            self._db = open_wal(self.path, 10.0, _SCHEMA, threads=False)
         except (OSError, sqlite3.Error):
             self._db = None
 

@@ -229,9 +229,12 @@ def gather(
                                 raise CompareError(f"reference {all_sources[i].id}: {e}") from None
                             raise ReadFailure(i, str(e)) from None
                         to_float64(raw[r][: m * size], info.dtype, xs[r, :m], f32[:m])
-                    if ref_i is None:
-                        xs[n, :m] = xs[:n, :m].sum(axis=0) / n
-                    xs[:n, :m] -= xs[n, :m]
+                    # a NaN/Inf (inf - inf here) reaches the delta's norm on the Gram's diagonal, where
+                    # result.py leaves the model out of the component (its non-finite diagonal)
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        if ref_i is None:
+                            xs[n, :m] = xs[:n, :m].sum(axis=0) / n
+                        xs[:n, :m] -= xs[n, :m]
                     gram_add(acc, xs[:, :m], start)
                     done += m * len(readers)
                     if on_event is not None:

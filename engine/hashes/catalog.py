@@ -26,6 +26,7 @@ from engine.cache_dir import CACHE_DIR_ENV, cache_dir  # noqa: F401 (CACHE_DIR_E
 from engine.checkpoint.architectures import get_architecture
 from engine.hashes.model import HASH_VERSION, FileHashes, HashError, ProgressFn
 from engine.library.report import ModelReport
+from engine.sqlite_open import retry_while_locked
 
 CATALOG_FILE = "catalog.sqlite3"
 SDXL_BASE_SHA256 = get_architecture("sdxl").reference_sha256 or ""
@@ -142,19 +143,8 @@ class Catalog:
             self._db = self._open()
 
     def _open_when_free(self) -> sqlite3.Connection:
-        """``_open``, tried again while another connection holds the lock: SQLite answers
-        "database is locked" at once, without its busy handler, when two connections set up a
-        new database (the switch to WAL) at the same moment."""
-        deadline = time.monotonic() + _BUSY_TIMEOUT_S
-        delay = 0.01
-        while True:
-            try:
-                return self._open()
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(0.2, delay * 2)
+        """``_open``, tried again while another connection holds the lock (engine.sqlite_open)."""
+        return retry_while_locked(self._open, _BUSY_TIMEOUT_S)
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from engine.sqlite_open import open_wal
+
 _FILE = "ids.sqlite3"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ids (
@@ -57,9 +59,7 @@ class IdStore:
         self.path = Path(path) if path is not None else default_ids_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_wal(self.path, 30.0, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

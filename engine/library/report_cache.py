@@ -19,6 +19,7 @@ from engine.checkpoint import architectures as architectures
 from engine.library import diagnose as inspect
 from engine.library import report as report
 from engine.library.report import ComponentStatus, Finding, ModelReport, Severity
+from engine.sqlite_open import open_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -48,10 +49,7 @@ class ReportCache:
         self._db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
-            self._db = db
+            self._db = open_wal(self.path, 2.0, _SCHEMA)
         except (OSError, sqlite3.Error):
             self._db = None
 
