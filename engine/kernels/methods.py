@@ -178,8 +178,9 @@ def _vote_count(total, pos, posw, neg, negw, x, f):
 
 @kernel
 def _delta_vote(total, pos, posw, neg, negw, x, b, probe, f, vote):
-    """For a slice without drop or trim: ``_load_delta`` and the vote's accumulation in one
-    loop over the widened values ``x`` (the same operations in the same order, one pass fewer)."""
+    """For a slice without drop or trim, over the widened values ``x``: the delta and the probe,
+    and the accumulation (one loop without a vote; with one, ``x`` becomes the delta and the
+    vote kernels add it), the same operations in the same order as the masked path."""
     if vote == VOTE_NONE:
         for i in range(x.size):
             t = x[i] - b[i]
