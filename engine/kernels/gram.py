@@ -11,12 +11,14 @@ not change a single addition.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from engine.kernels.jit import fma, kernel
+from engine.kernels.jit import fma, kernel, stack_f64
 
 LANES = 8
-TILE = 1024  # elements of a tile (a multiple of LANES): 8 KB a source, N of them in L1/L2
+TILE = 512  # elements of a tile (a multiple of LANES): 4 KB a source, a 4 x 4 block's 8 in L1
+BLOCK = 4  # sources on each side of a block of pairs: 16 accumulators of LANES, in registers
 
 
 @kernel
@@ -24,45 +26,72 @@ def gram_add(lanes, xs, start):
     """Add the block ``xs`` (float64[N, m]: m elements of N sources, the first being element
     ``start`` of the tensor) to ``lanes`` (float64[N, N, LANES], upper triangle used).
 
-    The block is taken in tiles of ``TILE`` elements, every pair within a tile (each source's
-    tile is read from the cache N times instead of from memory), four pairs a loop (the FMA
-    latency, not the memory, bounds one pair's chain); each lane still sums its elements in
-    index order, so the bits do not depend on the tiling."""
+    The block is taken in tiles of ``TILE`` elements and, within a tile, in blocks of 4 x 4
+    pairs: eight sources loaded, sixteen FMA chains advanced (the loads, not the FMAs, would
+    bound one pair at a time). The block's accumulators live on the stack (``stack_f64``) and
+    the element indices are unsigned (numba checks signed ones for negative values, which
+    turns each vector load into a gather), so each lane step is one AVX-512 FMA per pair.
+    Sources past the last are clamped to it and their pairs, like those below the diagonal,
+    are computed but not stored. Each lane still sums its elements in index order, so the bits
+    depend on neither the tiling nor the blocking."""
     n_src, m = xs.shape
     head = min(m, (LANES - start % LANES) % LANES)
     body = head + (m - head) // LANES * LANES
-    for a in range(n_src):
-        for b in range(a, n_src):
-            acc = lanes[a, b]
-            for i in range(head):
-                lane = (start + i) % LANES
-                acc[lane] = fma(xs[a, i], xs[b, i], acc[lane])
+    _edge(lanes, xs, start, 0, head)
+    acc = numba.carray(stack_f64(128), (BLOCK * BLOCK, LANES))
+    last = n_src - 1
     for t0 in range(head, body, TILE):
-        t1 = min(body, t0 + TILE)
-        for a in range(n_src):
-            xa = xs[a]
-            b = a
-            while b + 4 <= n_src:  # four pairs at once: four independent FMA chains per lane
-                x1, x2, x3, x4 = xs[b], xs[b + 1], xs[b + 2], xs[b + 3]
-                c1, c2, c3, c4 = lanes[a, b], lanes[a, b + 1], lanes[a, b + 2], lanes[a, b + 3]
-                for g in range(t0, t1, LANES):
+        steps = (min(body, t0 + TILE) - t0) // LANES
+        for a0 in range(0, n_src, BLOCK):
+            rows = (a0, min(a0 + 1, last), min(a0 + 2, last), min(a0 + 3, last))
+            for b0 in range(a0, n_src, BLOCK):
+                cols = (b0, min(b0 + 1, last), min(b0 + 2, last), min(b0 + 3, last))
+                for p in range(BLOCK):
+                    for q in range(BLOCK):
+                        for lane in range(LANES):
+                            acc[p * BLOCK + q, lane] = lanes[rows[p], cols[q], lane]
+                xa0, xa1, xa2, xa3 = xs[rows[0]], xs[rows[1]], xs[rows[2]], xs[rows[3]]
+                xb0, xb1, xb2, xb3 = xs[cols[0]], xs[cols[1]], xs[cols[2]], xs[cols[3]]
+                for step in range(steps):
+                    g = np.uint64(t0 + step * LANES)
                     for lane in range(LANES):
-                        v = xa[g + lane]
-                        c1[lane] = fma(v, x1[g + lane], c1[lane])
-                        c2[lane] = fma(v, x2[g + lane], c2[lane])
-                        c3[lane] = fma(v, x3[g + lane], c3[lane])
-                        c4[lane] = fma(v, x4[g + lane], c4[lane])
-                b += 4
-            while b < n_src:
-                xb, acc = xs[b], lanes[a, b]
-                for g in range(t0, t1, LANES):
-                    for lane in range(LANES):
-                        acc[lane] = fma(xa[g + lane], xb[g + lane], acc[lane])
-                b += 1
+                        k = g + np.uint64(lane)
+                        u0, u1, u2, u3 = xa0[k], xa1[k], xa2[k], xa3[k]
+                        w0, w1, w2, w3 = xb0[k], xb1[k], xb2[k], xb3[k]
+                        acc[0, lane] = fma(u0, w0, acc[0, lane])
+                        acc[1, lane] = fma(u0, w1, acc[1, lane])
+                        acc[2, lane] = fma(u0, w2, acc[2, lane])
+                        acc[3, lane] = fma(u0, w3, acc[3, lane])
+                        acc[4, lane] = fma(u1, w0, acc[4, lane])
+                        acc[5, lane] = fma(u1, w1, acc[5, lane])
+                        acc[6, lane] = fma(u1, w2, acc[6, lane])
+                        acc[7, lane] = fma(u1, w3, acc[7, lane])
+                        acc[8, lane] = fma(u2, w0, acc[8, lane])
+                        acc[9, lane] = fma(u2, w1, acc[9, lane])
+                        acc[10, lane] = fma(u2, w2, acc[10, lane])
+                        acc[11, lane] = fma(u2, w3, acc[11, lane])
+                        acc[12, lane] = fma(u3, w0, acc[12, lane])
+                        acc[13, lane] = fma(u3, w1, acc[13, lane])
+                        acc[14, lane] = fma(u3, w2, acc[14, lane])
+                        acc[15, lane] = fma(u3, w3, acc[15, lane])
+                for p in range(BLOCK):
+                    for q in range(BLOCK):
+                        a, b = a0 + p, b0 + q
+                        if a <= b <= last:
+                            for lane in range(LANES):
+                                lanes[a, b, lane] = acc[p * BLOCK + q, lane]
+    _edge(lanes, xs, start, body, m)
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _edge(lanes, xs, start, i0, i1):
+    """Elements ``i0 .. i1`` of the block one at a time, each into its own lane (the few
+    before the first whole group of LANES and after the last)."""
+    n_src = xs.shape[0]
     for a in range(n_src):
         for b in range(a, n_src):
             acc = lanes[a, b]
-            for i in range(body, m):
+            for i in range(i0, i1):
                 lane = (start + i) % LANES
                 acc[lane] = fma(xs[a, i], xs[b, i], acc[lane])
 

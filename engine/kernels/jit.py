@@ -45,7 +45,7 @@ _cache_dir_for_read_only_install()
 
 import numba  # noqa: E402  (after the cache folder is chosen)
 from llvmlite import ir  # noqa: E402
-from numba.core import types  # noqa: E402
+from numba.core import cgutils, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 
@@ -130,6 +130,21 @@ def f32_from_bits(typingctx, b):
     def codegen(context, builder, sig, args):
         return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
     return types.float32(types.int64), codegen
+
+
+@intrinsic
+def stack_f64(typingctx, size):
+    """A pointer to ``size`` (a literal) float64s on the kernel's stack, allocated once at the
+    function's entry; ``numba.carray(stack_f64(n), shape)`` views it. Accumulators kept there
+    stay private to the loop, so LLVM vectorises a loop that updates them; in a heap array
+    (``np.empty``) it must assume they may alias the inputs and keeps the loop scalar."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    count = size.literal_value
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, ir.DoubleType(), size=count)
+    return types.CPointer(types.float64)(size), codegen
 
 
 @intrinsic

@@ -42,8 +42,9 @@ from engine.kernels.methods import widen, widen_minus
 from engine.methods.streamed import mask_key, method_parts
 from engine.plan.model import METHOD, MergePlan, Source
 
-# Elements of all the models read at once for model stock's Gram matrix (bytes / 8 / N each).
-STOCK_BLOCK_BYTES = 64 << 20
+# Elements of all the models read at once for model stock's Gram matrix (bytes / 8 / N each):
+# small enough to stay in the L3 cache between the widening and the Gram.
+STOCK_BLOCK_BYTES = 8 << 20
 
 
 def needs_stats(params) -> bool:
