@@ -42,6 +42,7 @@ class JobView:
     gbps: float = 0.0
     eta_s: float | None = None
     current_key: str | None = None
+    detail: str | None = None  # a statistic being computed on current_key (a median's iteration)
     host_rss: int | None = None
     host_rss_peak: int | None = None
     card_mem_used: int | None = None  # the whole card, every process
@@ -98,6 +99,7 @@ class JobView:
         self.bytes_written = e.bytes_written
         self.elapsed_s, self.gbps, self.eta_s = e.elapsed_s, e.gbps, e.eta_s
         self.current_key = e.current_key
+        self.detail = e.detail
         self.host_rss = e.host_rss
         if e.host_rss is not None:
             self.host_rss_peak = max(self.host_rss_peak or 0, e.host_rss)
@@ -127,6 +129,7 @@ class JobView:
         self.elapsed_s = e.elapsed_s
         self.eta_s = 0.0
         self.current_key = None
+        self.detail = None
         if e.process_mem_peak is not None:
             self.process_mem_peak = e.process_mem_peak
         if e.host_rss_peak is not None:

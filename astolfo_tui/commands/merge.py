@@ -303,6 +303,8 @@ class _Display:
             parts.append(f"card VRAM {v.card_mem_used / 1e9:,.1f}/{v.card_mem_total / 1e9:,.1f} GB")
         if v.process_mem_peak:
             parts.append(f"merge peak {v.process_mem_peak / 1e9:,.1f} GB")
+        if v.detail and not v.final:
+            parts.append(f"{v.current_key}: {v.detail}" if v.current_key else v.detail)
         self.progress.update(self.overall, description=v.stage, total=max(v.bytes_total, 1), completed=done,
                              detail="  ".join(parts))
         for path, state in v.outputs.items():

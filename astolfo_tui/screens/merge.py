@@ -301,7 +301,8 @@ class MergeScreen(Screen):
             )
         )
         self.query_one("#throughput", Sparkline).data = rates if any(rates) else []
-        key = Text.assemble(("tensor ", "bold"), (v.current_key or ("—" if v.final else "…"), DIM))
+        key = Text.assemble(("tensor ", "bold"), (v.current_key or ("—" if v.final else "…"), DIM),
+                            (f"  {v.detail}" if v.detail and not v.final else "", "#e0af68"))
         self.query_one("#current-key", Static).update(key)
         self._render_memory()
         log = self.query_one("#job-log", RichLog)

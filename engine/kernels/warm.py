@@ -29,6 +29,16 @@ def warm() -> None:
     methods.method_elements(u16, f32, f64, 0, 0, one, one, np.ones(1), one, np.zeros(1), np.zeros((1, 1), np.uint8),
                             0, 8, 0, 0.0, False, False, False, 0, 1, 1.0, 1.0, 1.0, 0.0, 1.0, np.zeros(1), u16, f32,
                             f64, one, one)
+    from engine.kernels import gram, weiszfeld  # model stock's cosines, the geometric median's steps
+
+    lanes = np.zeros((1, 1, gram.LANES))
+    gram.gram_add(lanes, np.zeros((1, 8)), 0)
+    gram.gram_finish(lanes)
+    lanes = np.zeros((1, weiszfeld.LANES))
+    for points in (np.zeros((1, 8), np.float32), np.zeros((1, 8))):  # held in fp32 where exact
+        weiszfeld.step(points, 0, 0, 8, np.ones(1), 1.0, np.zeros(8), lanes)
+    weiszfeld.finish(lanes)
+    weiszfeld.narrow_exactly(np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0)
     done.set()
 
 

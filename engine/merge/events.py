@@ -19,7 +19,9 @@ Event types (``type`` field):
     merged (in the hashing stage: the files being hashed at once, each with its progress), GPU
     memory in bytes (None where unknown): ``card_mem_used``/``card_mem_total`` for the whole
     card (every process on it) and ``process_mem_peak``, the most this merge's process held
-    (torch's reserved memory), host RSS, and per-output progress (``OutputProgress``).
+    (torch's reserved memory), host RSS, and per-output progress (``OutputProgress``);
+    ``detail`` says what is being computed on ``current_key`` while a method's whole-tensor
+    statistic holds the merge there (a geometric median's iteration, model stock's cosines).
 ``warning``
     Something the user must know but that does not stop the merge: a key missing from some
     models of a selection, a source skipped for NaN/Inf (``skip_nan``), an integer tensor copied
@@ -83,6 +85,9 @@ class Progress:
     card_mem_total: int | None = None
     process_mem_peak: int | None = None
     outputs: list[OutputProgress] = field(default_factory=list)
+    # what the merge is doing on ``current_key`` when it is more than reading and adding: a
+    # method's whole-tensor statistic (``"median, iteration 12 of at most 100"``)
+    detail: str | None = None
     type: str = "progress"
 
     @property

@@ -40,11 +40,13 @@ class Restart(Exception):
 @dataclass
 class PassHooks:
     """What the pass tells the run: ``check_cancel`` raises to stop, ``tick`` lets it emit
-    progress while waiting, ``item_done`` counts a finished item's source bytes."""
+    progress while waiting, ``item_done`` counts a finished item's source bytes,
+    ``working_on(key, detail)`` names a whole-tensor statistic being computed (None: done)."""
 
     check_cancel: Callable[[], None]
     tick: Callable[[], None]
     item_done: Callable[[Item], None]
+    working_on: Callable[[str, str | None], None] = lambda key, detail: None
 
 
 def open_backend(plan: MergePlan, device: torch.device, tuning: Tuning, items: list[Item]) -> Backend:
@@ -74,7 +76,7 @@ class Pipeline:
         self.drop_cache = drop_cache
         self.backend_factory = backend_factory
         # whole-tensor statistics of methods that need them (kept across passes for the report)
-        self.stats = StatsFeed(plan, fds, lambda: (hooks.check_cancel(), hooks.tick()))
+        self.stats = StatsFeed(plan, fds, lambda: (hooks.check_cancel(), hooks.tick()), hooks.working_on)
 
     def run(self, start: int) -> None:
         """Compute and write every step from ``start``; raises Restart after a NaN skip."""

@@ -59,7 +59,7 @@ class ProgressMeter:
                               round(rate / 1e9, 3), None if eta is None else round(eta, 1), files, host_rss()))
 
     def merging(self, stage: str, bytes_read: int, bytes_done: int, bytes_total: int, resumed_bytes: int,
-                streams, current_key: str | None, force: bool = False) -> None:
+                streams, current_key: str | None, force: bool = False, detail: str | None = None) -> None:
         now = self.due(force)
         if now is None:
             return
@@ -82,4 +82,5 @@ class ProgressMeter:
             outputs=[ev.OutputProgress(str(s.target), s.tensors_done, s.total,
                                        min(s.bytes_written + len(s.header_bytes), s.total_bytes), s.total_bytes)
                      for s in streams],
+            detail=detail,
         ))

@@ -111,6 +111,7 @@ class _Run:
         self.resumed_bytes = 0
         self.t0 = time.monotonic()
         self.current_key: str | None = None
+        self.detail: str | None = None  # a statistic being computed on current_key
         self.stage = "merging"
         self.meter = ProgressMeter(self.emit, plan.tensor_count, self.tuning.progress_interval, None, self.t0)
 
@@ -126,7 +127,13 @@ class _Run:
 
     def progress(self, force: bool = False) -> None:
         self.meter.merging(self.stage, self.bytes_read, self.bytes_done, self.bytes_to_read,
-                           self.resumed_bytes, self.streams, self.current_key, force)
+                           self.resumed_bytes, self.streams, self.current_key, force, self.detail)
+
+    def working_on(self, key: str, detail: str | None) -> None:
+        """A method's whole-tensor statistic of ``key`` is being computed (``detail``: what,
+        and how far), or is done (None): shown with the progress until the next item is."""
+        self.current_key, self.detail = key, detail
+        self.progress()
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -138,6 +145,7 @@ class _Run:
         self.bytes_done += n
         if item.segments:
             self.current_key = self.plan.steps[item.segments[-1].step].key
+            self.detail = None
 
     # ------------------------------------------------------------------ the run
 
@@ -205,7 +213,7 @@ class _Run:
         self.emit(ev.Stage("merging"))
         self.meter.start_stage()
         pipeline = Pipeline(plan, self.fds, self.streams, self.tuning, self.device, self.nan,
-                            PassHooks(self.check_cancel, self.progress, self.item_done), self.read_limit,
+                            PassHooks(self.check_cancel, self.progress, self.item_done, self.working_on), self.read_limit,
                             self.drop_cache, self.backend_factory)
         while True:
             try:

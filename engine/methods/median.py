@@ -10,18 +10,25 @@ Weiszfeld weights in the median; the points themselves stay unweighted.
 Iteration (sd-mecha 1.1.8's ``geometric_median``, in fp64): start at the weighted mean; then
 ``w_i' = w_i / max(d_i, eps)``, ``m = sum w_i' p_i / sum w_i'``, with ``d_i = ||p_i - m||``
 over the whole tensor, until ``|obj_prev - obj| <= ftol * obj`` (obj = the mean of ``w_i d_i``)
-or ``maxiter`` steps. Each step is one pass over the points in fixed blocks of ``BLOCK``
-elements (``engine.kernels.weiszfeld``: the new iterate and the distances to it together, a
-summation order fixed by element index), so the two memory modes agree to the bit:
+or ``maxiter`` steps. Each step is one pass over the points (``engine.kernels.weiszfeld``: the
+new iterate and the distances to it together). The tensor is cut into spans of ``SPAN``
+elements, fixed: each span's squared distances are summed on their own (in lanes fixed by the
+element index), then the spans' sums are added in span order. So the spans can run on several
+cores at once, and the bits depend on neither the number of threads nor the memory mode:
 
-- the N points held in memory (fp64, ``8 N n`` bytes) when that fits the budget;
-- else every step reads the sources again and filters them anew, block by block (the page
-  cache usually serves them): memory is one block of the N points, the iterate and the base.
+- the N points held in memory when that fits the budget: in fp32 (``4 N n`` bytes) when every
+  filtered value is exactly an fp32 (a delta of two nearby fp16 values usually is; the kernel
+  then does the same fp64 arithmetic on the same values with half the memory traffic), else
+  in fp64 (``8 N n``);
+- else every step reads the sources again and filters them anew, span by span (the page cache
+  usually serves them): memory is a span of the N points per thread, the iterate and the base.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor, TimeoutError
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,7 +37,9 @@ import torch
 
 from engine.kernels.hashing import uniform_numpy
 
-BLOCK = 1 << 16
+SPAN = 1 << 16
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 @dataclass
@@ -42,37 +51,39 @@ class MedianResult:
 
 def geometric_median(params, key: str, base, models: list, shas: list, weights: list[float], stats,
                      read: Callable, check_cancel: Callable[[], None], mask_key: Callable,
-                     budget: int) -> MedianResult:
+                     budget: int, report: Callable[[str | None], None] = lambda detail: None) -> MedianResult:
     """The median of one key's points (``base``: a Source or None; ``models``: Sources;
-    ``stats``: the key's TensorStats for trim thresholds and DELLA masks)."""
+    ``stats``: the key's TensorStats for trim thresholds and DELLA masks; ``report``: told
+    each iteration, for the progress)."""
+    from engine.kernels.weiszfeld import LANES, finish, step
+
     n = math.prod(models[0].shape)
     w = np.array(weights, np.float64)
     count = len(models)
-    held = 8 * count * n + 16 * n <= budget
+    spans = [(a, min(n, a + SPAN)) for a in range(0, n, SPAN)]
 
     def block(a: int, b: int) -> np.ndarray:
         return _points(params, key, base, models, shas, w, stats, read, mask_key, a, b)
 
-    cached = np.empty((count, n), np.float64) if held else None
-    if held:
-        for a in range(0, n, BLOCK):
-            check_cancel()
-            cached[:, a:min(n, a + BLOCK)] = block(a, min(n, a + BLOCK))
-
-    def points(a: int, b: int) -> np.ndarray:
-        return cached[:, a:b] if held else block(a, b)
-
-    from engine.kernels.weiszfeld import LANES, finish, step
-
+    held = _hold(block, spans, count, n, budget, check_cancel)
     m = np.empty(n, np.float64)
+    parts = np.zeros((len(spans), count, LANES), np.float64)
 
     def sweep(coef: np.ndarray) -> np.ndarray:
-        lanes = np.zeros((count, LANES), np.float64)
         total = math.fsum(coef)
-        for a in range(0, n, BLOCK):
-            check_cancel()
-            b = min(n, a + BLOCK)
-            step(np.ascontiguousarray(points(a, b)), coef, total, a, m[a:b], lanes)
+
+        def one(s: int) -> None:
+            a, b = spans[s]
+            parts[s] = 0.0
+            if held is not None:
+                step(held, a, a, b - a, coef, total, m[a:b], parts[s])
+            else:
+                step(block(a, b), 0, a, b - a, coef, total, m[a:b], parts[s])
+
+        _each(one, len(spans), check_cancel)
+        lanes = np.zeros((count, LANES), np.float64)
+        for part in parts:  # in span order
+            lanes += part
         return np.sqrt(finish(lanes))
 
     d = sweep(w)  # the weighted mean, and the distances to it
@@ -81,20 +92,93 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         while iterations < params.maxiter and math.isfinite(obj):
             iterations += 1
+            report(f"median, iteration {iterations} of at most {params.maxiter}"
+                   f"{'' if held is not None else ' (re-reading the files)'}")
             prev = obj
             d = sweep(w / np.maximum(d, params.eps))
             obj = math.fsum(w * d) / count
             if abs(prev - obj) <= params.ftol * obj:
                 break
-    return MedianResult(m, iterations, held)
+    return MedianResult(m, iterations, held is not None)
+
+
+def _hold(block: Callable, spans: list, count: int, n: int, budget: int,
+          check_cancel: Callable[[], None]) -> np.ndarray | None:
+    """The key's filtered points in memory, fp32 if every value is exactly an fp32, else fp64;
+    None when they do not fit the budget (the re-read mode)."""
+    from engine.kernels.weiszfeld import narrow_exactly
+
+    for dtype in (np.float32, np.float64):
+        if np.dtype(dtype).itemsize * count * n + 16 * n > budget:
+            return None
+        held = np.empty((count, n), dtype)
+        inexact = threading.Event()
+
+        def load(s: int) -> None:
+            if inexact.is_set():
+                return
+            a, b = spans[s]
+            p = block(a, b)
+            if dtype is np.float64:
+                held[:, a:b] = p
+            elif not narrow_exactly(p, held, a):
+                inexact.set()  # (NaN never equals itself: such a key is held in fp64)
+
+        _each(load, len(spans), check_cancel)
+        if not inexact.is_set():
+            return held
+        del held
+    return None
+
+
+def _each(fn: Callable[[int], None], count: int, check_cancel: Callable[[], None]) -> None:
+    """``fn(0) .. fn(count - 1)``, on the pool's threads when there are several (the kernels
+    and torch release the GIL); ``check_cancel`` is called on this thread while they run, and
+    on a cancel or an error nothing is left running when this returns."""
+    if count == 1:
+        check_cancel()
+        fn(0)
+        return
+    futures = [_pool().submit(fn, s) for s in range(count)]
+    try:
+        for f in futures:
+            while True:
+                try:
+                    f.result(timeout=0.2)
+                    break
+                except TimeoutError:
+                    check_cancel()
+        check_cancel()
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            if not f.cancelled():
+                try:
+                    f.result()
+                except BaseException:
+                    pass
+        raise
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from engine.merge.backends.cpu import MAX_WORKERS, cpu_count
+
+            _POOL = ThreadPoolExecutor(min(cpu_count(), MAX_WORKERS), thread_name_prefix="astolfo-median")
+        return _POOL
 
 
 def _points(params, key, base, models, shas, w, stats, read, mask_key, a: int, b: int) -> np.ndarray:
-    """Elements ``a .. b`` of every point, filtered (float64[N, b - a])."""
+    """Elements ``a .. b`` of every point, filtered (float64[N, b - a]), each model's read
+    straight into its row."""
     bb = read(base, a, b) if base is not None else None
-    rows = []
-    for src, sha in zip(models, shas):
-        t = read(src, a, b) if bb is None else read(src, a, b, bb)
+    p = torch.empty((len(models), b - a), dtype=torch.float64)
+    for i, (src, sha) in enumerate(zip(models, shas)):
+        t = p[i]
+        read(src, a, b, bb, t)
         ident = (src.file, src.key)
         if params.drop_eps != 0:
             t.masked_fill_(torch.from_numpy(~stats.keep_mask(ident, a, b - a)), 0.0)
@@ -103,12 +187,10 @@ def _points(params, key, base, models, shas, w, stats, read, mask_key, a: int, b
             t.masked_fill_(u < params.drop, 0.0)
         if params.trim < 1:
             t.masked_fill_(t.abs() < stats.thresholds[ident], 0.0)
-        rows.append(t)
-    p = torch.stack(rows)
     if params.vote != "none":
         ws = torch.from_numpy(w).view(-1, 1)
         elect = torch.zeros(b - a, dtype=torch.float64)
-        for i in range(len(rows)):  # in model order: the sum's rounding is fixed
+        for i in range(len(models)):  # in model order: the sum's rounding is fixed
             elect.add_(p[i] * ws[i] if params.vote == "sum" else torch.sign(p[i]) * ws[i])
         sign = torch.sign(elect)
         p = torch.where((torch.sign(p) == sign) & (sign != 0), p, 0.0)

@@ -106,23 +106,30 @@ def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Ten
 
 def compute_stats(params, key: str, base: Source | None, models: list[Source], shas: list[str | None],
                   read: Callable[[Source, int, int], torch.Tensor], check_cancel: Callable[[], None],
-                  mask_key: Callable[[int, str, str], int], budget: int = 1 << 62) -> TensorStats:
+                  mask_key: Callable[[int, str, str], int], budget: int = 1 << 62,
+                  report: Callable[[str | None], None] = lambda detail: None) -> TensorStats:
     """The statistics of one method node over its base (None: a median of the models
-    themselves) and (kept) model sources; ``budget``: the bytes a median may hold."""
+    themselves) and (kept) model sources; ``budget``: the bytes a median may hold;
+    ``report(detail)``: what is being computed (None once done), for the progress."""
     n = math.prod(models[0].shape)
     stats = TensorStats()
-    if params.combine == "stock":
-        _stock(stats, base, models, n, read, check_cancel)
-        return stats
-    if params.trim < 1 or params.drop_eps != 0:
-        _per_model(stats, params, key, base, models, shas, n, read, check_cancel, mask_key)
-    if params.combine == "median":
-        from engine.methods.median import geometric_median
+    try:
+        if params.combine == "stock":
+            report(f"model stock: cosines of {len(models)} deltas")
+            _stock(stats, base, models, n, read, check_cancel)
+            return stats
+        if params.trim < 1 or params.drop_eps != 0:
+            report("DELLA ranks" if params.drop_eps != 0 else "trim thresholds")
+            _per_model(stats, params, key, base, models, shas, n, read, check_cancel, mask_key)
+        if params.combine == "median":
+            from engine.methods.median import geometric_median
 
-        found = geometric_median(params, key, base, models, shas, [s.weight for s in models], stats, read,
-                                 check_cancel, mask_key, budget)
-        stats.median, stats.iterations, stats.median_in_memory = found.delta, found.iterations, found.in_memory
-    return stats
+            found = geometric_median(params, key, base, models, shas, [s.weight for s in models], stats, read,
+                                     check_cancel, mask_key, budget, report)
+            stats.median, stats.iterations, stats.median_in_memory = found.delta, found.iterations, found.in_memory
+        return stats
+    finally:
+        report(None)
 
 
 def _per_model(stats: TensorStats, params, key, base, models, shas, n, read, check_cancel, mask_key) -> None:
@@ -213,13 +220,15 @@ class StatsFeed:
     A node's numbers are dropped once its last slice has been handed out. ``clamped`` keeps,
     across passes, the keys whose model stock ``t`` was clamped (node id -> (key, raw t))."""
 
-    def __init__(self, plan: MergePlan, fds: list[int], check_cancel: Callable[[], None]):
+    def __init__(self, plan: MergePlan, fds: list[int], check_cancel: Callable[[], None],
+                 working_on: Callable[[str, str | None], None] = lambda key, detail: None):
         from engine.recipe.sizes import memory_budget
 
         self.budget = memory_budget(plan.recipe.memory)
         self.plan = plan
         self.fds = fds
         self.check_cancel = check_cancel
+        self.working_on = working_on
         self._held: dict[int, TensorStats] = {}
         self.clamped: dict[int, tuple[str, float]] = {}
 
@@ -243,7 +252,8 @@ class StatsFeed:
                     stats = compute_stats(node.method, node.key,
                                           None if base is None else by_ident[(base.file, base.key)],
                                           [by_ident[(s.file, s.key)] for s in kept], shas, self._read,
-                                          self.check_cancel, mask_key, self.budget)
+                                          self.check_cancel, mask_key, self.budget,
+                                          lambda detail, key=node.key: self.working_on(key, detail))
                     self._held[ns.node] = stats
                     if stats.stock_raw is not None:
                         self.clamped[ns.node] = (node.key, stats.stock_raw)

@@ -8,11 +8,13 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from merge_support import make_models, recipe_text, sdxl_output, sha256, subprocess_env, write_abc_recipe
+from merge_support import (make_models, method_table, recipe_text, sdxl_output, sha256, subprocess_env,
+                           write_abc_recipe)
 
 from engine.checkpoint.writer import partial_path
 from engine.merge.events import event_from_dict
@@ -173,6 +175,63 @@ def test_kill_9_leaves_no_target_and_resume_gives_identical_bytes(models, tmp_pa
     execute(build_plan(load_recipe(write_abc_recipe(fresh, models))))
     assert sha256(fresh / "out/mix.safetensors") == resumed
     assert {p: sha256(p) for p in sorted(models.iterdir())} == sources
+
+
+# the medians' iterations unslowed (an event each), the rest slowed as in SLOW_CLI
+MEDIAN_PACE = "time.sleep(0 if getattr(e, 'detail', None) else 0.01)"
+
+
+def test_kill_9_in_the_middle_of_a_median_and_resume_give_identical_bytes(models, tmp_path):
+    """The geometric median iterates over a whole key before any of it is written: a kill while
+    it iterates (the progress names the key and the iteration) loses that key's work only, and
+    the resumed output has the bytes of an uninterrupted run."""
+    make_models(tmp_path / "more", 4)
+    text = recipe_text({m: str(tmp_path / "more" / f"m{i}.safetensors") for i, m in enumerate("abcd")},
+                       {"all": ["b", "c", "d"]}, [sdxl_output("out/mix.safetensors", "all")])
+    text += method_table("all", {"method": "tgmd", "base": "a"})
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text)
+    target = tmp_path / "out/mix.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI.replace("time.sleep(0.01)", MEDIAN_PACE), "merge",
+                             str(recipe), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    seen: list[dict] = []
+    iterating = threading.Event()
+
+    def drain() -> None:  # the JSON lines, read as they come (a full pipe would stall the merge)
+        for line in proc.stdout:
+            event = json.loads(line)
+            seen.append(event)
+            if "median, iteration" in (event.get("detail") or "") and _written(target) > 5:
+                iterating.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        _wait_for(iterating.is_set, proc)
+    finally:
+        proc.kill()
+        proc.communicate()
+    reader.join(10)
+    assert not target.exists() and _written(target) > 5
+
+    events: list = []
+    execute(build_plan(load_recipe(recipe)), on_event=events.append, resume=True, tuning=Tuning(buffer_bytes=1 << 20))
+    assert next(e for e in events if e.type == "started").resumed_tensors > 5
+    assert any(e.type == "progress" and e.detail and "median, iteration" in e.detail for e in events)
+    resumed = sha256(target)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "recipe.toml").write_text(text)
+    execute(build_plan(load_recipe(fresh / "recipe.toml")))
+    assert sha256(fresh / "out/mix.safetensors") == resumed
+
+
+def _written(target: Path) -> int:
+    try:
+        return json.loads(sidecar_path(target).read_text())["tensors_written"]
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 FULL_DISK = """
