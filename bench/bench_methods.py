@@ -30,8 +30,9 @@ sd-mecha's equivalents, with the same parameters (all weights 1):
   apply_median=True))``.
 add_difference has no N-model form in sd-mecha (its add_difference takes one delta): "-".
 
-Usage: ``python bench/bench_methods.py [--scale 4] [--n 8,16] [--methods ...] [--quick]``; the
-table is printed and written to the "## methods" section of docs/benchmarks.md. The synthetic
+Usage: ``python bench/bench_methods.py [--scale 4] [--n 8,16] [--methods ...] [--quick]
+[--section NAME]``; the table is printed and written to the "## methods" section of
+docs/benchmarks.md (or "## NAME"). The synthetic
 files are deleted afterwards unless ``--keep``.
 """
 
@@ -41,6 +42,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -107,6 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/methods", help="folder for synthetic files")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files afterwards")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    ap.add_argument("--section", default="methods",
+                    help='the docs/benchmarks.md section written ("## <section>"): a run of a few methods '
+                         "can go to its own section and leave the full run's in place")
     args = ap.parse_args(argv)
     if args.quick:
         args.scale, args.n, args.mecha_n = 32, "4", "4"
@@ -183,7 +188,8 @@ def main(argv=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     table = _table(rows)
     print(table)
-    header = (f"`python bench/bench_methods.py{' --quick' if args.quick else ''}`. Machine: {machine()}; 1-minute "
+    command = " ".join(["python bench/bench_methods.py", *(shlex.quote(a) for a in sys.argv[1:])])
+    header = (f"`{command}`. Machine: {machine()}; 1-minute "
               f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). "
               f"Synthetic SDXL fp16 files at scale {args.scale} ({gb(each)} each): a base plus N models, the page "
               f"cache warm (the files read twice before each run); merge device {args.device}"
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
         "each key (fp32 here), so its peak RSS grows with N.",
     ]
     if not args.no_doc:
-        write_section(BENCHMARKS_MD, f"## methods\n\n{header}\n\n{table}\n\n" + "\n".join(notes) + "\n")
+        write_section(BENCHMARKS_MD, f"## {args.section}\n\n{header}\n\n{table}\n\n" + "\n".join(notes) + "\n")
     return 0
 
 
