@@ -212,3 +212,25 @@ async def test_a_busy_output_is_refused_with_the_reason(work_dir):
         finally:
             os.kill(job.pid, signal.SIGCONT)
             engine_jobs.wait_for_job(job.id, timeout_s=120)
+
+
+def test_a_statistic_in_progress_is_shown_with_its_key():
+    """A median's iteration (``Progress.detail``) survives the job log's JSON, reaches the view
+    and the CLI's progress line, and is gone once the next item is done."""
+    from rich.console import Console
+
+    from astolfo_tui.commands.merge import _Display
+    from engine.merge import events as ev
+
+    key = "model.diffusion_model.out.2.weight"
+    busy = ev.Progress("merging", 5, 10, 50, 100, 20, 1.0, 0.5, 1.0, key, 1000,
+                       detail="median, iteration 7 of at most 100")
+    again = ev.event_from_dict(ev.event_to_dict(busy))
+    assert again.detail == busy.detail
+    display = _Display(Console(record=True, width=200))
+    display.apply(again)
+    assert display.view.detail == busy.detail
+    line = display.progress.tasks[0].fields["detail"]
+    assert f"{key}: median, iteration 7 of at most 100" in line
+    display.apply(ev.Progress("merging", 6, 10, 60, 100, 30, 1.2, 0.5, 1.0, key, 1000))
+    assert display.view.detail is None and "median" not in display.progress.tasks[0].fields["detail"]
