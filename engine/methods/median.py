@@ -21,13 +21,15 @@ cores at once, and the bits depend on neither the number of threads nor the memo
   then does the same fp64 arithmetic on the same values with half the memory traffic), else
   in fp64 (``8 N n``);
 - else every step reads the sources again and filters them anew, span by span (the page cache
-  usually serves them): memory is a span of the N points per thread, the iterate and the base.
+  usually serves them): memory is a span of the N points per thread (as many threads as 1 GB
+  of spans allows), the iterate and the base.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError
 from dataclasses import dataclass
 from typing import Callable
@@ -38,6 +40,10 @@ import torch
 from engine.kernels.hashing import uniform_numpy
 
 SPAN = 1 << 16
+# Filtering a span of N points takes about this many bytes per point element (the fp64 points,
+# the vote's signs and mask, the result); spans filtered at once are capped to READ_BYTES in all.
+SPAN_BYTES_PER_ELEMENT = 32
+READ_BYTES = 1 << 30
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -65,7 +71,8 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
     def block(a: int, b: int) -> np.ndarray:
         return _points(params, key, base, models, shas, w, stats, read, mask_key, a, b)
 
-    held = _hold(block, spans, count, n, budget, check_cancel)
+    reading = max(1, READ_BYTES // (SPAN_BYTES_PER_ELEMENT * count * SPAN))  # spans filtered at once
+    held = _hold(block, spans, count, n, budget, check_cancel, reading)
     m = np.empty(n, np.float64)
     parts = np.zeros((len(spans), count, LANES), np.float64)
 
@@ -80,7 +87,7 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
             else:
                 step(block(a, b), 0, a, b - a, coef, total, m[a:b], parts[s])
 
-        _each(one, len(spans), check_cancel)
+        _each(one, len(spans), check_cancel, len(spans) if held is not None else reading)
         lanes = np.zeros((count, LANES), np.float64)
         for part in parts:  # in span order
             lanes += part
@@ -102,8 +109,8 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
     return MedianResult(m, iterations, held is not None)
 
 
-def _hold(block: Callable, spans: list, count: int, n: int, budget: int,
-          check_cancel: Callable[[], None]) -> np.ndarray | None:
+def _hold(block: Callable, spans: list, count: int, n: int, budget: int, check_cancel: Callable[[], None],
+          at_once: int) -> np.ndarray | None:
     """The key's filtered points in memory, fp32 if every value is exactly an fp32, else fp64;
     None when they do not fit the budget (the re-read mode)."""
     from engine.kernels.weiszfeld import narrow_exactly
@@ -124,35 +131,41 @@ def _hold(block: Callable, spans: list, count: int, n: int, budget: int,
             elif not narrow_exactly(p, held, a):
                 inexact.set()  # (NaN never equals itself: such a key is held in fp64)
 
-        _each(load, len(spans), check_cancel)
+        _each(load, len(spans), check_cancel, at_once)
         if not inexact.is_set():
             return held
         del held
     return None
 
 
-def _each(fn: Callable[[int], None], count: int, check_cancel: Callable[[], None]) -> None:
+def _each(fn: Callable[[int], None], count: int, check_cancel: Callable[[], None], at_once: int = 1 << 30) -> None:
     """``fn(0) .. fn(count - 1)``, on the pool's threads when there are several (the kernels
-    and torch release the GIL); ``check_cancel`` is called on this thread while they run, and
-    on a cancel or an error nothing is left running when this returns."""
+    and torch release the GIL), at most ``at_once`` of them submitted at a time (each holds a
+    span's points while it runs); ``check_cancel`` is called on this thread while they run,
+    and on a cancel or an error nothing is left running when this returns."""
     if count == 1:
         check_cancel()
         fn(0)
         return
-    futures = [_pool().submit(fn, s) for s in range(count)]
+    window: deque = deque()
+    submitted = 0
     try:
-        for f in futures:
+        while submitted < count or window:
+            while submitted < count and len(window) < at_once:
+                window.append(_pool().submit(fn, submitted))
+                submitted += 1
             while True:
                 try:
-                    f.result(timeout=0.2)
+                    window[0].result(timeout=0.2)
                     break
                 except TimeoutError:
                     check_cancel()
+            window.popleft()
         check_cancel()
     except BaseException:
-        for f in futures:
+        for f in window:
             f.cancel()
-        for f in futures:
+        for f in window:
             if not f.cancelled():
                 try:
                     f.result()
