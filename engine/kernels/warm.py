@@ -39,6 +39,10 @@ def warm() -> None:
         weiszfeld.step(points, 0, 0, 8, np.ones(1), 1.0, np.zeros(8), lanes)
     weiszfeld.finish(lanes)
     weiszfeld.narrow_exactly(np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0)
+    weiszfeld.vote_filter(np.zeros((1, 8)), np.ones(1), True)  # and the filters the median's points go through
+    methods._drop(f64, 0, 0, 0.5)
+    methods._keep(f64, np.zeros(1, np.uint8), 0)
+    methods._trim(f64, 0.5)
     done.set()
 
 

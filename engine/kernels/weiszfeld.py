@@ -103,6 +103,41 @@ def _one_by_one(points, col, start, e0, e1, weights, total, out, lanes):
 
 
 @kernel
+def vote_filter(points, weights, by_sum):
+    """The TIES vote over a block of filtered deltas (float64[N, m], in place): per element the
+    elected sign of ``sum_i w_i p_i`` (``by_sum``) or ``sum_i w_i sign(p_i)``, added in point
+    order (a multiply, then an add), and every entry whose sign is not the elected one, or
+    where the election is tied, set to 0 (torch.sign gives 0 for NaN: such entries become 0). The same operations in
+    the same order as ``torch.where((sign(p) == sign(elect)) & (sign(elect) != 0), p, 0)``."""
+    n_pts, m = points.shape
+    elect = np.zeros(m, np.float64)
+    for i in range(n_pts):  # row by row (contiguous); each element's sum still in point order
+        row = points[i]
+        wi = weights[i]
+        for e in range(np.uint64(m)):
+            x = row[e]
+            elect[e] = elect[e] + (x if by_sum else _sign(x)) * wi
+    for e in range(np.uint64(m)):
+        elect[e] = _sign(elect[e])
+    for i in range(n_pts):
+        row = points[i]
+        for e in range(np.uint64(m)):
+            x = row[e]
+            s = elect[e]
+            row[e] = x if (_sign(x) == s and s != 0.0) else 0.0
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _sign(x):
+    """torch.sign on the CPU: 1, -1, and 0 for zeros and for NaN."""
+    if x > 0.0:
+        return 1.0
+    if x < 0.0:
+        return -1.0
+    return 0.0
+
+
+@kernel
 def narrow_exactly(block, held, col):
     """``held[:, col:col + m] = block`` (float64[N, m] into float32[N, *]); False when some
     value is not exactly an fp32 (then ``held`` must not be used; NaN is never equal)."""

@@ -37,7 +37,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.kernels.hashing import uniform_numpy
 
 SPAN = 1 << 16
 # Filtering a span of N points takes about this many bytes per point element (the fp64 points,
@@ -185,26 +184,25 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _points(params, key, base, models, shas, w, stats, read, mask_key, a: int, b: int) -> np.ndarray:
-    """Elements ``a .. b`` of every point, filtered (float64[N, b - a]), each model's read
-    straight into its row."""
+    """Elements ``a .. b`` of every point, filtered (float64[N, b - a]): each model's delta read
+    straight into its row, then the merge methods' own kernels (DELLA's keep bits, DARE's hash,
+    the trim) and the vote, in place."""
+    from engine.kernels.hashing import _signed
+    from engine.kernels.methods import _drop, _keep, _trim
+    from engine.kernels.weiszfeld import vote_filter
+
     bb = read(base, a, b) if base is not None else None
     p = torch.empty((len(models), b - a), dtype=torch.float64)
+    rows = p.numpy()
     for i, (src, sha) in enumerate(zip(models, shas)):
-        t = p[i]
-        read(src, a, b, bb, t)
+        read(src, a, b, bb, p[i])
         ident = (src.file, src.key)
         if params.drop_eps != 0:
-            t.masked_fill_(torch.from_numpy(~stats.keep_mask(ident, a, b - a)), 0.0)
+            _keep(rows[i], stats.keep_bits[ident], a)
         elif params.drop > 0:
-            u = torch.from_numpy(uniform_numpy(mask_key(params.seed, sha, key), a, b - a))
-            t.masked_fill_(u < params.drop, 0.0)
+            _drop(rows[i], _signed(mask_key(params.seed, sha, key)), a, params.drop)
         if params.trim < 1:
-            t.masked_fill_(t.abs() < stats.thresholds[ident], 0.0)
+            _trim(rows[i], stats.thresholds[ident])
     if params.vote != "none":
-        ws = torch.from_numpy(w).view(-1, 1)
-        elect = torch.zeros(b - a, dtype=torch.float64)
-        for i in range(len(models)):  # in model order: the sum's rounding is fixed
-            elect.add_(p[i] * ws[i] if params.vote == "sum" else torch.sign(p[i]) * ws[i])
-        sign = torch.sign(elect)
-        p = torch.where((torch.sign(p) == sign) & (sign != 0), p, 0.0)
-    return p.numpy()
+        vote_filter(rows, w, params.vote == "sum")
+    return rows
