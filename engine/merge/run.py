@@ -212,8 +212,8 @@ class _Run:
                 self.warn(p.code or "plan", p.message, p.model_id, None, p.output)
         self.emit(ev.Stage("merging"))
         self.meter.start_stage()
-        pipeline = Pipeline(plan, self.fds, self.streams, self.tuning, self.device, self.nan,
-                            PassHooks(self.check_cancel, self.progress, self.item_done, self.working_on), self.read_limit,
+        hooks = PassHooks(self.check_cancel, self.progress, self.item_done, self.working_on)
+        pipeline = Pipeline(plan, self.fds, self.streams, self.tuning, self.device, self.nan, hooks, self.read_limit,
                             self.drop_cache, self.backend_factory)
         while True:
             try:

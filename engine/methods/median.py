@@ -37,11 +37,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-
 SPAN = 1 << 16
-# Filtering a span of N points takes about this many bytes per point element (the fp64 points,
-# the vote's signs and mask, the result); spans filtered at once are capped to READ_BYTES in all.
-SPAN_BYTES_PER_ELEMENT = 32
+# Filtering a span of N points holds about this many bytes per point element (its fp64 points,
+# each model's bytes as read, with room to spare); spans filtered at once: READ_BYTES in all.
+SPAN_BYTES_PER_ELEMENT = 16
 READ_BYTES = 1 << 30
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -110,31 +109,38 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
 
 def _hold(block: Callable, spans: list, count: int, n: int, budget: int, check_cancel: Callable[[], None],
           at_once: int) -> np.ndarray | None:
-    """The key's filtered points in memory, fp32 if every value is exactly an fp32, else fp64;
-    None when they do not fit the budget (the re-read mode)."""
-    from engine.kernels.weiszfeld import narrow_exactly
-
+    """The key's filtered points in memory, fp32 if every value is exactly an fp32, else fp64
+    (read again: rare, a delta of two distant values or a NaN); None when they do not fit the
+    budget (the re-read mode)."""
     for dtype in (np.float32, np.float64):
         if np.dtype(dtype).itemsize * count * n + 16 * n > budget:
             return None
-        held = np.empty((count, n), dtype)
-        inexact = threading.Event()
-
-        def load(s: int) -> None:
-            if inexact.is_set():
-                return
-            a, b = spans[s]
-            p = block(a, b)
-            if dtype is np.float64:
-                held[:, a:b] = p
-            elif not narrow_exactly(p, held, a):
-                inexact.set()  # (NaN never equals itself: such a key is held in fp64)
-
-        _each(load, len(spans), check_cancel, at_once)
-        if not inexact.is_set():
+        held = _load(block, spans, np.empty((count, n), dtype), check_cancel, at_once)
+        if held is not None:
             return held
-        del held
     return None
+
+
+def _load(block: Callable, spans: list, held: np.ndarray, check_cancel: Callable[[], None],
+          at_once: int) -> np.ndarray | None:
+    """Every span's points into ``held``; None when ``held`` is fp32 and some value is not
+    exactly an fp32 (NaN never equals itself: such a key is held in fp64)."""
+    from engine.kernels.weiszfeld import narrow_exactly
+
+    inexact = threading.Event()
+
+    def load(s: int) -> None:
+        if inexact.is_set():
+            return
+        a, b = spans[s]
+        p = block(a, b)
+        if held.dtype == np.float64:
+            held[:, a:b] = p
+        elif not narrow_exactly(p, held, a):
+            inexact.set()
+
+    _each(load, len(spans), check_cancel, at_once)
+    return None if inexact.is_set() else held
 
 
 def _each(fn: Callable[[int], None], count: int, check_cancel: Callable[[], None], at_once: int = 1 << 30) -> None:

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from merge_support import (make_models, method_table, recipe_text, sdxl_output, sha256, subprocess_env,
-                           write_abc_recipe)
+from merge_support import make_models, method_table, recipe_text, sdxl_output, sha256, subprocess_env, write_abc_recipe
 
 from engine.checkpoint.writer import partial_path
 from engine.merge.events import event_from_dict
