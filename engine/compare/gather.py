@@ -2,10 +2,15 @@
 Gram matrices of their deltas per component and UNet block.
 
 Per tensor, a chunk of the same elements is read from every model (and from the reference
-file, if any) into one fixed buffer, converted to fp64, the reference subtracted (or the mean
-of the models, computed per element), and added to the Gram lanes of the tensor's group with
-``engine.kernels.gram``. The buffer is sized by ``budget_bytes`` whatever the number of models
-(chunks shrink as models are added), so memory is the buffer plus the N x N matrices.
+file, if any) into one fixed buffer; ``engine.kernels.deltas`` widens it to fp64 and subtracts
+the reference (or the mean of the models, per element) in one pass, and ``engine.kernels.gram``
+adds the deltas to the Gram lanes of the tensor's group. The buffer is sized by ``budget_bytes``
+whatever the number of models (chunks shrink as models are added) and kept within the L3 cache,
+so memory is the buffer plus the N x N matrices.
+
+Each chunk's three phases (the reads, the deltas, the Gram) are split across the cores (rows,
+element ranges, blocks of pairs: disjoint memory), every phase finished before the next; the
+bits are the same for any number of threads.
 
 The reference is the last row of every Gram matrix, so a group's matrix also holds the
 reference's squared norm and its products with the deltas. Additions happen in a fixed order
@@ -17,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +35,9 @@ from engine.checkpoint.reader import pread_exact
 from engine.compare.blocks import COMPONENTS, UNET_BLOCKS, unet_block
 from engine.compare.events import CompareCancelled, CompareError, Progress
 
-DEFAULT_BUDGET = 64 << 20  # bytes of read and fp64 buffers, whatever the number of models
+DEFAULT_BUDGET = 16 << 20  # bytes of read and fp64 buffers, whatever the number of models: in L3
+_WIDENED = ("F16", "BF16", "F32", "F64")  # the dtypes engine.kernels.deltas widens itself
+_SPLIT = 1 << 16  # elements of a chunk (all rows) below which one thread does it: not worth a hand-off
 
 
 @dataclass
@@ -162,6 +170,72 @@ def to_float64(raw: np.ndarray, dtype: str, out: np.ndarray, f32: np.ndarray) ->
         torch.from_numpy(out).copy_(torch.from_numpy(raw).view(DTYPES[dtype].torch_dtype))
 
 
+class _Buffers:
+    """The pass's buffers for one component: ``raw`` (a row of ``8 * chunk`` bytes for each file
+    read, enough for fp64) and its three dtype views, flat, as ``engine.kernels.deltas`` takes
+    them; ``xs`` (the n deltas and the reference, fp64)."""
+
+    def __init__(self, rows: int, n: int, chunk: int):
+        self.chunk = chunk
+        self.raw = np.empty((rows, chunk * 8), np.uint8)
+        flat = self.raw.reshape(-1)
+        self.in16, self.in32, self.in64 = flat.view(np.uint16), flat.view(np.float32), flat.view(np.float64)
+        self.xs = np.empty((n + 1, chunk), np.float64)
+
+    def layout(self, dtypes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's kind code and where its element 0 is in that kind's view (rows of a dtype
+        the kernel does not widen are widened into their row as fp64 when read)."""
+        from engine.kernels.mean import BF16, F16, F32, F64, KIND
+        kinds = np.array([KIND.get(d, F64) for d in dtypes], np.int64)
+        per_row = {F16: 4 * self.chunk, BF16: 4 * self.chunk, F32: 2 * self.chunk, F64: self.chunk}
+        offs = np.array([r * per_row[int(k)] for r, k in enumerate(kinds)], np.int64)
+        return kinds, offs
+
+
+def _span(m: int, k: int, parts: int) -> tuple[int, int]:
+    """Part ``k`` of ``parts`` of the elements ``0 .. m``, cut at tile boundaries."""
+    from engine.kernels.deltas import TILE
+
+    tiles = -(-m // TILE)
+    return min(m, tiles * k // parts * TILE), min(m, tiles * (k + 1) // parts * TILE)
+
+
+class _Team:
+    """The threads a chunk's work is split across: the caller's and ``size - 1`` workers. Each
+    phase (read, deltas, Gram) is cut into parts that touch disjoint memory and is finished by
+    every part before the next starts, so the bits do not depend on the number of threads.
+    numba's kernels and the reads release the GIL."""
+
+    def __init__(self, size: int):
+        self.size = max(1, size)
+        self.pool = ThreadPoolExecutor(self.size - 1, thread_name_prefix="astolfo-compare") if self.size > 1 else None
+
+    def run(self, phase: Callable[[int], None], parts: int) -> None:
+        """``phase(k)`` for every part ``k``; the first error (in part order) is raised once all
+        parts have stopped, so no worker still writes into a buffer the caller reuses."""
+        if self.pool is None or parts == 1:
+            for k in range(parts):
+                phase(k)
+            return
+        futures = [self.pool.submit(phase, k) for k in range(1, parts)]
+        error: BaseException | None = None
+        try:
+            phase(0)
+        except BaseException as e:
+            error = e
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 def gather(
     sources: list[Source],
     reference: Source | None,
@@ -169,10 +243,14 @@ def gather(
     on_event: Callable[[object], None] | None = None,
     budget_bytes: int = DEFAULT_BUDGET,
     skip: dict[int, dict[str, str]] | None = None,
+    threads: int | None = None,
 ) -> Gathered:
-    """Read every file once and return the Gram matrices (see the module docstring)."""
+    """Read every file once and return the Gram matrices (see the module docstring); ``threads``:
+    how many share each chunk (default one per core, at most the merge's worker count)."""
 
-    from engine.kernels.gram import LANES, gram_add, gram_finish
+    from engine.kernels.deltas import TILE, deltas
+    from engine.kernels.gram import LANES, gram_add_part, gram_finish
+    from engine.merge.backends.cpu import MAX_WORKERS, cpu_count
 
     headers = _headers(sources, reference)
     tensors, members, left_out = plan_tensors(sources, headers, reference, skip)
@@ -184,6 +262,7 @@ def gather(
     done = 0
     fds: dict[int, int] = {}
     out = Gathered(members={c: list(m) for c, m in active.items()}, left_out=left_out)
+    team = _Team(threads or min(cpu_count(), MAX_WORKERS))
     try:
         for i, s in enumerate(all_sources):
             try:
@@ -202,10 +281,8 @@ def gather(
         for comp, rows in active.items():
             n = len(rows)
             readers = [*rows, *([ref_i] if ref_i is not None else [])]
-            chunk = max(LANES, budget_bytes // (16 * (n + 1)))
-            xs = np.empty((n + 1, chunk), np.float64)
-            raw = np.empty((len(readers), chunk * 8), np.uint8)
-            f32 = np.empty(chunk, np.float32)  # the F16 and BF16 conversions go through fp32
+            chunk = max(TILE, budget_bytes // (16 * (n + 1)))
+            buffers = _Buffers(len(readers), n, chunk)
             lanes: dict[str | None, np.ndarray] = {}
             for ti, t in enumerate(tensors[comp]):
                 if ti + 1 < len(tensors[comp]):
@@ -213,29 +290,43 @@ def gather(
                 acc = lanes.get(t.block)
                 if acc is None:
                     acc = lanes[t.block] = np.zeros((n + 1, n + 1, LANES), np.float64)
+                infos = [headers[i].tensors[all_sources[i].key_map[t.key]] for i in readers]
+                kinds, offs = buffers.layout([info.dtype for info in infos])
                 for start in range(0, t.numel, chunk):
                     if cancel is not None and cancel.is_set():
                         raise CompareCancelled()
                     m = min(chunk, t.numel - start)
-                    for r, i in enumerate(readers):
-                        info = headers[i].tensors[all_sources[i].key_map[t.key]]
-                        size = DTYPES[info.dtype].itemsize
-                        view = memoryview(raw[r])[: m * size]
-                        try:
-                            pread_exact(fds[i], view, headers[i].data_start + info.begin + start * size,
-                                        all_sources[i].path)
-                        except SafetensorsError as e:
-                            if i == ref_i:
-                                raise CompareError(f"reference {all_sources[i].id}: {e}") from None
-                            raise ReadFailure(i, str(e)) from None
-                        to_float64(raw[r][: m * size], info.dtype, xs[r, :m], f32[:m])
-                    # a NaN/Inf (inf - inf here) reaches the delta's norm on the Gram's diagonal, where
-                    # result.py leaves the model out of the component (its non-finite diagonal)
-                    with np.errstate(invalid="ignore", over="ignore"):
-                        if ref_i is None:
-                            xs[n, :m] = xs[:n, :m].sum(axis=0) / n
-                        xs[:n, :m] -= xs[n, :m]
-                    gram_add(acc, xs[:, :m], start)
+                    parts = team.size if m * len(readers) >= _SPLIT else 1
+
+                    def read(k: int) -> None:
+                        for r in range(k, len(readers), parts):
+                            i = readers[r]
+                            size = DTYPES[infos[r].dtype].itemsize
+                            view = memoryview(buffers.raw[r])[: m * size]
+                            try:
+                                pread_exact(fds[i], view, headers[i].data_start + infos[r].begin + start * size,
+                                            all_sources[i].path)
+                            except SafetensorsError as e:
+                                if i == ref_i:
+                                    raise CompareError(f"reference {all_sources[i].id}: {e}") from None
+                                raise ReadFailure(i, str(e)) from None
+                            if infos[r].dtype not in _WIDENED:  # fp8 and the like: widened here, read as F64
+                                wide = np.empty(m, np.float64)
+                                to_float64(buffers.raw[r][: m * size], infos[r].dtype, wide, np.empty(m, np.float32))
+                                buffers.raw[r].view(np.float64)[:m] = wide
+
+                    def center(k: int) -> None:
+                        j0, j1 = _span(m, k, parts)
+                        # a NaN/Inf (inf - inf here) reaches the delta's norm on the Gram's diagonal, where
+                        # result.py leaves the model out of the component (its non-finite diagonal)
+                        deltas(buffers.xs, kinds, offs, buffers.in16, buffers.in32, buffers.in64, n,
+                               ref_i is not None, j0, j1)
+
+                    def add(k: int) -> None:
+                        gram_add_part(acc, buffers.xs[:, :m], start, k, parts)
+
+                    for phase in (read, center, add):
+                        team.run(phase, parts)
                     done += m * len(readers)
                     if on_event is not None:
                         on_event(Progress(done, total, comp, t.key))
@@ -243,6 +334,7 @@ def gather(
             out.grams[comp] = {b: gram_finish(lanes[b]) for b in order}
             out.tensors[comp] = len(tensors[comp])
     finally:
+        team.close()
         for fd in fds.values():
             os.close(fd)
     return out

@@ -24,7 +24,22 @@ BLOCK = 4  # sources on each side of a block of pairs: 16 accumulators of LANES,
 @kernel
 def gram_add(lanes, xs, start):
     """Add the block ``xs`` (float64[N, m]: m elements of N sources, the first being element
-    ``start`` of the tensor) to ``lanes`` (float64[N, N, LANES], upper triangle used).
+    ``start`` of the tensor) to ``lanes`` (float64[N, N, LANES], upper triangle used)."""
+    gram_add_part(lanes, xs, start, 0, 1)
+
+
+@numba.njit(inline="always")
+def _block_index(i, j, blocks):
+    """The place of block (i, j), i <= j, in row-major order of the upper triangle of blocks."""
+    return i * blocks - i * (i - 1) // 2 + (j - i)
+
+
+@kernel
+def gram_add_part(lanes, xs, start, part, parts):
+    """``gram_add`` for the blocks of pairs numbered ``part`` modulo ``parts`` only, so that
+    ``parts`` threads can add the same block of elements at once: each pair's lanes belong to
+    one block, hence to one thread, and are added to in the same order as by ``gram_add``,
+    so the bits do not depend on the number of threads.
 
     The block is taken in tiles of ``TILE`` elements and, within a tile, in blocks of 4 x 4
     pairs: eight sources loaded, sixteen FMA chains advanced (the loads, not the FMAs, would
@@ -37,7 +52,8 @@ def gram_add(lanes, xs, start):
     n_src, m = xs.shape
     head = min(m, (LANES - start % LANES) % LANES)
     body = head + (m - head) // LANES * LANES
-    _edge(lanes, xs, start, 0, head)
+    blocks = (n_src + BLOCK - 1) // BLOCK
+    _edge(lanes, xs, start, 0, head, part, parts, blocks)
     acc = numba.carray(stack_f64(128), (BLOCK * BLOCK, LANES))
     last = n_src - 1
     for t0 in range(head, body, TILE):
@@ -45,6 +61,8 @@ def gram_add(lanes, xs, start):
         for a0 in range(0, n_src, BLOCK):
             rows = (a0, min(a0 + 1, last), min(a0 + 2, last), min(a0 + 3, last))
             for b0 in range(a0, n_src, BLOCK):
+                if _block_index(a0 // BLOCK, b0 // BLOCK, blocks) % parts != part:
+                    continue
                 cols = (b0, min(b0 + 1, last), min(b0 + 2, last), min(b0 + 3, last))
                 for p in range(BLOCK):
                     for q in range(BLOCK):
@@ -80,16 +98,18 @@ def gram_add(lanes, xs, start):
                         if a <= b <= last:
                             for lane in range(LANES):
                                 lanes[a, b, lane] = acc[p * BLOCK + q, lane]
-    _edge(lanes, xs, start, body, m)
+    _edge(lanes, xs, start, body, m, part, parts, blocks)
 
 
 @numba.njit(inline="always", error_model="numpy")
-def _edge(lanes, xs, start, i0, i1):
+def _edge(lanes, xs, start, i0, i1, part, parts, blocks):
     """Elements ``i0 .. i1`` of the block one at a time, each into its own lane (the few
-    before the first whole group of LANES and after the last)."""
+    before the first whole group of LANES and after the last), for this part's pairs."""
     n_src = xs.shape[0]
     for a in range(n_src):
         for b in range(a, n_src):
+            if _block_index(a // BLOCK, b // BLOCK, blocks) % parts != part:
+                continue
             acc = lanes[a, b]
             for i in range(i0, i1):
                 lane = (start + i) % LANES

@@ -331,28 +331,109 @@ def test_equal_hashes_make_models_identical_whatever_the_rounding():
     assert codes(group_findings(stats, models, Thresholds(), ["h1", None, "h2"])) == []
 
 
-@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "F64", "F8_E4M3"])
+def _sources(paths):
+    from engine.compare.gather import Source
+    from engine.library.diagnose import inspect_file
+
+    reports = [inspect_file(p, model_id=f"m{i:02d}") for i, p in enumerate(paths)]
+    return [Source(r.model_id, Path(r.path), r.key_map) for r in reports]
+
+
+def _same_grams(a, b) -> bool:
+    import numpy as np
+
+    return a.keys() == b.keys() and all(
+        a[c].keys() == b[c].keys() and all(np.array_equal(a[c][k].view(np.int64), b[c][k].view(np.int64)) for k in a[c])
+        for c in a)
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_the_pass_has_the_same_bits_on_any_number_of_threads_and_buffer(models, monkeypatch, with_reference):
+    """Each chunk's reads, deltas and Gram pairs are split across threads; the matrices must
+    not change by a bit with the thread count or the chunk size."""
+    from engine.compare import gather as gather_module
+
+    folder, paths = models
+    sources = _sources([paths[n] for n in sorted(paths)])
+    ref = sources.pop(0) if with_reference else None
+    whole = gather_module.gather(sources, ref, threads=1)
+    monkeypatch.setattr(gather_module, "_SPLIT", 0)  # split every chunk, however small
+    for threads, budget in ((2, gather_module.DEFAULT_BUDGET), (3, 1 << 17), (8, 200_000)):
+        split = gather_module.gather(sources, ref, threads=threads, budget_bytes=budget)
+        assert _same_grams(whole.grams, split.grams), (threads, budget)
+        assert split.members == whole.members
+
+
+def test_every_stored_dtype_is_widened_exactly_in_the_pass(models, tmp_path):
+    """Models stored as fp16, bf16, fp32, fp64 and fp8 (widened by torch, then read by the
+    kernel as fp64) give the bits of the same values stored as fp64, with and without a
+    reference: the kernel's widening and the rows' offsets in the read buffer are exact."""
+    import torch
+    from safetensors.torch import load_file
+
+    from engine.checkpoint.writer import write_file
+    from engine.compare.gather import gather
+
+    folder, paths = models
+    meta = {"modelspec.architecture": ARCH.modelspec}
+    stored, wide = [], []
+    names = ["a00_base", "a01_ft_a", "a02_ft_b", "a03_ft_c", "a06_big"]
+    for name, dtype in zip(names, (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn)):
+        sd = load_file(str(paths[name]))
+        narrow = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        stored.append(write_file(tmp_path / f"{name}.safetensors", narrow, meta))
+        wide.append(write_file(tmp_path / f"{name}_f64.safetensors",
+                               {k: v.double() if v.is_floating_point() else v for k, v in narrow.items()}, meta))
+    for with_reference in (False, True):
+        a, b = _sources(stored), _sources(wide)
+        ra, rb = (a.pop(0), b.pop(0)) if with_reference else (None, None)
+        assert _same_grams(gather(a, ra, threads=2).grams, gather(b, rb, threads=2).grams)
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "F64"])
 def test_stored_values_become_the_same_fp64_as_torch_gives(dtype):
-    """The numpy conversions of the pass against torch's, every value exact: normals,
-    subnormals, signed zeros, the largest values, infinities (where the dtype has them), NaN."""
+    """The deltas kernel's widening against torch's, every value exact: normals, subnormals,
+    signed zeros, the largest values, infinities, NaN (a zero reference subtracted keeps each)."""
     import numpy as np
     import torch
 
     from engine.checkpoint.format import DTYPES
-    from engine.compare.gather import to_float64
+    from engine.compare.gather import _Buffers
+    from engine.kernels.deltas import deltas
 
     tdt = DTYPES[dtype].torch_dtype
     info = torch.finfo(tdt)
-    special = [0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny / 2, info.max, -info.max, 1.0, -3.5]
-    if dtype != "F8_E4M3":
-        special += [float("inf"), float("-inf"), float("nan")]
+    special = [0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny / 2, info.max, -info.max, 1.0, -3.5,
+               float("inf"), float("-inf"), float("nan")]
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(4093, generator=g, dtype=torch.float64)
     values = torch.cat([torch.tensor(special, dtype=torch.float64), noise])
     stored = values.to(tdt)
-    raw = stored.view(torch.uint8).numpy().copy()
-    out = np.full(len(values), 7.0)
-    to_float64(raw, dtype, out, np.empty(len(values), np.float32))
+    m = len(values)
+    buffers = _Buffers(2, 1, m + 5)
+    buffers.raw[0, : m * stored.element_size()] = stored.view(torch.uint8).numpy()
+    buffers.raw[1].view(np.float64)[:m] = 0.0
+    kinds, offs = buffers.layout([dtype, "F64"])
+    buffers.xs[:] = 7.0
+    deltas(buffers.xs, kinds, offs, buffers.in16, buffers.in32, buffers.in64, 1, True, 0, m)
     expected = stored.to(torch.float64).numpy()
-    assert np.array_equal(out, expected, equal_nan=True)
-    assert np.array_equal(np.signbit(out), np.signbit(expected))
+    assert np.array_equal(buffers.xs[0, :m], expected, equal_nan=True)
+    assert np.array_equal(np.signbit(buffers.xs[0, :m]), np.signbit(expected))
+
+
+def test_fp8_values_become_the_same_fp64_as_torch_gives():
+    """fp8 is widened by torch (``to_float64``), every value exact."""
+    import numpy as np
+    import torch
+
+    from engine.compare.gather import to_float64
+
+    info = torch.finfo(torch.float8_e4m3fn)
+    special = [0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny / 2, info.max, -info.max, 1.0, -3.5]
+    values = torch.cat([torch.tensor(special, dtype=torch.float64),
+                        torch.randn(4093, generator=torch.Generator().manual_seed(3), dtype=torch.float64)])
+    stored = values.to(torch.float8_e4m3fn)
+    out = np.full(len(values), 7.0)
+    to_float64(stored.view(torch.uint8).numpy().copy(), "F8_E4M3", out, np.empty(len(values), np.float32))
+    expected = stored.to(torch.float64).numpy()
+    assert np.array_equal(out, expected) and np.array_equal(np.signbit(out), np.signbit(expected))

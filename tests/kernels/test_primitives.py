@@ -121,6 +121,27 @@ def test_hash_is_uniform_and_streams_differ():
     assert hashing.stream_key(1, 2, 3) != hashing.stream_key(1, 3, 2)
 
 
+@pytest.mark.parametrize("n_src", [1, 4, 9, 17])
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_gram_parts_together_give_the_whole_bits(n_src, parts):
+    """The compare pass's threads each add the pairs of their part: every pair is added by one
+    part only, in the same order as the whole kernel, so the lanes have the same bits."""
+    rng = np.random.default_rng(n_src * 10 + parts)
+    xs = rng.standard_normal((n_src, 4_101))
+    whole = np.zeros((n_src, n_src, gram.LANES))
+    split = np.zeros_like(whole)
+    for a, b in ((0, 1_003), (1_003, 4_101)):
+        gram.gram_add(whole, xs[:, a:b], a)
+        for part in range(parts):
+            gram.gram_add_part(split, xs[:, a:b], a, part, parts)
+    assert np.array_equal(whole.view(np.int64), split.view(np.int64))
+    if n_src > gram.BLOCK:  # more than one block of pairs: part 0 alone leaves some to the others
+        alone = np.zeros_like(whole)
+        gram.gram_add_part(alone, xs, 0, 0, parts)
+        touched = np.triu(np.any(alone != 0, axis=2)).sum()
+        assert 0 < touched < n_src * (n_src + 1) // 2
+
+
 def test_gram_is_exact_to_rounding_and_independent_of_chunks():
     rng = np.random.default_rng(9)
     xs = rng.standard_normal((5, 10_007)).astype(np.float16).astype(np.float64)
