@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.hashes.catalog import default_catalog_path
 from engine.sqlite_open import open_wal
 
-VERSION = 2  # bump when the numbers or the result's shape change
+VERSION = 3  # bump when the numbers or the result's shape change
 _SCHEMA = """CREATE TABLE IF NOT EXISTS compare_results (
     key TEXT PRIMARY KEY, computed_at REAL NOT NULL, data TEXT NOT NULL)"""
 

@@ -8,18 +8,23 @@ adds the deltas to the Gram lanes of the tensor's group. The buffer is sized by 
 whatever the number of models (chunks shrink as models are added) and kept within the L3 cache,
 so memory is the buffer plus the N x N matrices.
 
-Each chunk's three phases (the reads, the deltas, the Gram) are split across the cores (rows,
-element ranges, blocks of pairs: disjoint memory), every phase finished before the next; the
-bits are the same for any number of threads.
+The next chunk is read by a thread of its own while this one is reduced; the reduction's two
+phases (the deltas, the Gram) are split across the cores (element ranges, blocks of pairs:
+disjoint memory), each finished before the next; the bits are the same for any number of
+threads.
 
 The reference is the last row of every Gram matrix, so a group's matrix also holds the
 reference's squared norm and its products with the deltas. Additions happen in a fixed order
-(tensors in architecture order, lanes fixed by element index), so reruns give the same bits.
+(tensors by key, lanes fixed by element index), so reruns give the same bits. Key order is the
+order safetensors writes a file's tensors in (those of one dtype), so each file is read front to
+back; in architecture order the reads jumped about every file and a cold pass ran at a third of
+the disk's speed.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +40,9 @@ from engine.checkpoint.reader import pread_exact
 from engine.compare.blocks import COMPONENTS, UNET_BLOCKS, unet_block
 from engine.compare.events import CompareCancelled, CompareError, Progress
 
-DEFAULT_BUDGET = 16 << 20  # bytes of read and fp64 buffers, whatever the number of models: in L3
+DEFAULT_BUDGET = 40 << 20  # bytes of the read buffers and the fp64 deltas, whatever the number of models
 _WIDENED = ("F16", "BF16", "F32", "F64")  # the dtypes engine.kernels.deltas widens itself
+_SLOTS = 4  # read buffers: the one being reduced and up to three read ahead (a cold disk's bursts)
 _SPLIT = 1 << 16  # elements of a chunk (all rows) below which one thread does it: not worth a hand-off
 
 
@@ -101,7 +107,7 @@ def plan_tensors(sources: list[Source], headers: list[Header], reference: Source
             info = h.tensors.get(stored)
             if info is not None and DTYPES[info.dtype].is_float:
                 have[i][key] = info.numel
-    for key in arch.tensors:
+    for key in sorted(arch.tensors):  # the order safetensors lays a file out in: reads go forward
         comp = arch.component_of(key)
         if comp not in tensors or key == arch.position_ids_key:
             continue
@@ -134,19 +140,6 @@ def plan_tensors(sources: list[Source], headers: list[Header], reference: Source
     return tensors, members, left_out
 
 
-def _advise(fds, readers, headers, sources, key: str) -> None:
-    """Ask the kernel to read the next tensor of every file while this one is reduced, so the
-    reads of all files overlap with the arithmetic (a hint: failures are ignored)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for i in readers:
-        info = headers[i].tensors[sources[i].key_map[key]]
-        try:
-            os.posix_fadvise(fds[i], headers[i].data_start + info.begin, info.nbytes, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            return
-
-
 def to_float64(raw: np.ndarray, dtype: str, out: np.ndarray, f32: np.ndarray) -> None:
     """Stored values (``raw``: their bytes) into ``out`` as fp64, exactly. numpy converts the
     common dtypes with the CPU's vector instructions: ~13x faster than torch's ``copy_`` from
@@ -171,25 +164,75 @@ def to_float64(raw: np.ndarray, dtype: str, out: np.ndarray, f32: np.ndarray) ->
 
 
 class _Buffers:
-    """The pass's buffers for one component: ``raw`` (a row of ``8 * chunk`` bytes for each file
-    read, enough for fp64) and its three dtype views, flat, as ``engine.kernels.deltas`` takes
-    them; ``xs`` (the n deltas and the reference, fp64)."""
+    """A read buffer for one chunk: ``raw`` (a row of ``8 * chunk`` bytes for each file read,
+    enough for fp64) and its three dtype views, flat, as ``engine.kernels.deltas`` takes them."""
 
-    def __init__(self, rows: int, n: int, chunk: int):
+    def __init__(self, rows: int, chunk: int):
         self.chunk = chunk
         self.raw = np.empty((rows, chunk * 8), np.uint8)
         flat = self.raw.reshape(-1)
         self.in16, self.in32, self.in64 = flat.view(np.uint16), flat.view(np.float32), flat.view(np.float64)
-        self.xs = np.empty((n + 1, chunk), np.float64)
 
     def layout(self, dtypes: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Each row's kind code and where its element 0 is in that kind's view (rows of a dtype
         the kernel does not widen are widened into their row as fp64 when read)."""
         from engine.kernels.mean import BF16, F16, F32, F64, KIND
+
         kinds = np.array([KIND.get(d, F64) for d in dtypes], np.int64)
         per_row = {F16: 4 * self.chunk, BF16: 4 * self.chunk, F32: 2 * self.chunk, F64: self.chunk}
         offs = np.array([r * per_row[int(k)] for r, k in enumerate(kinds)], np.int64)
         return kinds, offs
+
+
+class _Prefetch:
+    """Reads the next chunks of every file in a thread of its own while chunk k is reduced, so
+    that on a cold cache the disk and the cores work at the same time (the pass waited for each
+    read before). The read buffers go round; a read error reaches the caller's
+    ``take`` for the chunk it happened in, and leaving the ``with`` stops the thread."""
+
+    def __init__(self, jobs: list, read: Callable[[object, _Buffers], None], slots: list[_Buffers]):
+        self._jobs, self._read = jobs, read
+        self._free: queue.Queue = queue.Queue()
+        self._ready: queue.Queue = queue.Queue()
+        for slot in slots:
+            self._free.put(slot)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="astolfo-compare-read", daemon=True)
+
+    def __enter__(self) -> "_Prefetch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def take(self) -> _Buffers:
+        """The next chunk's buffer, once read (the chunks come in ``jobs`` order)."""
+        slot, error = self._ready.get()
+        if error is not None:
+            raise error
+        return slot
+
+    def give_back(self, slot: _Buffers) -> None:
+        self._free.put(slot)
+
+    def _loop(self) -> None:
+        for job in self._jobs:
+            slot = None
+            while slot is None:
+                if self._stop.is_set():
+                    return
+                try:
+                    slot = self._free.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            try:
+                self._read(job, slot)
+            except BaseException as e:  # handed to the caller, which raises it
+                self._ready.put((None, e))
+                return
+            self._ready.put((slot, None))
 
 
 def _span(m: int, k: int, parts: int) -> tuple[int, int]:
@@ -202,7 +245,7 @@ def _span(m: int, k: int, parts: int) -> tuple[int, int]:
 
 class _Team:
     """The threads a chunk's work is split across: the caller's and ``size - 1`` workers. Each
-    phase (read, deltas, Gram) is cut into parts that touch disjoint memory and is finished by
+    phase (deltas, Gram) is cut into parts that touch disjoint memory and is finished by
     every part before the next starts, so the bits do not depend on the number of threads.
     numba's kernels and the reads release the GIL."""
 
@@ -267,6 +310,8 @@ def gather(
         for i, s in enumerate(all_sources):
             try:
                 fds[i] = os.open(s.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                if hasattr(os, "posix_fadvise"):  # read front to back: a larger readahead (a hint)
+                    os.posix_fadvise(fds[i], 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 if os.fstat(fds[i]).st_size != headers[i].file_size:
                     raise SafetensorsError(s.path, "file changed size since its header was read")
             except OSError as e:
@@ -281,52 +326,57 @@ def gather(
         for comp, rows in active.items():
             n = len(rows)
             readers = [*rows, *([ref_i] if ref_i is not None else [])]
-            chunk = max(TILE, budget_bytes // (16 * (n + 1)))
-            buffers = _Buffers(len(readers), n, chunk)
+            chunk = max(TILE, budget_bytes // (8 * (_SLOTS + 1) * (n + 1)))  # the read buffers and the deltas
+            xs = np.empty((n + 1, chunk), np.float64)
+            comp_tensors = tensors[comp]
+            infos = [[headers[i].tensors[all_sources[i].key_map[t.key]] for i in readers] for t in comp_tensors]
+            jobs = [(ti, start, min(chunk, t.numel - start))
+                    for ti, t in enumerate(comp_tensors) for start in range(0, t.numel, chunk)]
+
+            def read(job: tuple[int, int, int], slot: _Buffers) -> None:
+                ti, start, m = job
+                for r, i in enumerate(readers):
+                    info = infos[ti][r]
+                    size = DTYPES[info.dtype].itemsize
+                    view = memoryview(slot.raw[r])[: m * size]
+                    try:
+                        pread_exact(fds[i], view, headers[i].data_start + info.begin + start * size,
+                                    all_sources[i].path)
+                    except SafetensorsError as e:
+                        if i == ref_i:
+                            raise CompareError(f"reference {all_sources[i].id}: {e}") from None
+                        raise ReadFailure(i, str(e)) from None
+                    if info.dtype not in _WIDENED:  # fp8 and the like: widened here, read as F64
+                        wide = np.empty(m, np.float64)
+                        to_float64(slot.raw[r][: m * size], info.dtype, wide, np.empty(m, np.float32))
+                        slot.raw[r].view(np.float64)[:m] = wide
+
             lanes: dict[str | None, np.ndarray] = {}
-            for ti, t in enumerate(tensors[comp]):
-                if ti + 1 < len(tensors[comp]):
-                    _advise(fds, readers, headers, all_sources, tensors[comp][ti + 1].key)
-                acc = lanes.get(t.block)
-                if acc is None:
-                    acc = lanes[t.block] = np.zeros((n + 1, n + 1, LANES), np.float64)
-                infos = [headers[i].tensors[all_sources[i].key_map[t.key]] for i in readers]
-                kinds, offs = buffers.layout([info.dtype for info in infos])
-                for start in range(0, t.numel, chunk):
+            with _Prefetch(jobs, read, [_Buffers(len(readers), chunk) for _ in range(_SLOTS)]) as prefetch:
+                for job in jobs:
                     if cancel is not None and cancel.is_set():
                         raise CompareCancelled()
-                    m = min(chunk, t.numel - start)
+                    slot = prefetch.take()
+                    ti, start, m = job
+                    t = comp_tensors[ti]
+                    acc = lanes.get(t.block)
+                    if acc is None:
+                        acc = lanes[t.block] = np.zeros((n + 1, n + 1, LANES), np.float64)
+                    kinds, offs = slot.layout([info.dtype for info in infos[ti]])
                     parts = team.size if m * len(readers) >= _SPLIT else 1
-
-                    def read(k: int) -> None:
-                        for r in range(k, len(readers), parts):
-                            i = readers[r]
-                            size = DTYPES[infos[r].dtype].itemsize
-                            view = memoryview(buffers.raw[r])[: m * size]
-                            try:
-                                pread_exact(fds[i], view, headers[i].data_start + infos[r].begin + start * size,
-                                            all_sources[i].path)
-                            except SafetensorsError as e:
-                                if i == ref_i:
-                                    raise CompareError(f"reference {all_sources[i].id}: {e}") from None
-                                raise ReadFailure(i, str(e)) from None
-                            if infos[r].dtype not in _WIDENED:  # fp8 and the like: widened here, read as F64
-                                wide = np.empty(m, np.float64)
-                                to_float64(buffers.raw[r][: m * size], infos[r].dtype, wide, np.empty(m, np.float32))
-                                buffers.raw[r].view(np.float64)[:m] = wide
 
                     def center(k: int) -> None:
                         j0, j1 = _span(m, k, parts)
                         # a NaN/Inf (inf - inf here) reaches the delta's norm on the Gram's diagonal, where
                         # result.py leaves the model out of the component (its non-finite diagonal)
-                        deltas(buffers.xs, kinds, offs, buffers.in16, buffers.in32, buffers.in64, n,
-                               ref_i is not None, j0, j1)
+                        deltas(xs, kinds, offs, slot.in16, slot.in32, slot.in64, n, ref_i is not None, j0, j1)
 
                     def add(k: int) -> None:
-                        gram_add_part(acc, buffers.xs[:, :m], start, k, parts)
+                        gram_add_part(acc, xs[:, :m], start, k, parts)
 
-                    for phase in (read, center, add):
-                        team.run(phase, parts)
+                    team.run(center, parts)
+                    prefetch.give_back(slot)  # its bytes are in xs now: the next read may go there
+                    team.run(add, parts)
                     done += m * len(readers)
                     if on_event is not None:
                         on_event(Progress(done, total, comp, t.key))

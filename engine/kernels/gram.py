@@ -55,6 +55,7 @@ def gram_add_part(lanes, xs, start, part, parts):
     blocks = (n_src + BLOCK - 1) // BLOCK
     _edge(lanes, xs, start, 0, head, part, parts, blocks)
     acc = numba.carray(stack_f64(128), (BLOCK * BLOCK, LANES))
+    strip = numba.carray(stack_f64(32), (BLOCK, LANES))
     last = n_src - 1
     for t0 in range(head, body, TILE):
         steps = (min(body, t0 + TILE) - t0) // LANES
@@ -62,6 +63,9 @@ def gram_add_part(lanes, xs, start, part, parts):
             rows = (a0, min(a0 + 1, last), min(a0 + 2, last), min(a0 + 3, last))
             for b0 in range(a0, n_src, BLOCK):
                 if _block_index(a0 // BLOCK, b0 // BLOCK, blocks) % parts != part:
+                    continue
+                if b0 == last:  # a last block of one source (N = 4k + 1, e.g. 8 models and the reference)
+                    _strip(lanes, xs, strip, a0, rows, b0, t0, steps)
                     continue
                 cols = (b0, min(b0 + 1, last), min(b0 + 2, last), min(b0 + 3, last))
                 for p in range(BLOCK):
@@ -99,6 +103,30 @@ def gram_add_part(lanes, xs, start, part, parts):
                             for lane in range(LANES):
                                 lanes[a, b, lane] = acc[p * BLOCK + q, lane]
     _edge(lanes, xs, start, body, m, part, parts, blocks)
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _strip(lanes, xs, acc, a0, rows, b, t0, steps):
+    """The pairs of four sources with one, for a tile: four FMA chains where the 4 x 4 block
+    would run sixteen, twelve of them discarded. The same additions in the same order."""
+    for p in range(BLOCK):
+        for lane in range(LANES):
+            acc[p, lane] = lanes[rows[p], b, lane]
+    xa0, xa1, xa2, xa3 = xs[rows[0]], xs[rows[1]], xs[rows[2]], xs[rows[3]]
+    xb = xs[b]
+    for step in range(steps):
+        g = np.uint64(t0 + step * LANES)
+        for lane in range(LANES):
+            k = g + np.uint64(lane)
+            w = xb[k]
+            acc[0, lane] = fma(xa0[k], w, acc[0, lane])
+            acc[1, lane] = fma(xa1[k], w, acc[1, lane])
+            acc[2, lane] = fma(xa2[k], w, acc[2, lane])
+            acc[3, lane] = fma(xa3[k], w, acc[3, lane])
+    for p in range(BLOCK):
+        if a0 + p <= b:
+            for lane in range(LANES):
+                lanes[a0 + p, b, lane] = acc[p, lane]
 
 
 @numba.njit(inline="always", error_model="numpy")

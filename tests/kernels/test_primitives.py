@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.kernels import floats, gram, hashing, select, vote
+from engine.kernels.jit import fma
 
 
 def _bits(x: torch.Tensor) -> np.ndarray:
@@ -119,6 +121,31 @@ def test_hash_is_uniform_and_streams_differ():
     other = hashing.uniform_numpy(hashing.stream_key(42, 2, hashing.key_hash("k")), 0, 1_000_000)
     assert abs(np.corrcoef(u, other)[0, 1]) < 0.01 and not np.array_equal(u[:100], other[:100])
     assert hashing.stream_key(1, 2, 3) != hashing.stream_key(1, 3, 2)
+
+
+@numba.njit(cache=False)
+def _gram_by_definition(lanes, xs, start):
+    """Each pair's lane ``(start + i) % LANES`` takes element i by a fused multiply-add, in
+    element order: the kernel's definition, one pair and one element at a time."""
+    for a in range(xs.shape[0]):
+        for b in range(a, xs.shape[0]):
+            for i in range(xs.shape[1]):
+                lane = (start + i) % gram.LANES
+                lanes[a, b, lane] = fma(xs[a, i], xs[b, i], lanes[a, b, lane])
+
+
+@pytest.mark.parametrize("n_src", [1, 2, 5, 8, 9, 13, 17])
+def test_gram_has_the_bits_of_its_definition_whatever_the_blocking(n_src):
+    """The 4 x 4 blocks, the one-source strips (N = 4k + 1) and the edges add the same
+    products in the same order as the definition."""
+    rng = np.random.default_rng(n_src)
+    xs = rng.standard_normal((n_src, 3_333))
+    fast, slow = np.zeros((n_src, n_src, gram.LANES)), np.zeros((n_src, n_src, gram.LANES))
+    for a, b in ((0, 5), (5, 2_100), (2_100, 3_333)):
+        gram.gram_add(fast, xs[:, a:b], a)
+        _gram_by_definition(slow, np.ascontiguousarray(xs[:, a:b]), a)
+    upper = np.triu(np.ones((n_src, n_src), bool))
+    assert np.array_equal(fast[upper].view(np.int64), slow[upper].view(np.int64))
 
 
 @pytest.mark.parametrize("n_src", [1, 4, 9, 17])
