@@ -36,9 +36,9 @@ import numpy as np
 
 from engine.checkpoint.architectures import get_architecture
 from engine.checkpoint.format import DTYPES, Header, SafetensorsError, read_header
-from engine.checkpoint.reader import pread_exact
 from engine.compare.blocks import COMPONENTS, UNET_BLOCKS, unet_block
 from engine.compare.events import CompareCancelled, CompareError, Progress
+from engine.compare.streams import Windows, open_windows
 
 DEFAULT_BUDGET = 40 << 20  # bytes of the read buffers and the fp64 deltas, whatever the number of models
 _WIDENED = ("F16", "BF16", "F32", "F64")  # the dtypes engine.kernels.deltas widens itself
@@ -287,9 +287,12 @@ def gather(
     budget_bytes: int = DEFAULT_BUDGET,
     skip: dict[int, dict[str, str]] | None = None,
     threads: int | None = None,
+    direct: bool | None = None,
 ) -> Gathered:
     """Read every file once and return the Gram matrices (see the module docstring); ``threads``:
-    how many share each chunk (default one per core, at most the merge's worker count)."""
+    how many share each chunk (default one per core, at most the merge's worker count);
+    ``direct``: read past the page cache (default: when the files would fill over half the RAM,
+    see ``engine.compare.streams``)."""
 
     from engine.kernels.deltas import TILE, deltas
     from engine.kernels.gram import LANES, gram_add_part, gram_finish
@@ -306,12 +309,11 @@ def gather(
     fds: dict[int, int] = {}
     out = Gathered(members={c: list(m) for c, m in active.items()}, left_out=left_out)
     team = _Team(threads or min(cpu_count(), MAX_WORKERS))
+    windows: Windows | None = None
     try:
         for i, s in enumerate(all_sources):
             try:
                 fds[i] = os.open(s.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                if hasattr(os, "posix_fadvise"):  # read front to back: a larger readahead (a hint)
-                    os.posix_fadvise(fds[i], 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 if os.fstat(fds[i]).st_size != headers[i].file_size:
                     raise SafetensorsError(s.path, "file changed size since its header was read")
             except OSError as e:
@@ -323,6 +325,8 @@ def gather(
                 if ref_i is not None and i == ref_i:
                     raise CompareError(f"reference {s.id}: {e}") from None
                 raise ReadFailure(i, str(e)) from None
+        windows = open_windows(fds, {i: s.path for i, s in enumerate(all_sources)},
+                               sum(h.file_size for h in headers), direct)
         for comp, rows in active.items():
             n = len(rows)
             readers = [*rows, *([ref_i] if ref_i is not None else [])]
@@ -340,8 +344,7 @@ def gather(
                     size = DTYPES[info.dtype].itemsize
                     view = memoryview(slot.raw[r])[: m * size]
                     try:
-                        pread_exact(fds[i], view, headers[i].data_start + info.begin + start * size,
-                                    all_sources[i].path)
+                        windows[i].read(view, headers[i].data_start + info.begin + start * size)
                     except SafetensorsError as e:
                         if i == ref_i:
                             raise CompareError(f"reference {all_sources[i].id}: {e}") from None
@@ -385,6 +388,8 @@ def gather(
             out.tensors[comp] = len(tensors[comp])
     finally:
         team.close()
+        if windows is not None:
+            windows.close()
         for fd in fds.values():
             os.close(fd)
     return out
