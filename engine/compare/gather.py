@@ -41,7 +41,6 @@ from engine.compare.events import CompareCancelled, CompareError, Progress
 from engine.compare.streams import Windows, open_windows
 
 DEFAULT_BUDGET = 40 << 20  # bytes of the read buffers and the fp64 deltas, whatever the number of models
-_WIDENED = ("F16", "BF16", "F32", "F64")  # the dtypes engine.kernels.deltas widens itself
 _SLOTS = 4  # read buffers: the one being reduced and up to three read ahead (a cold disk's bursts)
 _SPLIT = 1 << 16  # elements of a chunk (all rows) below which one thread does it: not worth a hand-off
 
@@ -140,27 +139,12 @@ def plan_tensors(sources: list[Source], headers: list[Header], reference: Source
     return tensors, members, left_out
 
 
-def to_float64(raw: np.ndarray, dtype: str, out: np.ndarray, f32: np.ndarray) -> None:
-    """Stored values (``raw``: their bytes) into ``out`` as fp64, exactly. numpy converts the
-    common dtypes with the CPU's vector instructions: ~13x faster than torch's ``copy_`` from
-    fp16 on this machine, where that conversion was most of a comparison's time. BF16 is the
-    upper half of an fp32; the rest (fp8) goes through torch."""
-    if dtype == "F16":
-        np.copyto(f32, raw.view(np.float16))
-        np.copyto(out, f32)
-    elif dtype == "BF16":
-        bits = f32.view(np.uint32)
-        np.copyto(bits, raw.view(np.uint16))
-        np.left_shift(bits, 16, out=bits)
-        np.copyto(out, f32)
-    elif dtype == "F32":
-        np.copyto(out, raw.view(np.float32))
-    elif dtype == "F64":
-        np.copyto(out, raw.view(np.float64))
-    else:
-        import torch
+def to_float64(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values of a dtype ``engine.kernels.deltas`` does not widen itself (fp8 and the
+    like; ``raw``: their bytes) as fp64, exactly, by torch."""
+    import torch
 
-        torch.from_numpy(out).copy_(torch.from_numpy(raw).view(DTYPES[dtype].torch_dtype))
+    return torch.from_numpy(raw).view(DTYPES[dtype].torch_dtype).to(torch.float64).numpy()
 
 
 class _Buffers:
@@ -168,20 +152,21 @@ class _Buffers:
     enough for fp64) and its three dtype views, flat, as ``engine.kernels.deltas`` takes them."""
 
     def __init__(self, rows: int, chunk: int):
-        self.chunk = chunk
         self.raw = np.empty((rows, chunk * 8), np.uint8)
         flat = self.raw.reshape(-1)
         self.in16, self.in32, self.in64 = flat.view(np.uint16), flat.view(np.float32), flat.view(np.float64)
 
-    def layout(self, dtypes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's kind code and where its element 0 is in that kind's view (rows of a dtype
-        the kernel does not widen are widened into their row as fp64 when read)."""
-        from engine.kernels.mean import BF16, F16, F32, F64, KIND
 
-        kinds = np.array([KIND.get(d, F64) for d in dtypes], np.int64)
-        per_row = {F16: 4 * self.chunk, BF16: 4 * self.chunk, F32: 2 * self.chunk, F64: self.chunk}
-        offs = np.array([r * per_row[int(k)] for r, k in enumerate(kinds)], np.int64)
-        return kinds, offs
+def _layout(dtypes: list[str], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each read row's kind code and where its element 0 is in that kind's view of a
+    ``_Buffers`` of ``chunk`` (rows of a dtype the kernel does not widen are widened into their
+    row as fp64 when read)."""
+    from engine.kernels.mean import BF16, F16, F32, F64, KIND
+
+    kinds = np.array([KIND.get(d, F64) for d in dtypes], np.int64)
+    per_row = {F16: 4 * chunk, BF16: 4 * chunk, F32: 2 * chunk, F64: chunk}
+    offs = np.array([r * per_row[int(k)] for r, k in enumerate(kinds)], np.int64)
+    return kinds, offs
 
 
 class _Prefetch:
@@ -296,6 +281,7 @@ def gather(
 
     from engine.kernels.deltas import TILE, deltas
     from engine.kernels.gram import LANES, gram_add_part, gram_finish
+    from engine.kernels.mean import KIND
     from engine.merge.backends.cpu import MAX_WORKERS, cpu_count
 
     headers = _headers(sources, reference)
@@ -334,6 +320,7 @@ def gather(
             xs = np.empty((n + 1, chunk), np.float64)
             comp_tensors = tensors[comp]
             infos = [[headers[i].tensors[all_sources[i].key_map[t.key]] for i in readers] for t in comp_tensors]
+            layouts = [_layout([info.dtype for info in row], chunk) for row in infos]
             jobs = [(ti, start, min(chunk, t.numel - start))
                     for ti, t in enumerate(comp_tensors) for start in range(0, t.numel, chunk)]
 
@@ -349,10 +336,8 @@ def gather(
                         if i == ref_i:
                             raise CompareError(f"reference {all_sources[i].id}: {e}") from None
                         raise ReadFailure(i, str(e)) from None
-                    if info.dtype not in _WIDENED:  # fp8 and the like: widened here, read as F64
-                        wide = np.empty(m, np.float64)
-                        to_float64(slot.raw[r][: m * size], info.dtype, wide, np.empty(m, np.float32))
-                        slot.raw[r].view(np.float64)[:m] = wide
+                    if info.dtype not in KIND:  # fp8 and the like: widened here, read as F64
+                        slot.raw[r].view(np.float64)[:m] = to_float64(slot.raw[r][: m * size], info.dtype)
 
             lanes: dict[str | None, np.ndarray] = {}
             with _Prefetch(jobs, read, [_Buffers(len(readers), chunk) for _ in range(_SLOTS)]) as prefetch:
@@ -365,7 +350,7 @@ def gather(
                     acc = lanes.get(t.block)
                     if acc is None:
                         acc = lanes[t.block] = np.zeros((n + 1, n + 1, LANES), np.float64)
-                    kinds, offs = slot.layout([info.dtype for info in infos[ti]])
+                    kinds, offs = layouts[ti]
                     parts = team.size if m * len(readers) >= _SPLIT else 1
 
                     def center(k: int) -> None:

@@ -15,7 +15,6 @@ page cache. A file that ends before a tensor's bytes is a SafetensorsError namin
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +24,7 @@ import numpy as np
 from engine.checkpoint.direct_io import BLOCK, direct_wanted
 from engine.checkpoint.format import SafetensorsError
 from engine.checkpoint.reader import pread_exact
+from engine.merge.direct_reads import pread_blocks
 
 WINDOW_TOTAL = 128 << 20  # the windows of all files together (two buffers each), 1-8 MB a buffer
 AHEAD_THREADS = 4  # reads in flight at once besides the pass's own
@@ -46,18 +46,34 @@ class FileWindow:
     def __init__(self, fd: int, path, size: int, direct: bool, ahead: ThreadPoolExecutor | None):
         self.path = path
         self._fd = fd
-        self._own: int | None = None
-        if direct:
-            try:
-                self._own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except (OSError, AttributeError):
-                self._own = None
         self._ahead = ahead
-        self._maps = [mmap.mmap(-1, size) for _ in range(2)] if self._own is not None else []  # page-aligned
-        self._bufs = [np.frombuffer(m, np.uint8) for m in self._maps]
+        self._own: int | None = None
+        self._maps: list[mmap.mmap] = []
+        self._bufs: list[np.ndarray] = []
+        if direct:
+            self._open_direct(size)
         self._lo = self._hi = 0
         self._next: Future | None = None  # the read into the other buffer: (start, bytes got)
         self._next_start = -1
+
+    def _open_direct(self, size: int) -> None:
+        """The ``O_DIRECT`` descriptor and the two page-aligned buffers, once a first block has
+        read: some file systems open with ``O_DIRECT`` and refuse the reads (then the window is
+        not used and reads go through the page cache)."""
+        try:
+            own = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        maps = [mmap.mmap(-1, size) for _ in range(2)]
+        try:
+            os.preadv(own, [memoryview(maps[0])[:BLOCK]], 0)
+        except OSError:
+            os.close(own)
+            for m in maps:
+                m.close()
+            return
+        self._own, self._maps = own, maps
+        self._bufs = [np.frombuffer(m, np.uint8) for m in maps]
 
     def read(self, dest: memoryview, offset: int) -> None:
         if not self._maps:  # through the page cache: straight into ``dest``
@@ -97,25 +113,7 @@ class FileWindow:
             self._next = self._ahead.submit(self._pread, memoryview(self._bufs[1]), self._hi)
 
     def _pread(self, view: memoryview, offset: int) -> int:
-        done = 0
-        while done < len(view):
-            fd = self._own if self._own is not None else self._fd
-            try:
-                n = os.preadv(fd, [view[done:]], offset + done)
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                if e.errno == errno.EINVAL and fd == self._own:  # no O_DIRECT here after all: the
-                    self._own = None  # window stays, filled through the page cache
-                    os.close(fd)
-                    continue
-                raise SafetensorsError(self.path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
-            if n <= 0:
-                break  # the end of the file: the caller checks that what it needs is there
-            done += n
-            if done % BLOCK:
-                break  # a direct read ends off the block grid only at the end of the file
-        return done
+        return pread_blocks(self._own, view, offset, self.path)
 
     def close(self) -> None:
         if self._next is not None:  # a read still going into a buffer: let it end first

@@ -81,6 +81,26 @@ def windows(ranges: list[Range], cap: int, gap: int = GAP, block: int = BLOCK) -
     return out
 
 
+def pread_blocks(fd: int, view: memoryview, offset: int, path) -> int:
+    """Read ``view`` from an ``O_DIRECT`` descriptor at the aligned ``offset``; returns the bytes
+    read, fewer only at the end of the file (the caller checks that what it needs is there). An
+    error is a SafetensorsError naming the file and the byte."""
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                continue
+            raise SafetensorsError(path, f"read failed at byte {offset + done}: {e.strerror or e}") from None
+        if n <= 0:
+            break
+        done += n
+        if done % BLOCK:
+            break  # a short read ends off the block grid only at the end of the file
+    return done
+
+
 class DirectFiles:
     """``O_DIRECT`` descriptors of the merge's source files and one bounce buffer per reader."""
 
@@ -112,21 +132,7 @@ class DirectFiles:
                     dest[dst:dst + n] = bounce[src:src + n]
 
     def _pread(self, f: int, view: memoryview, offset: int) -> int:
-        done = 0
-        while done < len(view):
-            try:
-                n = os.preadv(self.fds[f], [view[done:]], offset + done)
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise SafetensorsError(self.paths[f], f"read failed at byte {offset + done}: "
-                                                      f"{e.strerror or e}") from None
-            if n <= 0:
-                break  # the end of the file: the caller checks that what it needs is there
-            done += n
-            if done % BLOCK:
-                break  # a short read ends off the block grid only at the end of the file
-        return done
+        return pread_blocks(self.fds[f], view, offset, self.paths[f])
 
     def close(self) -> None:
         close_fds(self.fds)

@@ -398,7 +398,7 @@ def test_stored_values_become_the_same_fp64_as_torch_gives(dtype):
     import torch
 
     from engine.checkpoint.format import DTYPES
-    from engine.compare.gather import _Buffers
+    from engine.compare.gather import _Buffers, _layout
     from engine.kernels.deltas import deltas
 
     tdt = DTYPES[dtype].torch_dtype
@@ -413,7 +413,7 @@ def test_stored_values_become_the_same_fp64_as_torch_gives(dtype):
     buffers = _Buffers(2, m + 5)
     buffers.raw[0, : m * stored.element_size()] = stored.view(torch.uint8).numpy()
     buffers.raw[1].view(np.float64)[:m] = 0.0
-    kinds, offs = buffers.layout([dtype, "F64"])
+    kinds, offs = _layout([dtype, "F64"], m + 5)
     xs = np.full((2, m + 5), 7.0)
     deltas(xs, kinds, offs, buffers.in16, buffers.in32, buffers.in64, 1, True, 0, m)
     expected = stored.to(torch.float64).numpy()
@@ -433,7 +433,6 @@ def test_fp8_values_become_the_same_fp64_as_torch_gives():
     values = torch.cat([torch.tensor(special, dtype=torch.float64),
                         torch.randn(4093, generator=torch.Generator().manual_seed(3), dtype=torch.float64)])
     stored = values.to(torch.float8_e4m3fn)
-    out = np.full(len(values), 7.0)
-    to_float64(stored.view(torch.uint8).numpy().copy(), "F8_E4M3", out, np.empty(len(values), np.float32))
+    out = to_float64(stored.view(torch.uint8).numpy().copy(), "F8_E4M3")
     expected = stored.to(torch.float64).numpy()
     assert np.array_equal(out, expected) and np.array_equal(np.signbit(out), np.signbit(expected))
