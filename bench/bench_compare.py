@@ -50,7 +50,8 @@ out, paths = sys.argv[1], sys.argv[2:]
 t0 = time.monotonic()
 reports = [inspect_file(p, model_id=f"m{i:02d}") for i, p in enumerate(paths)]
 hits = []
-result = compare(reports, on_event=lambda e: hits.append(e) if isinstance(e, CacheHit) else None)
+result = compare(reports, on_event=lambda e: hits.append(e) if isinstance(e, CacheHit) else None,
+                 device=os.environ.get("BENCH_DEVICE", "cpu"))
 t1 = time.monotonic()
 Path(out).write_text(json.dumps(result))
 Path(os.environ["BENCH_STATS_FILE"]).write_text(json.dumps({"compare_s": t1 - t0, "cache_hit": bool(hits)}))
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/compare", help="folder for synthetic files")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files afterwards")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    ap.add_argument("--device", default="cpu",
+                    help="device of both engines: cpu, or cuda for the merge's CUDA backend and compare's CUDA pass")
     ap.add_argument("--cold-only", action="store_true",
                     help="the cold runs only (full-size files do not fit the page cache); written to its own section")
     args = ap.parse_args(argv)
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
         args.scale = 16
     args.data.mkdir(parents=True, exist_ok=True)
     cache = args.data / "cache"
-    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT), BENCH_DEVICE=args.device)
     os.environ["ASTOLFO_CACHE_DIR"] = env["ASTOLFO_CACHE_DIR"]
     from engine.hashes.catalog import default_catalog_path
 
@@ -154,12 +157,13 @@ def main(argv=None) -> int:
         notes.append("- /proc/sys/vm/drop_caches could not be written (not root?): the cold run is NOT cold.")
     each = size / args.n
     flags = "".join(f" {f}" for f, on in (("--quick", args.quick), (f"--scale {args.scale}", args.scale != 3),
-                                          ("--cold-only", args.cold_only)) if on)
+                                          ("--cold-only", args.cold_only),
+                                          (f"--device {args.device}", args.device != "cpu")) if on)
     header = (f"`python bench/bench_compare.py{flags}`. Machine: {machine()}; disk read "
               f"{disk / 1e9:.2f} GB/s cold (measured in this run); 1-minute load average {load_before:.1f} before, "
               f"{os.getloadavg()[0]:.1f} after (the machine is shared). {args.n} synthetic SDXL fp16 files at scale "
               f"{args.scale} ({gb(each)} each, {gb(size)} in all), compared against the mean of the models "
-              f"(no reference marked), every component and UNet block.")
+              f"(no reference marked), every component and UNet block; device {bench_merge._device_name(args.device)}.")
     notes += [] if args.cold_only else [
         "- \"vs merge\": wall time over the merge engine's (the same N files averaged into one fp16 output, fsync "
         "included) in the same run and the same page-cache state: the issue's target is 1.3x or less.",

@@ -23,6 +23,9 @@ Every check compares against the CPU backend of the same build:
   nvml_card        the card NVML reports is torch's card (same UUID)
   sparse_rate      GB/s of a merge of full-size SDXL files that are holes (read from the page
                    cache, no disk): the pipeline's own speed, CPU and CUDA
+  compare          compare's CUDA pass: its Gram matrices vs the CPU pass's (to fp64 rounding,
+                   with and without a reference, mixed dtypes, 1 MiB buffers), the same bits on
+                   a rerun, the same findings; and its GB/s over the sparse full-size files
 
 On a machine without CUDA the GPU checks are reported "not run (no CUDA)" and the CPU parts
 still run (kernel_cpu, and sparse_rate on the CPU with smaller files): the summary says so.
@@ -536,6 +539,56 @@ def check_sparse_rate(ctx) -> dict:
                                                 for d, r in rates.items()) + f" ({size} sparse SDXL files)"}
 
 
+def check_compare(ctx) -> dict:
+    import numpy as np
+
+    from engine.compare.findings import Thresholds
+    from engine.compare.gather import Source, gather
+    from engine.compare.result import build_result
+    from engine.library.diagnose import inspect_file
+
+    def sources_of(models):
+        reports = [inspect_file(p, model_id=m) for m, p in models.items()]
+        return [Source(r.model_id, Path(r.path), r.key_map) for r in reports]
+
+    sources = sources_of(synth_models(ctx["work"] / "models"))
+    worst, same_bits, same_findings = 0.0, True, True
+    for with_ref in (False, True):
+        srcs = list(sources)
+        ref = srcs.pop(0) if with_ref else None
+        cpu = gather(srcs, ref, device="cpu")
+        runs = [gather(srcs, ref, device="cuda"), gather(srcs, ref, device="cuda", budget_bytes=1 << 20),
+                gather(srcs, ref, device="cuda")]
+        for comp, blocks in cpu.grams.items():
+            for block, g in blocks.items():
+                scale = np.sqrt(np.outer(np.diag(g), np.diag(g))) + 1e-300
+                for run in runs[:2]:
+                    worst = max(worst, float(np.max(np.abs(run.grams[comp][block] - g) / scale)))
+                same_bits &= runs[0].grams[comp][block].tobytes() == runs[2].grams[comp][block].tobytes()
+        ids, ref_id = [s.id for s in srcs], ref.id if ref else None
+        codes = [[(f["code"], f["component"], f["block"], f["models"]) for f in
+                  build_result(x, ids, ref_id, Thresholds(), [])["findings"]] for x in (cpu, runs[0])]
+        same_findings &= codes[0] == codes[1]
+    has_cuda = ctx["cuda"]
+    rates = {}
+    if has_cuda:
+        sparse = sources_of(sparse_models(ctx["work"] / "sparse", ctx["sparse_models"], 1))
+        for device, srcs in (("cuda", sparse), ("cpu", sparse[:2])):
+            t0 = time.monotonic()
+            gather(srcs, None, device=device)
+            seconds = time.monotonic() - t0
+            size = sum(Path(x.path).stat().st_size for x in srcs)
+            rates[device] = {"gbps": size / seconds / 1e9, "bytes": size, "seconds": seconds}
+    ctx["details"]["compare"] = {"worst_relative_difference": worst, "rerun_same_bits": same_bits,
+                                 "same_findings": same_findings, "rates": rates}
+    ok = worst <= 1e-12 and same_bits and same_findings
+    rate = "; ".join(f"{d}: {r['gbps']:.2f} GB/s over {r['bytes'] / 1e9:.1f} GB" for d, r in rates.items())
+    return {"status": PASS if ok else FAIL,
+            "detail": f"Gram vs CPU: worst {worst:.1e} of the diagonal's scale; rerun "
+                      f"{'same bits' if same_bits else 'DIFFERENT bits'}; findings "
+                      f"{'the same' if same_findings else 'DIFFER'}" + (f"; {rate} (sparse full size)" if rate else "")}
+
+
 CHECKS = [
     ("kernel_cpu", False, check_kernel_cpu),
     ("kernel_bytes", True, check_kernel_bytes),
@@ -546,6 +599,7 @@ CHECKS = [
     ("oom", True, check_oom),
     ("nvml_card", True, check_nvml_card),
     ("sparse_rate", False, check_sparse_rate),
+    ("compare", True, check_compare),
 ]
 
 

@@ -1,11 +1,11 @@
-"""``astolfo compare DIR...|RECIPE [--reference MODEL] [--component C] [--json] [--csv FILE] [--png FILE]``:
+"""``astolfo compare DIR...|RECIPE [--reference MODEL] [--component C] [--device D] [--json] [--csv F] [--png F]``:
 which models are alike, which are clones, mixes or outliers, per component and UNet block,
 from one read of every file (see ``engine.compare``). Results are cached by the files' SHA256
 and the reference, so a second run reads no tensor data.
 
 Exit status: 0 when the comparison ran (findings are not errors), 1 if no model could be
-compared, 2 on usage errors (no paths, a path or reference that does not exist, a --csv or --png
-file that cannot be written).
+compared, 2 on usage errors (no paths, a path or reference that does not exist, a device this
+machine lacks, a --csv or --png file that cannot be written).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.compare.blocks import COMPONENTS
-from engine.compare.events import CompareCancelled, CompareError, Progress, UnknownReference
+from engine.compare.events import BadDevice, CompareCancelled, CompareError, PassStarted, Progress, UnknownReference
 from engine.compare.result import describe, model_codes
 from engine.compare.run import compare
 
@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     parser.add_argument("--csv", metavar="FILE", help="also write one row per component, block and model")
     parser.add_argument("--png", metavar="FILE",
                         help="also draw a heatmap of cosines (grid order) and a dendrogram per component")
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                        help="where the deltas are reduced (default auto: the first CUDA GPU if torch sees one)")
     parser.add_argument("--no-cache", action="store_true", help="neither use nor store cached results")
     parser.set_defaults(run=run)
 
@@ -101,20 +103,25 @@ def run(args) -> int:
     cancel = threading.Event()
     status = err.status("comparing", spinner="dots") if err.is_terminal and not args.json else None
 
+    where = ""
+
     def on_event(e) -> None:
+        nonlocal where
+        if isinstance(e, PassStarted):
+            where = f" on {e.device}"
         if status is not None and isinstance(e, Progress) and e.total:
-            status.update(f"comparing: {e.component} {e.done / e.total:.0%}")
+            status.update(f"comparing{where}: {e.component} {e.done / e.total:.0%}")
 
     try:
         if status is not None:
             status.start()
         try:
             result = compare(reports, reference=args.reference, cancel=cancel, on_event=on_event,
-                             use_cache=not args.no_cache)
+                             use_cache=not args.no_cache, device=args.device)
         finally:
             if status is not None:
                 status.stop()
-    except UnknownReference as e:
+    except (UnknownReference, BadDevice) as e:
         print(f"astolfo compare: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -14,11 +14,23 @@ class UnknownReference(CompareError):
     """``--reference`` names neither a model id nor a file: a usage error."""
 
 
+class BadDevice(CompareError):
+    """``--device`` names a device this machine does not have: a usage error."""
+
+
 class CompareCancelled(CompareError):
     """The cancel event was set; nothing was cached."""
 
     def __init__(self) -> None:
         super().__init__("cancelled")
+
+
+@dataclass(frozen=True)
+class PassStarted:
+    """The files are being read; ``device`` says where the chunks are reduced, in words
+    (``cpu (2 threads)``, ``cuda:0 (NVIDIA H200)``)."""
+
+    device: str
 
 
 @dataclass(frozen=True)

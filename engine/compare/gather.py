@@ -2,16 +2,16 @@
 Gram matrices of their deltas per component and UNet block.
 
 Per tensor, a chunk of the same elements is read from every model (and from the reference
-file, if any) into one fixed buffer; ``engine.kernels.deltas`` widens it to fp64 and subtracts
-the reference (or the mean of the models, per element) in one pass, and ``engine.kernels.gram``
-adds the deltas to the Gram lanes of the tensor's group. The buffer is sized by ``budget_bytes``
-whatever the number of models (chunks shrink as models are added) and kept within the L3 cache,
-so memory is the buffer plus the N x N matrices.
+file, if any) into one fixed buffer; the pass widens it to fp64, subtracts the reference (or the
+mean of the models, per element) and adds the deltas' products to the Gram matrix of the
+tensor's group. The buffer is sized by ``budget_bytes`` whatever the number of models (chunks
+shrink as models are added; on the CPU kept within the L3 cache), so memory is the buffer plus
+the N x N matrices.
 
-The next chunk is read by a thread of its own while this one is reduced; the reduction's two
-phases (the deltas, the Gram) are split across the cores (element ranges, blocks of pairs:
-disjoint memory), each finished before the next; the bits are the same for any number of
-threads.
+The next chunk is read by a thread of its own while this one is reduced. The reduction is a
+*pass*: ``engine.compare.cpu_pass`` (numba kernels, each chunk split across the cores, the same
+bits for any number of threads) or ``engine.compare.cuda_pass`` (the chunk uploaded from pinned
+buffers, one fp64 matrix product per chunk; the same numbers to fp64 rounding).
 
 The reference is the last row of every Gram matrix, so a group's matrix also holds the
 reference's squared norm and its products with the deltas. Additions happen in a fixed order
@@ -27,7 +27,6 @@ import os
 import queue
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,12 +36,11 @@ import numpy as np
 from engine.checkpoint.architectures import get_architecture
 from engine.checkpoint.format import DTYPES, Header, SafetensorsError, read_header
 from engine.compare.blocks import COMPONENTS, UNET_BLOCKS, unet_block
-from engine.compare.events import CompareCancelled, CompareError, Progress
+from engine.compare.cpu_pass import CpuPass
+from engine.compare.events import BadDevice, CompareCancelled, CompareError, PassStarted, Progress
 from engine.compare.streams import Windows, open_windows
 
-DEFAULT_BUDGET = 40 << 20  # bytes of the read buffers and the fp64 deltas, whatever the number of models
 _SLOTS = 4  # read buffers: the one being reduced and up to three read ahead (a cold disk's bursts)
-_SPLIT = 1 << 16  # elements of a chunk (all rows) below which one thread does it: not worth a hand-off
 
 
 @dataclass
@@ -73,6 +71,7 @@ class Gathered:
     grams: dict[str, dict[str | None, np.ndarray]] = field(default_factory=dict)  # comp -> block -> G
     left_out: dict[int, dict[str, str]] = field(default_factory=dict)
     tensors: dict[str, int] = field(default_factory=dict)  # comp -> tensors compared
+    device: str = "cpu"  # where the chunks were reduced, in words
 
 
 @dataclass
@@ -151,8 +150,8 @@ class _Buffers:
     """A read buffer for one chunk: ``raw`` (a row of ``8 * chunk`` bytes for each file read,
     enough for fp64) and its three dtype views, flat, as ``engine.kernels.deltas`` takes them."""
 
-    def __init__(self, rows: int, chunk: int):
-        self.raw = np.empty((rows, chunk * 8), np.uint8)
+    def __init__(self, rows: int, chunk: int, raw: np.ndarray | None = None):
+        self.raw = np.empty((rows, chunk * 8), np.uint8) if raw is None else raw
         flat = self.raw.reshape(-1)
         self.in16, self.in32, self.in64 = flat.view(np.uint16), flat.view(np.float32), flat.view(np.float64)
 
@@ -220,48 +219,24 @@ class _Prefetch:
             self._ready.put((slot, None))
 
 
-def _span(m: int, k: int, parts: int) -> tuple[int, int]:
-    """Part ``k`` of ``parts`` of the elements ``0 .. m``, cut at tile boundaries."""
-    from engine.kernels.deltas import TILE
+def open_pass(device: str = "cpu", threads: int | None = None):
+    """The reduction for ``device`` (``cpu``, ``auto``: the first CUDA GPU when torch sees
+    one, ``cuda``, ``cuda:N``); ``threads``: the CPU's, default one per core, at most the
+    merge's worker count. A device that cannot be used raises BadDevice."""
+    from engine.merge.backends.cpu import MAX_WORKERS, cpu_count
+    from engine.merge.devices import describe, device_problem, resolve_device
 
-    tiles = -(-m // TILE)
-    return min(m, tiles * k // parts * TILE), min(m, tiles * (k + 1) // parts * TILE)
+    problem = device_problem(device)
+    if problem:
+        raise BadDevice(problem)
+    if device != "cpu":
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            from engine.compare.cuda_pass import CudaPass
+            from engine.merge.backends.cuda import CudaRuntime
 
-
-class _Team:
-    """The threads a chunk's work is split across: the caller's and ``size - 1`` workers. Each
-    phase (deltas, Gram) is cut into parts that touch disjoint memory and is finished by
-    every part before the next starts, so the bits do not depend on the number of threads.
-    numba's kernels and the reads release the GIL."""
-
-    def __init__(self, size: int):
-        self.size = max(1, size)
-        self.pool = ThreadPoolExecutor(self.size - 1, thread_name_prefix="astolfo-compare") if self.size > 1 else None
-
-    def run(self, phase: Callable[[int], None], parts: int) -> None:
-        """``phase(k)`` for every part ``k``; the first error (in part order) is raised once all
-        parts have stopped, so no worker still writes into a buffer the caller reuses."""
-        if self.pool is None or parts == 1:
-            for k in range(parts):
-                phase(k)
-            return
-        futures = [self.pool.submit(phase, k) for k in range(1, parts)]
-        error: BaseException | None = None
-        try:
-            phase(0)
-        except BaseException as e:
-            error = e
-        for f in futures:
-            try:
-                f.result()
-            except BaseException as e:
-                error = error or e
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+            return CudaPass(CudaRuntime(dev), describe(dev))
+    return CpuPass(threads or min(cpu_count(), MAX_WORKERS))
 
 
 def gather(
@@ -269,20 +244,22 @@ def gather(
     reference: Source | None,
     cancel: threading.Event | None = None,
     on_event: Callable[[object], None] | None = None,
-    budget_bytes: int = DEFAULT_BUDGET,
+    budget_bytes: int | None = None,
     skip: dict[int, dict[str, str]] | None = None,
     threads: int | None = None,
     direct: bool | None = None,
+    device: str = "cpu",
+    reducer=None,
 ) -> Gathered:
-    """Read every file once and return the Gram matrices (see the module docstring); ``threads``:
-    how many share each chunk (default one per core, at most the merge's worker count);
-    ``direct``: read past the page cache (default: when the files would fill over half the RAM,
-    see ``engine.compare.streams``)."""
+    """Read every file once and return the Gram matrices (see the module docstring).
+    ``device``/``threads``: where the chunks are reduced (``open_pass``), or ``reducer``, a pass
+    made by the caller (the tests' CUDA pass over a test double), closed here either way;
+    ``budget_bytes``: the read buffers and deltas (default: the pass's); ``direct``: read past
+    the page cache (default: when the files would fill over half the RAM, see
+    ``engine.compare.streams``)."""
 
-    from engine.kernels.deltas import TILE, deltas
-    from engine.kernels.gram import LANES, gram_add_part, gram_finish
+    from engine.kernels.deltas import TILE
     from engine.kernels.mean import KIND
-    from engine.merge.backends.cpu import MAX_WORKERS, cpu_count
 
     headers = _headers(sources, reference)
     tensors, members, left_out = plan_tensors(sources, headers, reference, skip)
@@ -294,7 +271,11 @@ def gather(
     done = 0
     fds: dict[int, int] = {}
     out = Gathered(members={c: list(m) for c, m in active.items()}, left_out=left_out)
-    team = _Team(threads or min(cpu_count(), MAX_WORKERS))
+    backend = reducer if reducer is not None else open_pass(device, threads)
+    out.device = backend.name
+    if on_event is not None:
+        on_event(PassStarted(backend.name))
+    budget = budget_bytes or backend.budget
     windows: Windows | None = None
     try:
         for i, s in enumerate(all_sources):
@@ -316,8 +297,7 @@ def gather(
         for comp, rows in active.items():
             n = len(rows)
             readers = [*rows, *([ref_i] if ref_i is not None else [])]
-            chunk = max(TILE, budget_bytes // (8 * (_SLOTS + 1) * (n + 1)))  # the read buffers and the deltas
-            xs = np.empty((n + 1, chunk), np.float64)
+            chunk = max(TILE, budget // (8 * (_SLOTS + 1) * (n + 1)))  # the read buffers and the deltas
             comp_tensors = tensors[comp]
             infos = [[headers[i].tensors[all_sources[i].key_map[t.key]] for i in readers] for t in comp_tensors]
             layouts = [_layout([info.dtype for info in row], chunk) for row in infos]
@@ -339,40 +319,25 @@ def gather(
                     if info.dtype not in KIND:  # fp8 and the like: widened here, read as F64
                         slot.raw[r].view(np.float64)[:m] = to_float64(slot.raw[r][: m * size], info.dtype)
 
-            lanes: dict[str | None, np.ndarray] = {}
-            with _Prefetch(jobs, read, [_Buffers(len(readers), chunk) for _ in range(_SLOTS)]) as prefetch:
+            backend.start(n, ref_i is not None, chunk)
+            slots = backend.buffers(len(readers), chunk, _SLOTS)
+            with _Prefetch(jobs, read, slots) as prefetch:
                 for job in jobs:
                     if cancel is not None and cancel.is_set():
                         raise CompareCancelled()
                     slot = prefetch.take()
                     ti, start, m = job
                     t = comp_tensors[ti]
-                    acc = lanes.get(t.block)
-                    if acc is None:
-                        acc = lanes[t.block] = np.zeros((n + 1, n + 1, LANES), np.float64)
-                    kinds, offs = layouts[ti]
-                    parts = team.size if m * len(readers) >= _SPLIT else 1
-
-                    def center(k: int) -> None:
-                        j0, j1 = _span(m, k, parts)
-                        # a NaN/Inf (inf - inf here) reaches the delta's norm on the Gram's diagonal, where
-                        # result.py leaves the model out of the component (its non-finite diagonal)
-                        deltas(xs, kinds, offs, slot.in16, slot.in32, slot.in64, n, ref_i is not None, j0, j1)
-
-                    def add(k: int) -> None:
-                        gram_add_part(acc, xs[:, :m], start, k, parts)
-
-                    team.run(center, parts)
-                    prefetch.give_back(slot)  # its bytes are in xs now: the next read may go there
-                    team.run(add, parts)
+                    backend.add(slot, t.block, layouts[ti], start, m, prefetch.give_back)
                     done += m * len(readers)
                     if on_event is not None:
                         on_event(Progress(done, total, comp, t.key))
-            order = [b for b in (*UNET_BLOCKS, None) if b in lanes]
-            out.grams[comp] = {b: gram_finish(lanes[b]) for b in order}
+                backend.drain(prefetch.give_back)
+            grams = backend.finish()
+            out.grams[comp] = {b: grams[b] for b in (*UNET_BLOCKS, None) if b in grams}
             out.tensors[comp] = len(tensors[comp])
     finally:
-        team.close()
+        backend.close()
         if windows is not None:
             windows.close()
         for fd in fds.values():

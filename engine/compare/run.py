@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from engine.compare.events import CacheHit, CompareError, LeftOut, UnknownReference
+from engine.compare.events import BadDevice, CacheHit, CompareError, LeftOut, UnknownReference
 from engine.compare.findings import Thresholds
 from engine.library.report import ModelReport, Severity
 
@@ -64,9 +64,17 @@ def compare(
     use_cache: bool = True,
     catalog_path: str | os.PathLike | None = None,
     budget_bytes: int | None = None,
+    device: str = "auto",
 ) -> dict:
     """Compare the models of ``reports`` (grid order) and return the result dict (see
-    ``engine.compare.result``); raises CompareError when nothing can be compared."""
+    ``engine.compare.result``); raises CompareError when nothing can be compared, BadDevice
+    when ``device`` (auto, cpu, cuda, cuda:N) cannot be used here. A cached result is the same
+    whichever device computed it (the devices agree to fp64 rounding)."""
+    from engine.merge.devices import device_problem
+
+    problem = device_problem(device)  # before any file is read; imports torch only for "cuda..."
+    if problem:
+        raise BadDevice(problem)
     emit = on_event or (lambda e: None)
     left_out: list[dict] = []
 
@@ -144,7 +152,8 @@ def compare(
                 emit(CacheHit(key))
                 hit["left_out"] = left_out + hit.get("left_out", [])
                 return hit
-        result = _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite, exact)
+        result = _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite, exact,
+                          device)
         # the models actually compared (a read failure drops one): key and store on those
         compared = [r for r in models if not any(x["id"] == r.model_id and x["component"] is None
                                                  for x in left_out)]
@@ -159,9 +168,10 @@ def compare(
             catalog.close()
 
 
-def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite, exact) -> dict:
+def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_out, nonfinite, exact,
+             device) -> dict:
     from engine.checkpoint.format import SafetensorsError
-    from engine.compare.gather import DEFAULT_BUDGET, ReadFailure, Source, gather
+    from engine.compare.gather import ReadFailure, Source, gather
     from engine.compare.result import build_result
 
     live = list(models)
@@ -178,7 +188,7 @@ def _compute(models, ref_report, cancel, emit, thresholds, budget_bytes, leave_o
         skip = {i: nonfinite[str(r.path)] for i, r in enumerate(live) if str(r.path) in nonfinite}
         try:
             gathered = gather(sources, ref, cancel=cancel, on_event=emit,
-                              budget_bytes=budget_bytes or DEFAULT_BUDGET, skip=skip)
+                              budget_bytes=budget_bytes, skip=skip, device=device)
         except ReadFailure as e:
             leave_out(live[e.index], e.reason)
             del live[e.index]

@@ -87,3 +87,18 @@ def cosine_matrix(deltas: dict[str, torch.Tensor]) -> list[list[float]]:
     names = list(deltas)
     return [[float(torch.dot(deltas[a], deltas[b]) / (deltas[a].norm() * deltas[b].norm())) for b in names]
             for a in names]
+
+
+def dtype_variants(paths: dict[str, Path], folder: Path) -> tuple[list[Path], list[Path]]:
+    """Five of the models stored as fp16, bf16, fp32, fp64 and fp8, and the same values stored
+    as fp64: a pass that widens each dtype exactly gives both lists the same bits."""
+    meta = {"modelspec.architecture": ARCH.modelspec}
+    stored, wide = [], []
+    names = ["a00_base", "a01_ft_a", "a02_ft_b", "a03_ft_c", "a06_big"]
+    for name, dtype in zip(names, (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn)):
+        sd = load_file(str(paths[name]))
+        narrow = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        stored.append(write_file(folder / f"{name}.safetensors", narrow, meta))
+        wide.append(write_file(folder / f"{name}_f64.safetensors",
+                               {k: v.double() if v.is_floating_point() else v for k, v in narrow.items()}, meta))
+    return stored, wide

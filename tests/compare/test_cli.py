@@ -88,6 +88,13 @@ def test_exit_codes(folder, tmp_path):
     assert astolfo(folder, "--reference", "nope", cache=tmp_path).returncode == 2
     assert astolfo(tmp_path / "missing", cache=tmp_path).returncode == 2
     assert astolfo(cache=tmp_path).returncode == 2
+    bad = astolfo(folder, "--device", "gpu", cache=tmp_path)
+    assert bad.returncode == 2 and "not one of auto, cpu, cuda" in bad.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        none = astolfo(folder, "--device", "cuda", cache=tmp_path)
+        assert none.returncode == 2 and "no CUDA GPU is available" in none.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("a01_ft_a", "a02_ft_b"):

@@ -18,7 +18,7 @@ from engine.compare.run import compare
 from engine.library.scan import scan
 from engine.synth.checkpoints import truncate
 
-from .support import ARCH, build_models, cosine_matrix, reference_deltas
+from .support import ARCH, build_models, cosine_matrix, dtype_variants, reference_deltas
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -351,14 +351,15 @@ def _same_grams(a, b) -> bool:
 def test_the_pass_has_the_same_bits_on_any_number_of_threads_and_buffer(models, monkeypatch, with_reference):
     """Each chunk's reads, deltas and Gram pairs are split across threads; the matrices must
     not change by a bit with the thread count or the chunk size."""
+    from engine.compare import cpu_pass
     from engine.compare import gather as gather_module
 
     folder, paths = models
     sources = _sources([paths[n] for n in sorted(paths)])
     ref = sources.pop(0) if with_reference else None
     whole = gather_module.gather(sources, ref, threads=1)
-    monkeypatch.setattr(gather_module, "_SPLIT", 0)  # split every chunk, however small
-    for threads, budget in ((2, gather_module.DEFAULT_BUDGET), (3, 1 << 17), (8, 200_000)):
+    monkeypatch.setattr(cpu_pass, "_SPLIT", 0)  # split every chunk, however small
+    for threads, budget in ((2, cpu_pass.DEFAULT_BUDGET), (3, 1 << 17), (8, 200_000)):
         split = gather_module.gather(sources, ref, threads=threads, budget_bytes=budget)
         assert _same_grams(whole.grams, split.grams), (threads, budget)
         assert split.members == whole.members
@@ -368,22 +369,10 @@ def test_every_stored_dtype_is_widened_exactly_in_the_pass(models, tmp_path):
     """Models stored as fp16, bf16, fp32, fp64 and fp8 (widened by torch, then read by the
     kernel as fp64) give the bits of the same values stored as fp64, with and without a
     reference: the kernel's widening and the rows' offsets in the read buffer are exact."""
-    import torch
-    from safetensors.torch import load_file
-
-    from engine.checkpoint.writer import write_file
     from engine.compare.gather import gather
 
     folder, paths = models
-    meta = {"modelspec.architecture": ARCH.modelspec}
-    stored, wide = [], []
-    names = ["a00_base", "a01_ft_a", "a02_ft_b", "a03_ft_c", "a06_big"]
-    for name, dtype in zip(names, (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn)):
-        sd = load_file(str(paths[name]))
-        narrow = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        stored.append(write_file(tmp_path / f"{name}.safetensors", narrow, meta))
-        wide.append(write_file(tmp_path / f"{name}_f64.safetensors",
-                               {k: v.double() if v.is_floating_point() else v for k, v in narrow.items()}, meta))
+    stored, wide = dtype_variants(paths, tmp_path)
     for with_reference in (False, True):
         a, b = _sources(stored), _sources(wide)
         ra, rb = (a.pop(0), b.pop(0)) if with_reference else (None, None)
