@@ -11,7 +11,8 @@ The issues' targets (this 2-core machine):
 
 Inputs: one base file plus N models (the base is outside the selection; the mean averages the
 same N models). The page cache is warmed before each run (the files fit in RAM), so the figures
-are the engines' own cost, not the disk's. Each engine runs in its own process; wall time from
+are the engines' own cost, not the disk's; with ``--cold`` it is dropped before each run instead
+(full-size files, the issue's N = 3 cold case). Each engine runs in its own process; wall time from
 start to exit (interpreter and imports included), peak RSS from the process's VmHWM.
 
 sd-mecha's equivalents, with the same parameters (all weights 1):
@@ -51,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bench_merge  # noqa: E402 (bench/ is on sys.path when run as a script)
-from bench_merge import gb, machine, prehash, run_engine, synth_files, warm  # noqa: E402
+from bench_merge import drop_caches, gb, machine, prehash, run_engine, synth_files, warm  # noqa: E402
 from common import BENCHMARKS_MD, markdown_table, write_section  # noqa: E402
 
 MECHA_METHOD = """
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mecha-methods", default="", help="methods sd-mecha runs (default: every one it has)")
     ap.add_argument("--small-memory", default="64MB", help="the budget that forces a median's re-read mode")
     ap.add_argument("--device", default="cpu", help="merge device for astolfo and sd-mecha: cpu or cuda")
+    ap.add_argument("--cold", action="store_true",
+                    help="page cache dropped before each run instead of warmed (full-size files do not fit it)")
     ap.add_argument("--quick", action="store_true", help="small files (scale 32), N = 4: checks the script")
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/methods", help="folder for synthetic files")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files afterwards")
@@ -139,11 +142,15 @@ def main(argv=None) -> int:
     prehash(paths, log)
     rows: list[list[str]] = []
     notes: list[str] = []
+    cold: list[bool] = []  # whether each cold run's drop_caches worked
 
     def one(engine: str, n: int, extra: dict) -> tuple[float, int, str, dict]:
         run_paths = paths[: n + 1]
-        warm(run_paths)
-        warm(run_paths)
+        if args.cold:
+            cold.append(drop_caches())
+        else:
+            warm(run_paths)
+            warm(run_paths)
         out = out_dir / f"{engine}.safetensors"
         wall, rss, ok, tail, stats = run_engine(engine, out, run_paths, dict(env, **extra))
         out.unlink(missing_ok=True)
@@ -191,8 +198,10 @@ def main(argv=None) -> int:
     command = " ".join(["python bench/bench_methods.py", *(shlex.quote(a) for a in sys.argv[1:])])
     header = (f"`{command}`. Machine: {machine()}; 1-minute "
               f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). "
-              f"Synthetic SDXL fp16 files at scale {args.scale} ({gb(each)} each): a base plus N models, the page "
-              f"cache warm (the files read twice before each run); merge device {args.device}"
+              f"Synthetic SDXL fp16 files at scale {args.scale} ({gb(each)} each): a base plus N models, "
+              + ("the page cache dropped before each run (cold)" if args.cold else
+                 "the page cache warm (the files read twice before each run)")
+              + f"; merge device {args.device}"
               f"{_mecha_version() if mecha_ns else '; sd-mecha not installed'}.")
     notes += [
         "- \"wall s\": process start to exit (Python start-up and imports included). \"merge GB/s\": the N models' "
@@ -205,6 +214,8 @@ def main(argv=None) -> int:
         "- sd-mecha's equivalents are listed in bench/bench_methods.py's docstring; it stacks the N tensors of "
         "each key (fp32 here), so its peak RSS grows with N.",
     ]
+    if args.cold and not all(cold):
+        notes.insert(0, "- /proc/sys/vm/drop_caches could not be written (not root?): the cold runs are NOT cold.")
     if not args.no_doc:
         write_section(BENCHMARKS_MD, f"## {args.section}\n\n{header}\n\n{table}\n\n" + "\n".join(notes) + "\n")
     return 0
