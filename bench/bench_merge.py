@@ -57,7 +57,11 @@ from engine.merge.run import execute
 out, paths = sys.argv[1], sys.argv[2:]
 ids = [f"m{i:02d}" for i in range(len(paths))]
 # bench_methods: BENCH_METHOD (JSON) is the selection's [methods] table; with BENCH_BASE_FIRST the
-# first file is the base only, outside the selection; BENCH_MEMORY is the recipe's memory budget
+# first file is the base only, outside the selection; BENCH_MEMORY is the recipe's memory budget;
+# BENCH_GRAM_MAX overrides the medians' GRAM_MAX (0: the sweeps route at any N)
+if os.environ.get("BENCH_GRAM_MAX"):
+    import engine.methods.median
+    engine.methods.median.GRAM_MAX = int(os.environ["BENCH_GRAM_MAX"])
 method = json.loads(os.environ.get("BENCH_METHOD") or "{}")
 chosen = ids[1:] if os.environ.get("BENCH_BASE_FIRST") else ids
 lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"']

@@ -40,6 +40,10 @@ def warm() -> None:
     weiszfeld.finish(lanes)
     weiszfeld.narrow_exactly(np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0)
     weiszfeld.vote_filter(np.zeros((1, 8)), np.ones(1), True)  # and the filters the median's points go through
+    from engine.kernels import median_gram  # the median's Gram route: centring, the steps on the matrix
+
+    median_gram.center(np.zeros((1, 8)))
+    median_gram.iterate(np.zeros((1, 1)), np.ones(1), 1e-6, 1, 1e-20, np.zeros(1))
     methods._drop(f64, 0, 0, 0.5)
     methods._keep(f64, np.zeros(1, np.uint8), 0)
     methods._trim(f64, 0.5)

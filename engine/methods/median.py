@@ -10,11 +10,15 @@ Weiszfeld weights in the median; the points themselves stay unweighted.
 Iteration (sd-mecha 1.1.8's ``geometric_median``, in fp64): start at the weighted mean; then
 ``w_i' = w_i / max(d_i, eps)``, ``m = sum w_i' p_i / sum w_i'``, with ``d_i = ||p_i - m||``
 over the whole tensor, until ``|obj_prev - obj| <= ftol * obj`` (obj = the mean of ``w_i d_i``)
-or ``maxiter`` steps. Each step is one pass over the points (``engine.kernels.weiszfeld``: the
-new iterate and the distances to it together). The tensor is cut into spans of ``SPAN``
-elements, fixed: each span's squared distances are summed on their own (in lanes fixed by the
-element index), then the spans' sums are added in span order. So the spans can run on several
-cores at once, and the bits depend on neither the number of threads nor the memory mode:
+or ``maxiter`` steps. Up to ``GRAM_MAX`` points the steps run on the points' Gram matrix
+(``_by_gram``: every iterate is a combination of the points, so its distances follow from the
+N x N matrix; the points are held, as below, for the iterate's pass, or read a second time).
+Beyond, each step is one pass over the points (``engine.kernels.weiszfeld``: the new iterate
+and the distances to it together). The tensor is cut into spans of ``SPAN`` elements, fixed: each
+span's squared distances (or Gram matrix) are summed on their own (in lanes fixed by the element
+index), then the spans' sums are added in span order. So the spans can run on several cores at
+once, and the bits depend on neither the number of threads nor the memory mode. The sweeps'
+memory modes:
 
 - the N points held in memory when that fits the budget: in fp32 (``4 N n`` bytes) when every
   filtered value is exactly an fp32 (a delta of two nearby fp16 values usually is; the kernel
@@ -38,10 +42,15 @@ import numpy as np
 import torch
 
 SPAN = 1 << 16
+# Points up to which the iteration runs on their Gram matrix (``_by_gram``: N (N + 1) / 2
+# products per element, once) rather than in sweeps over them (N per element per sweep, up to
+# ``maxiter`` sweeps); 16 is where the two were measured (docs/benchmarks.md).
+GRAM_MAX = 16
 # Filtering a span of N points holds about this many bytes per point element (its fp64 points,
 # each model's bytes as read, with room to spare); spans filtered at once: READ_BYTES in all.
 SPAN_BYTES_PER_ELEMENT = 16
 READ_BYTES = 1 << 30
+_SCRATCH = threading.local()  # each thread's points buffer (``_points``)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -70,6 +79,8 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
         return _points(params, key, base, models, shas, w, stats, read, mask_key, a, b)
 
     reading = max(1, READ_BYTES // (SPAN_BYTES_PER_ELEMENT * count * SPAN))  # spans filtered at once
+    if count <= GRAM_MAX:
+        return _by_gram(params, spans, block, n, w, check_cancel, reading, report, budget)
     held = _hold(block, spans, count, n, budget, check_cancel, reading)
     m = np.empty(n, np.float64)
     parts = np.zeros((len(spans), count, LANES), np.float64)
@@ -104,6 +115,63 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
             obj = math.fsum(w * d) / count
             if abs(prev - obj) <= params.ftol * obj:
                 break
+    return MedianResult(m, iterations, held is not None)
+
+
+def _by_gram(params, spans: list, block: Callable, n: int, w: np.ndarray, check_cancel: Callable[[], None],
+             reading: int, report: Callable[[str | None], None], budget: int) -> MedianResult:
+    """The same iteration in the coefficients of the points (``engine.kernels.median_gram``):
+    one pass for the fp64 Gram matrix of the centred points (each span's on its own, in lanes
+    fixed by the element index, the spans' added in span order: the bits depend neither on the
+    threads nor on the buffers), the iterations on the N x N matrix, one pass for the iterate of
+    the last coefficients (``engine.kernels.weiszfeld.step``'s arithmetic, as a sweep forms it).
+    The first pass also keeps the points in fp32 when they fit the budget and every value is
+    exactly an fp32, so the second reads no file; else the second reads and filters them again
+    (the same values: the same bytes either way)."""
+    from engine.kernels.gram import LANES as GRAM_LANES
+    from engine.kernels.gram import gram_add, gram_finish
+    from engine.kernels.median_gram import center, iterate
+    from engine.kernels.weiszfeld import LANES, narrow_exactly, step
+
+    count = len(w)
+    parts = np.zeros((len(spans), count, count), np.float64)
+    held = np.empty((count, n), np.float32) if 4 * count * n + 16 * n <= budget else None
+    exact = np.ones(len(spans), bool)
+
+    def gram(s: int) -> None:
+        a, b = spans[s]
+        points = block(a, b)
+        if held is not None:
+            exact[s] = narrow_exactly(points, held, a)
+        center(points)
+        lanes = np.zeros((count, count, GRAM_LANES), np.float64)
+        gram_add(lanes, points, a)
+        parts[s] = gram_finish(lanes)
+
+    report(f"median: the Gram matrix of {count} points")
+    _each(gram, len(spans), check_cancel, reading)
+    if held is not None and not exact.all():
+        held = None  # a value that is not an fp32 (a NaN, a delta of distant values): read again
+    g = np.zeros((count, count), np.float64)
+    for part in parts:  # in span order
+        g += part
+    coef = np.empty(count, np.float64)
+    iterations = int(iterate(g, w, float(params.eps), int(params.maxiter), float(params.ftol), coef))
+    m = np.empty(n, np.float64)
+    total = 0.0
+    for c in coef:  # in point order, as the kernel sums them
+        total += float(c)
+
+    def combine(s: int) -> None:
+        a, b = spans[s]
+        lanes = np.zeros((count, LANES), np.float64)
+        if held is not None:
+            step(held, a, a, b - a, coef, total, m[a:b], lanes)
+        else:
+            step(block(a, b), 0, a, b - a, coef, total, m[a:b], lanes)
+
+    report(f"median: the iterate after {iterations} iterations")
+    _each(combine, len(spans), check_cancel, len(spans) if held is not None else reading)
     return MedianResult(m, iterations, held is not None)
 
 
@@ -192,13 +260,19 @@ def _pool() -> ThreadPoolExecutor:
 def _points(params, key, base, models, shas, w, stats, read, mask_key, a: int, b: int) -> np.ndarray:
     """Elements ``a .. b`` of every point, filtered (float64[N, b - a]): each model's delta read
     straight into its row, then the merge methods' own kernels (DELLA's keep bits, DARE's hash,
-    the trim) and the vote, in place."""
+    the trim) and the vote, in place. The rows are the calling thread's buffer, valid until its
+    next call (every caller uses them at once): a new 8 MB block per span was a fresh mapping
+    each time, faulted in and zeroed by the kernel page by page."""
     from engine.kernels.hashing import _signed
     from engine.kernels.methods import _drop, _keep, _trim
     from engine.kernels.weiszfeld import vote_filter
 
-    bb = read(base, a, b) if base is not None else None
-    p = torch.empty((len(models), b - a), dtype=torch.float64)
+    width = b - a
+    scratch = getattr(_SCRATCH, "points", None)
+    if scratch is None or scratch.numel() < (len(models) + 1) * width:
+        scratch = _SCRATCH.points = torch.empty((len(models) + 1) * width, dtype=torch.float64)
+    bb = read(base, a, b, None, scratch[len(models) * width: (len(models) + 1) * width]) if base is not None else None
+    p = scratch[: len(models) * width].view(len(models), width)
     rows = p.numpy()
     for i, (src, sha) in enumerate(zip(models, shas)):
         read(src, a, b, bb, p[i])

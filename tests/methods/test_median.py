@@ -140,24 +140,43 @@ def _check(models: Path, out_path: Path, p: dict, select, ws, with_base: bool) -
 # --------------------------------------------------------------------------- the methods
 
 
-def test_geometric_median_of_the_models_themselves(models, tmp_path):
+@pytest.fixture(params=["gram", "sweeps"])
+def route(request, monkeypatch):
+    """Both ways the engine iterates: on the points' Gram matrix (up to GRAM_MAX points, the
+    default for these few models) and in sweeps over the points (forced)."""
+    from engine.methods import median
+
+    if request.param == "sweeps":
+        monkeypatch.setattr(median, "GRAM_MAX", 0)
+    return request.param
+
+
+@pytest.fixture
+def sweeps(monkeypatch):
+    """The sweeps route, whose memory modes these tests are about."""
+    from engine.methods import median
+
+    monkeypatch.setattr(median, "GRAM_MAX", 0)
+
+
+def test_geometric_median_of_the_models_themselves(models, tmp_path, route):
     path = _merge(_recipe(models, tmp_path, {"method": "geometric_median"}))
     _check(models, path, {}, "abcd", [1.0] * 4, with_base=False)
 
 
-def test_geometric_median_with_weights_and_a_base(models, tmp_path):
+def test_geometric_median_with_weights_and_a_base(models, tmp_path, route):
     p = {"method": "geometric_median", "base": "o", "alpha": 0.75, "maxiter": 40}
     ws = [1.0, 3.0, 0.5, 2.0]
     path = _merge(_recipe(models, tmp_path, p, weights=dict(zip("abcd", ws))))
     _check(models, path, {"alpha": 0.75, "maxiter": 40}, "abcd", ws, with_base=True)
 
 
-def test_tgmd(models, tmp_path):
+def test_tgmd(models, tmp_path, route):
     path = _merge(_recipe(models, tmp_path, {"method": "tgmd", "base": "o"}))
     _check(models, path, {"vote": "sum", "drop": 0.1, "rescale": False}, "abcd", [1.0] * 4, with_base=True)
 
 
-def test_dgmla_with_weights_and_trim(models, tmp_path):
+def test_dgmla_with_weights_and_trim(models, tmp_path, route):
     p = {"method": "dgmla", "base": "o", "trim": 0.7, "seed": 5}
     ws = [2.0, 1.0, 1.0, 0.5]
     path = _merge(_recipe(models, tmp_path, p, weights=dict(zip("abcd", ws))))
@@ -165,7 +184,7 @@ def test_dgmla_with_weights_and_trim(models, tmp_path):
     _check(models, path, ref, "abcd", ws, with_base=True)
 
 
-def test_all_equal_points_give_the_point(models, tmp_path):
+def test_all_equal_points_give_the_point(models, tmp_path, route):
     """Distances 0: the eps clamp keeps the weights finite and the median is the model."""
     path = _merge(_recipe(models, tmp_path, {"method": "geometric_median"}, select=("b", "e", "f")))
     got, b = load(path), load(models / "b.safetensors")
@@ -187,7 +206,7 @@ def tiny_budget(monkeypatch):
     monkeypatch.setattr(sizes, "memory_budget", lambda text: 64 << 10 if text == "1MB" else real(text))
 
 
-def test_re_read_mode_buffer_sizes_and_cuda_give_the_same_bytes(models, tmp_path, monkeypatch, tiny_budget):
+def test_re_read_mode_buffer_sizes_and_cuda_give_the_same_bytes(models, tmp_path, monkeypatch, tiny_budget, sweeps):
     p = {"method": "tgmd", "base": "o", "maxiter": 30}
     _merge(_recipe(models, tmp_path, p, name="held"), LARGE)
     plan = build_plan(_recipe(models, tmp_path, p, name="reread", memory="1MB"))
@@ -200,7 +219,7 @@ def test_re_read_mode_buffer_sizes_and_cuda_give_the_same_bytes(models, tmp_path
     assert _tensors(cuda) == _tensors(tmp_path / "held.safetensors")
 
 
-def test_re_read_mode_is_taken_under_a_small_budget(models, tmp_path, tiny_budget):
+def test_re_read_mode_is_taken_under_a_small_budget(models, tmp_path, tiny_budget, sweeps):
     from engine.methods.median import geometric_median
 
     seen = []
@@ -225,11 +244,57 @@ def test_re_read_mode_is_taken_under_a_small_budget(models, tmp_path, tiny_budge
     assert _tensors(tmp_path / "small.safetensors") == _tensors(tmp_path / "big.safetensors")
 
 
+def test_the_gram_route_gives_the_same_bytes_on_any_buffer_budget_and_cuda(models, tmp_path, monkeypatch,
+                                                                          tiny_budget):
+    """Spans are fixed and each span's Gram matrix has its own lanes: neither the merge's
+    buffers, nor holding the points or reading them again, nor the backend change a bit (the
+    median is computed on the CPU for both)."""
+    p = {"method": "tgmd", "base": "o", "maxiter": 30}
+    large = _merge(_recipe(models, tmp_path, p, name="large"), LARGE)
+    small = _merge(_recipe(models, tmp_path, p, name="small"), SMALL)
+    assert _tensors(small) == _tensors(large)
+    reread = _merge(_recipe(models, tmp_path, p, name="reread", memory="1MB"), SMALL)
+    assert _tensors(reread) == _tensors(large)
+    seeds = iter(range(1, 100))
+    monkeypatch.setattr(merge_run, "open_backend", lambda plan, device, tuning, items: CudaBackend(
+        plan, device, tuning.buffer_bytes, items, runtime=CudaRuntimeDouble("random", next(seeds))))
+    assert _tensors(_merge(_recipe(models, tmp_path, p, name="cuda"), SMALL)) == _tensors(large)
+
+
+def test_the_gram_distances_are_the_direct_ones():
+    """||p_i - sum a_j p_j|| from the centred points' Gram matrix against the direct fp64 norm,
+    on points far from the origin and close together (the case centring is for), with a point
+    on the iterate (distance 0) and a NaN."""
+    import numpy as np
+
+    from engine.kernels.gram import LANES, gram_add, gram_finish
+    from engine.kernels.median_gram import center, distances
+
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=5000) * 50.0
+    pts = base + rng.normal(size=(6, 5000)) * 1e-3
+    pts[5] = pts[4]
+    a = np.array([0.0, 0.0, 0.0, 0.0, 0.5, 0.5])
+    for coef in (np.full(6, 1 / 6), rng.random(6), a):
+        coef = coef / coef.sum()
+        want = np.linalg.norm(pts - coef @ pts, axis=1)
+        c = pts.copy()
+        center(c)
+        lanes = np.zeros((6, 6, LANES))
+        gram_add(lanes, c, 0)
+        got = np.empty(6)
+        distances(gram_finish(lanes), coef, got)
+        assert np.allclose(got, want, rtol=1e-9, atol=1e-9 * want.max())
+    got = np.empty(6)
+    distances(np.full((6, 6), np.nan), np.full(6, 1 / 6), got)
+    assert np.isnan(got).all()
+
+
 def _tensors(path: Path) -> dict:
     return {k: v.view(torch.int16).tolist() if v.dtype == torch.float16 else v.tolist() for k, v in load(path).items()}
 
 
-def test_a_point_with_nan_follows_the_policy(models, tmp_path):
+def test_a_point_with_nan_follows_the_policy(models, tmp_path, route):
     with pytest.raises(MergeError, match="model n"):
         execute(build_plan(_recipe(models, tmp_path, {"method": "tgmd", "base": "o"}, select=("a", "n", "b"))))
     execute(build_plan(_recipe(models, tmp_path, {"method": "tgmd", "base": "o"}, select=("a", "n", "b"),
