@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from engine.compare.buffers import ReadBuffers
+
 DEFAULT_BUDGET = 40 << 20  # bytes of the read buffers and the fp64 deltas: within the L3 cache
 _SPLIT = 1 << 16  # elements of a chunk (all rows) below which one thread does it: not worth a hand-off
 
@@ -71,9 +73,7 @@ class CpuPass:
         self.name = f"cpu ({self.team.size} threads)"
 
     def buffers(self, rows: int, chunk: int, count: int) -> list:
-        from engine.compare.gather import _Buffers
-
-        return [_Buffers(rows, chunk) for _ in range(count)]
+        return [ReadBuffers(rows, chunk) for _ in range(count)]
 
     def start(self, n: int, with_ref: bool, chunk: int) -> None:
         """Begin a component of ``n`` models (and the reference row, read or the mean)."""

@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.compare.buffers import ReadBuffers
 from engine.compare.events import CompareError
 from engine.kernels.mean import BF16, F16, F32, F64
 
@@ -78,8 +79,6 @@ class CudaPass:
         self.staging = self.xs = None
 
     def buffers(self, rows: int, chunk: int, count: int) -> list:
-        from engine.compare.gather import _Buffers
-
         out = []
         for _ in range(count):
             try:
@@ -87,7 +86,7 @@ class CudaPass:
             except RuntimeError as e:  # cudaHostAlloc refused: the host's pinned memory is spent
                 raise CompareError(f"cannot pin {rows * chunk * 8 / 1e6:.0f} MB of host memory for the GPU's "
                                    f"read buffers ({e}); use --device cpu") from None
-            slot = _Buffers(rows, chunk, raw=pinned.numpy().reshape(rows, chunk * 8))
+            slot = ReadBuffers(rows, chunk, raw=pinned.numpy().reshape(rows, chunk * 8))
             slot.pinned = pinned.view(rows, chunk * 8)
             out.append(slot)
         return out

@@ -36,6 +36,7 @@ import numpy as np
 from engine.checkpoint.architectures import get_architecture
 from engine.checkpoint.format import DTYPES, Header, SafetensorsError, read_header
 from engine.compare.blocks import COMPONENTS, UNET_BLOCKS, unet_block
+from engine.compare.buffers import ReadBuffers, row_layout
 from engine.compare.cpu_pass import CpuPass
 from engine.compare.events import BadDevice, CompareCancelled, CompareError, PassStarted, Progress
 from engine.compare.streams import Windows, open_windows
@@ -146,35 +147,13 @@ def to_float64(raw: np.ndarray, dtype: str) -> np.ndarray:
     return torch.from_numpy(raw).view(DTYPES[dtype].torch_dtype).to(torch.float64).numpy()
 
 
-class _Buffers:
-    """A read buffer for one chunk: ``raw`` (a row of ``8 * chunk`` bytes for each file read,
-    enough for fp64) and its three dtype views, flat, as ``engine.kernels.deltas`` takes them."""
-
-    def __init__(self, rows: int, chunk: int, raw: np.ndarray | None = None):
-        self.raw = np.empty((rows, chunk * 8), np.uint8) if raw is None else raw
-        flat = self.raw.reshape(-1)
-        self.in16, self.in32, self.in64 = flat.view(np.uint16), flat.view(np.float32), flat.view(np.float64)
-
-
-def _layout(dtypes: list[str], chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each read row's kind code and where its element 0 is in that kind's view of a
-    ``_Buffers`` of ``chunk`` (rows of a dtype the kernel does not widen are widened into their
-    row as fp64 when read)."""
-    from engine.kernels.mean import BF16, F16, F32, F64, KIND
-
-    kinds = np.array([KIND.get(d, F64) for d in dtypes], np.int64)
-    per_row = {F16: 4 * chunk, BF16: 4 * chunk, F32: 2 * chunk, F64: chunk}
-    offs = np.array([r * per_row[int(k)] for r, k in enumerate(kinds)], np.int64)
-    return kinds, offs
-
-
 class _Prefetch:
     """Reads the next chunks of every file in a thread of its own while chunk k is reduced, so
     that on a cold cache the disk and the cores work at the same time (the pass waited for each
     read before). The read buffers go round; a read error reaches the caller's
     ``take`` for the chunk it happened in, and leaving the ``with`` stops the thread."""
 
-    def __init__(self, jobs: list, read: Callable[[object, _Buffers], None], slots: list[_Buffers]):
+    def __init__(self, jobs: list, read: Callable[[object, ReadBuffers], None], slots: list[ReadBuffers]):
         self._jobs, self._read = jobs, read
         self._free: queue.Queue = queue.Queue()
         self._ready: queue.Queue = queue.Queue()
@@ -191,14 +170,14 @@ class _Prefetch:
         self._stop.set()
         self._thread.join()
 
-    def take(self) -> _Buffers:
+    def take(self) -> ReadBuffers:
         """The next chunk's buffer, once read (the chunks come in ``jobs`` order)."""
         slot, error = self._ready.get()
         if error is not None:
             raise error
         return slot
 
-    def give_back(self, slot: _Buffers) -> None:
+    def give_back(self, slot: ReadBuffers) -> None:
         self._free.put(slot)
 
     def _loop(self) -> None:
@@ -272,12 +251,12 @@ def gather(
     fds: dict[int, int] = {}
     out = Gathered(members={c: list(m) for c, m in active.items()}, left_out=left_out)
     backend = reducer if reducer is not None else open_pass(device, threads)
-    out.device = backend.name
-    if on_event is not None:
-        on_event(PassStarted(backend.name))
     budget = budget_bytes or backend.budget
     windows: Windows | None = None
     try:
+        out.device = backend.name
+        if on_event is not None:
+            on_event(PassStarted(backend.name))
         for i, s in enumerate(all_sources):
             try:
                 fds[i] = os.open(s.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -300,11 +279,11 @@ def gather(
             chunk = max(TILE, budget // (8 * (_SLOTS + 1) * (n + 1)))  # the read buffers and the deltas
             comp_tensors = tensors[comp]
             infos = [[headers[i].tensors[all_sources[i].key_map[t.key]] for i in readers] for t in comp_tensors]
-            layouts = [_layout([info.dtype for info in row], chunk) for row in infos]
+            layouts = [row_layout([info.dtype for info in row], chunk) for row in infos]
             jobs = [(ti, start, min(chunk, t.numel - start))
                     for ti, t in enumerate(comp_tensors) for start in range(0, t.numel, chunk)]
 
-            def read(job: tuple[int, int, int], slot: _Buffers) -> None:
+            def read(job: tuple[int, int, int], slot: ReadBuffers) -> None:
                 ti, start, m = job
                 for r, i in enumerate(readers):
                     info = infos[ti][r]

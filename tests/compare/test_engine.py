@@ -387,7 +387,7 @@ def test_stored_values_become_the_same_fp64_as_torch_gives(dtype):
     import torch
 
     from engine.checkpoint.format import DTYPES
-    from engine.compare.gather import _Buffers, _layout
+    from engine.compare.buffers import ReadBuffers, row_layout
     from engine.kernels.deltas import deltas
 
     tdt = DTYPES[dtype].torch_dtype
@@ -399,10 +399,10 @@ def test_stored_values_become_the_same_fp64_as_torch_gives(dtype):
     values = torch.cat([torch.tensor(special, dtype=torch.float64), noise])
     stored = values.to(tdt)
     m = len(values)
-    buffers = _Buffers(2, m + 5)
+    buffers = ReadBuffers(2, m + 5)
     buffers.raw[0, : m * stored.element_size()] = stored.view(torch.uint8).numpy()
     buffers.raw[1].view(np.float64)[:m] = 0.0
-    kinds, offs = _layout([dtype, "F64"], m + 5)
+    kinds, offs = row_layout([dtype, "F64"], m + 5)
     xs = np.full((2, m + 5), 7.0)
     deltas(xs, kinds, offs, buffers.in16, buffers.in32, buffers.in64, 1, True, 0, m)
     expected = stored.to(torch.float64).numpy()
