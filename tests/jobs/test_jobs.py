@@ -136,6 +136,7 @@ def test_a_job_survives_the_terminal_it_was_started_from_closing(tmp_path, model
     # The child is a shell whose controlling terminal is the pty, as sshd sets up a login.
     pid, master = pty.fork()
     if pid == 0:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a login shell has it (not nohup's ignore)
         os.execvp(
             "bash",
             [
