@@ -50,7 +50,6 @@ GRAM_MAX = 16
 # each model's bytes as read, with room to spare); spans filtered at once: READ_BYTES in all.
 SPAN_BYTES_PER_ELEMENT = 16
 READ_BYTES = 1 << 30
-_SCRATCH = threading.local()  # each thread's points buffer (``_points``)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -260,19 +259,13 @@ def _pool() -> ThreadPoolExecutor:
 def _points(params, key, base, models, shas, w, stats, read, mask_key, a: int, b: int) -> np.ndarray:
     """Elements ``a .. b`` of every point, filtered (float64[N, b - a]): each model's delta read
     straight into its row, then the merge methods' own kernels (DELLA's keep bits, DARE's hash,
-    the trim) and the vote, in place. The rows are the calling thread's buffer, valid until its
-    next call (every caller uses them at once): a new 8 MB block per span was a fresh mapping
-    each time, faulted in and zeroed by the kernel page by page."""
+    the trim) and the vote, in place."""
     from engine.kernels.hashing import _signed
     from engine.kernels.methods import _drop, _keep, _trim
     from engine.kernels.weiszfeld import vote_filter
 
-    width = b - a
-    scratch = getattr(_SCRATCH, "points", None)
-    if scratch is None or scratch.numel() < (len(models) + 1) * width:
-        scratch = _SCRATCH.points = torch.empty((len(models) + 1) * width, dtype=torch.float64)
-    bb = read(base, a, b, None, scratch[len(models) * width: (len(models) + 1) * width]) if base is not None else None
-    p = scratch[: len(models) * width].view(len(models), width)
+    bb = read(base, a, b) if base is not None else None
+    p = torch.empty((len(models), b - a), dtype=torch.float64)
     rows = p.numpy()
     for i, (src, sha) in enumerate(zip(models, shas)):
         read(src, a, b, bb, p[i])

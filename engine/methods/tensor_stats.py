@@ -28,7 +28,6 @@ done: the one cost that grows with N, 8 MB per model for the largest SDXL tensor
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,20 +75,6 @@ class TensorStats:
 
 
 _NO16, _NO32, _NO64 = np.zeros(0, np.uint16), np.zeros(0, np.float32), np.zeros(0, np.float64)
-_SCRATCH = threading.local()
-SCRATCH_BYTES = 4 << 20  # reads up to this size go through one buffer per thread
-
-
-def _raw(nbytes: int) -> np.ndarray:
-    """A buffer for ``nbytes`` read bytes: the thread's own for the small reads a median makes
-    by the thousand (a fresh one of 128 KB or more is a new mapping, faulted in page by page
-    and unmapped again: about half of such a read's time), a new one for whole tensors."""
-    if nbytes > SCRATCH_BYTES:
-        return np.empty(nbytes, np.uint8)
-    buf = getattr(_SCRATCH, "raw", None)
-    if buf is None:
-        buf = _SCRATCH.raw = np.empty(SCRATCH_BYTES, np.uint8)
-    return buf[:nbytes]
 
 
 def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Tensor | None = None,
@@ -97,11 +82,11 @@ def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Ten
     """Elements ``start .. stop`` of a stored float tensor, widened exactly to fp64, less
     ``minus`` (fp64, same length) when given; into ``out`` (fp64, contiguous) when given."""
     spec = DTYPES[src.dtype]
-    nbytes = (stop - start) * spec.itemsize
+    raw = torch.empty((stop - start) * spec.itemsize, dtype=torch.uint8)
+    pread_exact(fd, memoryview(raw.numpy()), src.offset + start * spec.itemsize, path)
     if src.dtype in KIND:  # one fused pass (numba), not torch's two conversions and a subtraction
-        data = _raw(nbytes)
-        pread_exact(fd, memoryview(data), src.offset + start * spec.itemsize, path)
         out = torch.empty(stop - start, dtype=torch.float64) if out is None else out
+        data = raw.numpy()
         views = (data.view(np.uint16) if spec.itemsize == 2 else _NO16,
                  data.view(np.float32) if spec.itemsize == 4 else _NO32,
                  data.view(np.float64) if spec.itemsize == 8 else _NO64)
@@ -110,8 +95,6 @@ def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Ten
         else:
             widen_minus(out.numpy(), KIND[src.dtype], *views, minus.numpy())
         return out
-    raw = torch.empty(nbytes, dtype=torch.uint8)
-    pread_exact(fd, memoryview(raw.numpy()), src.offset + start * spec.itemsize, path)
     values = raw.view(spec.torch_dtype)
     if values.dtype not in (torch.float32, torch.float64):
         values = values.to(torch.float32)  # fp16/bf16 -> fp32 is exact
