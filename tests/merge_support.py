@@ -133,3 +133,28 @@ def drop_uniform(seed: int, path: Path, key: str, n: int):
 
     return torch.from_numpy(uniform_numpy(stream_key(seed, int(sha256(path)[:16], 16), key_hash(key)), 0, n))
 
+
+
+def slow_some_medians(every: int = 40, pause: float = 0.3) -> None:
+    """Make every ``every``-th key's geometric median pause once its first phase is named, so
+    the merge (which computes medians a key ahead, on their own thread) waits for it and shows
+    that phase in its progress. For tests that need a merge caught in the middle of a median."""
+    import time as _time
+
+    from engine.methods import median
+
+    real, calls = median.geometric_median, [0]
+
+    def slowed(*args):
+        calls[0] += 1
+        report, paused = args[-1], []
+
+        def named(detail):
+            report(detail)
+            if detail and not paused and calls[0] % every == 0:
+                paused.append(True)
+                _time.sleep(pause)
+
+        return real(*args[:-1], named)
+
+    median.geometric_median = slowed

@@ -29,7 +29,7 @@ from engine.merge.layout import Item, build_items, step_writes
 from engine.merge.nan_policy import NanPolicy
 from engine.merge.output import OutputStream
 from engine.merge.tuning import Tuning
-from engine.methods.tensor_stats import StatsFeed
+from engine.methods.stats_feed import StatsFeed
 from engine.plan.model import MergePlan
 
 
@@ -76,7 +76,7 @@ class Pipeline:
         self.drop_cache = drop_cache
         self.backend_factory = backend_factory
         # whole-tensor statistics of methods that need them (kept across passes for the report)
-        self.stats = StatsFeed(plan, fds, lambda: (hooks.check_cancel(), hooks.tick()), hooks.working_on)
+        self.stats = StatsFeed(plan, fds, hooks.check_cancel, hooks.tick, hooks.working_on)
 
     def run(self, start: int) -> None:
         """Compute and write every step from ``start``; raises Restart after a NaN skip."""
@@ -105,9 +105,9 @@ class Pipeline:
             writer = Writer(self.streams, step_writes(plan), free_out, stop, t)
             reader.start()
             writer.start()
-            self.stats.begin_pass()
+            self.stats.begin_pass(items, self.nan.excluded)
             for item in items:
-                self.stats.attach(item, self.nan.excluded)
+                self.stats.attach(item)
                 buf = self._wait(lambda: reader.take(item.index, 0.1), reader, writer)
                 out = self._wait(lambda: get(free_out, 0.1), reader, writer)
                 inflight.append((item, backend.submit(item, buf, out, self.nan.excluded), buf, out))
@@ -129,6 +129,7 @@ class Pipeline:
             raise
         finally:
             stop.set()
+            self.stats.end_pass()
             _release(backend, reader, writer, direct, raise_errors=ok)
 
     def _wait(self, attempt, reader, writer):

@@ -4,9 +4,9 @@ interpolation factor ``t``.
 
 The streamed merge computes every element from the sources' values at that element only; these
 three depend on a whole tensor (a k-th smallest magnitude, the rank of each magnitude, cosines
-of flattened deltas). So just before the first slice of such a key is handed to a backend, the
-pipeline's thread reads the key's sources once more, straight from the files (the page cache
-usually still holds them, the readers fetched them a moment ago), and computes them here:
+of flattened deltas). So before the first slice of such a key is handed to a backend, its
+sources are read once more, whole, straight from the files, and these are computed here (on
+their own thread, one key ahead of the merge: ``engine.methods.stats_feed``):
 
 - trim: for each model, after its drop, the ``max(int((1 - trim) * n), 1)``-th smallest |tau|
   (``engine.kernels.select``, exact, from the fp64 bits; no sort): one number per model;
@@ -39,8 +39,7 @@ from engine.checkpoint.reader import pread_exact
 from engine.kernels.hashing import uniform_numpy
 from engine.kernels.mean import KIND
 from engine.kernels.methods import widen, widen_minus
-from engine.methods.streamed import mask_key, method_parts
-from engine.plan.model import METHOD, MergePlan, Source
+from engine.plan.model import Source
 
 # Elements of all the models read at once for model stock's Gram matrix (bytes / 8 / N each):
 # small enough to stay in the L3 cache between the widening and the Gram.
@@ -212,57 +211,3 @@ def stock_factor(gram: np.ndarray) -> tuple[float, float | None]:
     if 0.0 <= t <= 1.0:
         return t, None
     return min(1.0, max(0.0, t)), t
-
-
-class StatsFeed:
-    """Computes each method node's statistics once per pass, on the pipeline's thread, as its
-    first slice is submitted, and hands them to the items that hold its slices (``Item.stats``).
-    A node's numbers are dropped once its last slice has been handed out. ``clamped`` keeps,
-    across passes, the keys whose model stock ``t`` was clamped (node id -> (key, raw t))."""
-
-    def __init__(self, plan: MergePlan, fds: list[int], check_cancel: Callable[[], None],
-                 working_on: Callable[[str, str | None], None] = lambda key, detail: None):
-        from engine.recipe.sizes import memory_budget
-
-        self.budget = memory_budget(plan.recipe.memory)
-        self.plan = plan
-        self.fds = fds
-        self.check_cancel = check_cancel
-        self.working_on = working_on
-        self._held: dict[int, TensorStats] = {}
-        self.clamped: dict[int, tuple[str, float]] = {}
-
-    def begin_pass(self) -> None:
-        """A new pass (after a NaN skip the sources kept may differ): nothing is reused."""
-        self._held.clear()
-
-    def attach(self, item, excluded: dict[int, set]) -> None:
-        for seg in item.segments:
-            for ns in seg.nodes:
-                node = self.plan.nodes[ns.node]
-                if node.kind != METHOD or not needs_stats(node.method):
-                    continue
-                stats = self._held.get(ns.node)
-                if stats is None:
-                    _, base, base_out, kept, _, shas = method_parts(self.plan, seg, ns, excluded)
-                    if base_out or not kept:
-                        continue  # the backend reports the slice as bad
-                    step = self.plan.steps[seg.step]
-                    by_ident = {(s.file, s.key): s for s in step.sources}
-                    stats = compute_stats(node.method, node.key,
-                                          None if base is None else by_ident[(base.file, base.key)],
-                                          [by_ident[(s.file, s.key)] for s in kept], shas, self._read,
-                                          self.check_cancel, mask_key, self.budget,
-                                          lambda detail, key=node.key: self.working_on(key, detail))
-                    self._held[ns.node] = stats
-                    if stats.stock_raw is not None:
-                        self.clamped[ns.node] = (node.key, stats.stock_raw)
-                    else:
-                        self.clamped.pop(ns.node, None)
-                item.stats[ns.node] = stats
-                if seg.stop >= node.numel:
-                    del self._held[ns.node]
-
-    def _read(self, src: Source, start: int, stop: int, minus: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-        return read_f64(self.fds[src.file], src, self.plan.files[src.file].path, start, stop, minus, out)

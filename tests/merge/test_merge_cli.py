@@ -13,13 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
-from merge_support import make_models, method_table, recipe_text, sdxl_output, sha256, subprocess_env, write_abc_recipe
+from merge_support import (
+    make_models,
+    method_table,
+    recipe_text,
+    sdxl_output,
+    sha256,
+    slow_some_medians,
+    subprocess_env,
+    write_abc_recipe,
+)
 
 from engine.checkpoint.writer import partial_path
 from engine.merge.events import event_from_dict
 from engine.merge.output import sidecar_path
 from engine.merge.run import execute
 from engine.merge.tuning import Tuning
+from engine.methods import median
 from engine.plan.planner import build_plan
 from engine.recipe.toml_file import load_recipe
 from engine.synth.checkpoints import SynthSpec, write_checkpoint
@@ -180,11 +190,12 @@ def test_kill_9_leaves_no_target_and_resume_gives_identical_bytes(models, tmp_pa
 MEDIAN_PACE = "time.sleep(0 if getattr(e, 'detail', None) else 0.01)"
 
 
-def test_kill_9_in_the_middle_of_a_median_and_resume_give_identical_bytes(models, tmp_path):
+def test_kill_9_in_the_middle_of_a_median_and_resume_give_identical_bytes(models, tmp_path, monkeypatch):
     """The geometric median works over a whole key before any of it is written: a kill while it
     does (the progress names the key and the median's phase: its Gram matrix, the iterate, or
     the sweep's iteration) loses that key's work only, and the resumed output has the bytes of
-    an uninterrupted run."""
+    an uninterrupted run. Some medians are slowed, so the merge, which computes them a key
+    ahead, waits for one and names it."""
     make_models(tmp_path / "more", 4)
     text = recipe_text({m: str(tmp_path / "more" / f"m{i}.safetensors") for i, m in enumerate("abcd")},
                        {"all": ["b", "c", "d"]}, [sdxl_output("out/mix.safetensors", "all")])
@@ -192,7 +203,9 @@ def test_kill_9_in_the_middle_of_a_median_and_resume_give_identical_bytes(models
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(text)
     target = tmp_path / "out/mix.safetensors"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI.replace("time.sleep(0.01)", MEDIAN_PACE), "merge",
+    script = SLOW_CLI.replace("time.sleep(0.01)", MEDIAN_PACE).replace(
+        "command.execute = slow", "command.execute = slow\nimport merge_support; merge_support.slow_some_medians()")
+    proc = subprocess.Popen([sys.executable, "-c", script, "merge",
                              str(recipe), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env())
     seen: list[dict] = []
@@ -216,6 +229,8 @@ def test_kill_9_in_the_middle_of_a_median_and_resume_give_identical_bytes(models
     assert not target.exists() and _written(target) > 5
 
     events: list = []
+    monkeypatch.setattr(median, "geometric_median", median.geometric_median)  # undone after the test
+    slow_some_medians()
     execute(build_plan(load_recipe(recipe)), on_event=events.append, resume=True, tuning=Tuning(buffer_bytes=1 << 20))
     assert next(e for e in events if e.type == "started").resumed_tensors > 5
     assert any(e.type == "progress" and e.detail and "median" in e.detail for e in events)
