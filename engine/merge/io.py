@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -56,12 +57,17 @@ class Readers:
     """Reader threads: item i goes to thread i % n; buffers are taken in item order.
 
     ``throttle`` paces the reads (None: as fast as the disk goes); ``drop_cache`` drops source
-    pages once copied (see drop_cache_wanted)."""
+    pages once copied (see drop_cache_wanted); ``direct`` reads past the page cache, except
+    the items ``cached(item)`` says a method's statistics read a moment ago through it
+    (engine.methods.stats_feed): those are copied from the page cache, so the disk serves
+    their bytes once, not twice."""
 
     def __init__(self, items, fds, plan, free, stop: threading.Event, n: int,
-                 throttle: ReadThrottle | None = None, drop_cache: bool = True, direct=None):
+                 throttle: ReadThrottle | None = None, drop_cache: bool = True, direct=None,
+                 cached: Callable[[object], bool] = lambda item: False):
         self.items = items
         self.direct = direct  # engine.merge.direct_reads.DirectFiles: reads past the page cache
+        self.cached = cached
         self.throttle = throttle
         self.drop_cache = drop_cache
         self.fds = fds
@@ -104,7 +110,7 @@ class Readers:
                 buf = self._buffer_for(item.index)
                 if buf is None:
                     return
-                if self.direct is None:
+                if self.direct is None or self.cached(item):
                     self._read(item, buf)
                 else:
                     self._read_direct(k, item, buf)

@@ -101,11 +101,12 @@ class Pipeline:
             if self.drop_cache:
                 direct = open_direct(self.fds, [f.path for f in plan.files], max(t.readers, t.direct_readers))
                 readers = len(direct.bounces) if direct else t.readers
-            reader = Readers(items, self.fds, plan, free_read, stop, readers, throttle, self.drop_cache, direct)
+            self.stats.begin_pass(items, self.nan.excluded)
+            reader = Readers(items, self.fds, plan, free_read, stop, readers, throttle, self.drop_cache, direct,
+                             self.stats.reads)
             writer = Writer(self.streams, step_writes(plan), free_out, stop, t)
             reader.start()
             writer.start()
-            self.stats.begin_pass(items, self.nan.excluded)
             for item in items:
                 self.stats.attach(item)
                 buf = self._wait(lambda: reader.take(item.index, 0.1), reader, writer)

@@ -7,7 +7,10 @@ Done on the pipeline's thread, that read and that work stood between two keys wi
 readers and the backend idle: on a cold disk a TIES merge spent most of its time there. Here
 one thread (``_Ahead``) walks the pass's method nodes in the order their first slices come,
 and computes node ``j`` while the pipeline still merges the keys before it, so the second read
-overlaps the first and the selection overlaps the element pass.
+overlaps the first and the selection overlaps the element pass. The thread reads through the
+page cache (``whole_reads``: several requests in flight, the next tensor fetched while the
+current one is worked on), and the merge's readers, which otherwise read past it on a merge
+too big to cache, copy those items from there (``reads``): the disk serves each byte once.
 
 What it holds ahead is bounded: the next node always, more only while the nodes computed
 and not yet handed out total at most ``AHEAD_ELEMENTS`` elements (many small keys in a row),
@@ -31,7 +34,8 @@ from typing import Callable
 import torch
 
 from engine.methods.streamed import mask_key, method_parts
-from engine.methods.tensor_stats import TensorStats, compute_stats, needs_stats, read_f64
+from engine.methods.tensor_stats import TensorStats, compute_stats, needs_stats, read_f64, widen_raw
+from engine.methods.whole_reads import WholeReads, pread_pieces
 from engine.plan.model import METHOD, MergePlan, Source
 
 # Elements of computed nodes the thread may hold beyond the next one the pipeline needs.
@@ -76,6 +80,7 @@ class StatsFeed:
         self.working_on = working_on
         self.clamped: dict[int, tuple[str, float]] = {}
         self._jobs: dict[int, _Job] = {}
+        self._cached: set[int] = set()  # items whose sources the thread reads (fixed for a pass)
         self._ahead: _Ahead | None = None
 
     def begin_pass(self, items, excluded: dict[int, set]) -> None:
@@ -88,11 +93,14 @@ class StatsFeed:
             for seg in item.segments:
                 for ns in seg.nodes:
                     node = self.plan.nodes[ns.node]
-                    if node.kind != METHOD or not needs_stats(node.method) or ns.node in self._jobs:
+                    if node.kind != METHOD or not needs_stats(node.method):
                         continue
-                    job = _Job(len(jobs), ns.node, node.key, node.numel, self._arguments(seg, ns, excluded))
-                    self._jobs[ns.node] = job
-                    jobs.append(job)
+                    if ns.node not in self._jobs:
+                        job = _Job(len(jobs), ns.node, node.key, node.numel, self._arguments(seg, ns, excluded))
+                        self._jobs[ns.node] = job
+                        jobs.append(job)
+                    if self._jobs[ns.node].args is not None:
+                        self._cached.add(item.index)
         if jobs:
             self._ahead = _Ahead(self, jobs)
             self._ahead.start()
@@ -103,6 +111,7 @@ class StatsFeed:
             self._ahead.stop()
             self._ahead = None
         self._jobs.clear()
+        self._cached = set()
 
     def attach(self, item) -> None:
         """Give ``item`` the statistics of every method node it holds a slice of, waiting for
@@ -119,6 +128,11 @@ class StatsFeed:
                     del self._jobs[ns.node]
                     self._ahead.handed_out(job)
                     job.stats = None  # the items hold it now, until they are done
+
+    def reads(self, item) -> bool:
+        """Whether the thread reads ``item``'s sources (through the page cache) before the
+        item's turn: the merge's readers then copy them from there, not from the disk."""
+        return item.index in self._cached
 
     def _wait(self, job: _Job) -> None:
         if not job.done.is_set():
@@ -149,6 +163,10 @@ class StatsFeed:
              out: torch.Tensor | None = None) -> torch.Tensor:
         return read_f64(self.fds[src.file], src, self.plan.files[src.file].path, start, stop, minus, out)
 
+    def read_raw(self, src: Source, view: memoryview) -> None:
+        """``src``'s stored bytes, whole, into ``view``."""
+        pread_pieces(self.fds[src.file], view, src.offset, self.plan.files[src.file].path)
+
 
 class _Ahead(threading.Thread):
     """Computes the pass's jobs in order: the one the pipeline is at and the next always,
@@ -163,15 +181,20 @@ class _Ahead(threading.Thread):
             self._before.append(self._before[-1] + job.numel)
         self._lock = threading.Condition()
         self._stopped = False
+        self._whole = WholeReads(feed.read_raw, widen_raw)  # this thread's whole-tensor reads, for the pass
         self._at = 0  # index of the first job the pipeline has not handed out the last slice of
 
     def run(self) -> None:
-        for index, job in enumerate(self.jobs):
-            if job.args is not None:
-                if not self._may_start(index, job):
-                    return
-                self._compute(job)
-            job.done.set()
+        try:
+            for index, job in enumerate(self.jobs):
+                if job.args is not None:
+                    if not self._may_start(index, job):
+                        return
+                    self._whole.then = _first_source(self.jobs, index + 1)
+                    self._compute(job)
+                job.done.set()
+        finally:
+            self._whole.close()
 
     def _may_start(self, index: int, job: _Job) -> bool:
         with self._lock:
@@ -190,7 +213,8 @@ class _Ahead(threading.Thread):
             job.detail = detail
 
         try:
-            job.stats = compute_stats(*job.args, self.feed.read, check, mask_key, self.feed.budget, report)
+            job.stats = compute_stats(*job.args, self.feed.read, check, mask_key, self.feed.budget, report,
+                                      self._whole)
         except _Stopped:
             job.error = RuntimeError("the pass ended")  # never handed out: the pass is over
         except BaseException as e:  # raised where the pipeline asks for this node
@@ -214,3 +238,12 @@ class _Ahead(threading.Thread):
             self._stopped = True
             self._lock.notify_all()
         self.join()
+
+
+def _first_source(jobs: list[_Job], start: int) -> Source | None:
+    """The first source the jobs from ``start`` read whole (trim, DELLA): the base of the
+    next that has one, to be fetched while the current job's last model is worked on."""
+    for job in jobs[start:start + 1]:
+        if job.args is not None and job.args[2] is not None and (job.args[0].trim < 1 or job.args[0].drop_eps != 0):
+            return job.args[2]
+    return None

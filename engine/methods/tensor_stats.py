@@ -39,6 +39,7 @@ from engine.checkpoint.reader import pread_exact
 from engine.kernels.hashing import uniform_numpy
 from engine.kernels.mean import KIND
 from engine.kernels.methods import widen, widen_minus
+from engine.methods.whole_reads import WholeReads
 from engine.plan.model import Source
 
 # Elements of all the models read at once for model stock's Gram matrix (bytes / 8 / N each):
@@ -80,11 +81,20 @@ def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Ten
              out: torch.Tensor | None = None) -> torch.Tensor:
     """Elements ``start .. stop`` of a stored float tensor, widened exactly to fp64, less
     ``minus`` (fp64, same length) when given; into ``out`` (fp64, contiguous) when given."""
+    itemsize = DTYPES[src.dtype].itemsize
+    raw = torch.empty((stop - start) * itemsize, dtype=torch.uint8)
+    pread_exact(fd, memoryview(raw.numpy()), src.offset + start * itemsize, path)
+    return widen_raw(raw, src, minus, out)
+
+
+def widen_raw(raw: torch.Tensor, src: Source, minus: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored bytes ``raw`` (uint8) of elements of ``src``, widened exactly to fp64, less
+    ``minus`` when given, into ``out`` when given."""
     spec = DTYPES[src.dtype]
-    raw = torch.empty((stop - start) * spec.itemsize, dtype=torch.uint8)
-    pread_exact(fd, memoryview(raw.numpy()), src.offset + start * spec.itemsize, path)
+    n = raw.numel() // spec.itemsize
     if src.dtype in KIND:  # one fused pass (numba), not torch's two conversions and a subtraction
-        out = torch.empty(stop - start, dtype=torch.float64) if out is None else out
+        out = torch.empty(n, dtype=torch.float64) if out is None else out
         data = raw.numpy()
         views = (data.view(np.uint16) if spec.itemsize == 2 else _NO16,
                  data.view(np.float32) if spec.itemsize == 4 else _NO32,
@@ -104,12 +114,15 @@ def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Ten
 
 
 def compute_stats(params, key: str, base: Source | None, models: list[Source], shas: list[str | None],
-                  read: Callable[[Source, int, int], torch.Tensor], check_cancel: Callable[[], None],
+                  read: Callable[..., torch.Tensor], check_cancel: Callable[[], None],
                   mask_key: Callable[[int, str, str], int], budget: int = 1 << 62,
-                  report: Callable[[str | None], None] = lambda detail: None) -> TensorStats:
+                  report: Callable[[str | None], None] = lambda detail: None,
+                  whole: WholeReads | None = None) -> TensorStats:
     """The statistics of one method node over its base (None: a median of the models
-    themselves) and (kept) model sources; ``budget``: the bytes a median may hold;
-    ``report(detail)``: what is being computed (None once done), for the progress."""
+    themselves) and (kept) model sources; ``read(src, start, stop, minus=None, out=None,
+    scratch=None)`` as read_f64; ``budget``: the bytes a median may hold; ``report(detail)``:
+    what is being computed (None once done), for the progress; ``whole``: the calling thread's
+    whole-tensor reads (trim and DELLA read whole tensors: required for them)."""
     n = math.prod(models[0].shape)
     stats = TensorStats()
     try:
@@ -119,7 +132,7 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
             return stats
         if params.trim < 1 or params.drop_eps != 0:
             report("DELLA ranks" if params.drop_eps != 0 else "trim thresholds")
-            _per_model(stats, params, key, base, models, shas, n, read, check_cancel, mask_key)
+            _per_model(stats, params, key, base, models, shas, n, whole, check_cancel, mask_key)
         if params.combine == "median":
             from engine.methods.median import geometric_median
 
@@ -131,13 +144,15 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
         report(None)
 
 
-def _per_model(stats: TensorStats, params, key, base, models, shas, n, read, check_cancel, mask_key) -> None:
-    """Trim thresholds and DELLA masks, one model's whole delta at a time."""
-    b = read(base, 0, n)
+def _per_model(stats: TensorStats, params, key, base, models, shas, n, whole: WholeReads, check_cancel,
+               mask_key) -> None:
+    """Trim thresholds and DELLA masks, one model's whole delta at a time (the next one read
+    while this one is worked on)."""
+    b = whole.f64(base, None, "base", models[0])
     k = max(int((1 - params.trim) * n), 1)
-    for src, sha in zip(models, shas):
+    for i, (src, sha) in enumerate(zip(models, shas)):
         check_cancel()
-        tau = read(src, 0, n, b)
+        tau = whole.f64(src, b, "tau", models[i + 1] if i + 1 < len(models) else None)
         ident = (src.file, src.key)
         if params.drop_eps != 0:
             keep = della_keep(tau, params.drop, params.drop_eps, uniform_numpy(mask_key(params.seed, sha, key), 0, n))

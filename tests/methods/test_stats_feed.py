@@ -28,10 +28,12 @@ def models(tmp_path_factory) -> Path:
     return folder
 
 
-def _plan(models: Path, out: Path, method: dict):
+def _plan(models: Path, out: Path, method: dict, **components):
+    """A recipe over models b, c, d by ``method``; ``components`` name other selections' ids
+    (a selection "plain" of b and c, without a method, is there to be used)."""
     ids = {m: str(models / f"m{i}.safetensors") for i, m in enumerate("abcd")}
-    text = recipe_text(ids, {"all": ["b", "c", "d"]}, [sdxl_output(str(out), "all")]) + method_table("all", method)
-    return build_plan(parse_recipe(text, out.parent))
+    text = recipe_text(ids, {"all": ["b", "c", "d"], "plain": ["b", "c"]}, [sdxl_output(str(out), "all", **components)])
+    return build_plan(parse_recipe(text + method_table("all", method), out.parent))
 
 
 def _stats_threads() -> list[threading.Thread]:
@@ -111,3 +113,34 @@ def test_cancel_while_the_thread_computes_ends_it(models, tmp_path, monkeypatch)
         execute(plan, cancel=cancel)
     assert not (tmp_path / "out.safetensors").exists()
     assert not _stats_threads()
+
+
+def test_past_the_page_cache_the_items_the_thread_read_are_copied_from_it(models, tmp_path, monkeypatch):
+    """On a merge too big to cache the readers read past the page cache (O_DIRECT), except the
+    items of keys whose statistics the thread has just read through it: same bytes either way."""
+    from engine.merge import io, run
+
+    method = {"method": "ties", "base": "a"}
+    cached = tmp_path / "cached.safetensors"
+    execute(_plan(models, cached, method, vae="plain"))
+    ways = {"cache": 0, "direct": 0}
+    real_read, real_direct = io.Readers._read, io.Readers._read_direct
+
+    def read(self, item, buf):
+        ways["cache"] += 1
+        return real_read(self, item, buf)
+
+    def read_direct(self, k, item, buf):
+        ways["direct"] += 1
+        return real_direct(self, k, item, buf)
+
+    monkeypatch.setattr(io.Readers, "_read", read)
+    monkeypatch.setattr(io.Readers, "_read_direct", read_direct)
+    monkeypatch.setattr(run, "drop_cache_wanted", lambda nbytes: True)
+    past = tmp_path / "past.safetensors"
+    execute(_plan(models, past, method, vae="plain"), tuning=Tuning(buffer_bytes=64 << 10))
+    got, want = load(past), load(cached)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if ways["direct"] == 0:
+        pytest.skip("O_DIRECT reads are not available on this file system")
+    assert ways["cache"] > 0  # the items of the ties keys, while the VAE's (a plain mean) went past it
