@@ -58,13 +58,13 @@ class Readers:
 
     ``throttle`` paces the reads (None: as fast as the disk goes); ``drop_cache`` drops source
     pages once copied (see drop_cache_wanted); ``direct`` reads past the page cache, except
-    the items ``cached(item)`` says a method's statistics read a moment ago through it
-    (engine.methods.stats_feed): those are copied from the page cache, so the disk serves
-    their bytes once, not twice."""
+    the items ``cached(item, stop)`` says a method's statistics read through it (it returns
+    once they have: engine.methods.stats_feed): those are copied from the page cache, so the
+    disk serves their bytes once, not twice."""
 
     def __init__(self, items, fds, plan, free, stop: threading.Event, n: int,
                  throttle: ReadThrottle | None = None, drop_cache: bool = True, direct=None,
-                 cached: Callable[[object], bool] = lambda item: False):
+                 cached: Callable[[object, threading.Event], bool] = lambda item, stop: False):
         self.items = items
         self.direct = direct  # engine.merge.direct_reads.DirectFiles: reads past the page cache
         self.cached = cached
@@ -110,7 +110,7 @@ class Readers:
                 buf = self._buffer_for(item.index)
                 if buf is None:
                     return
-                if self.direct is None or self.cached(item):
+                if self.direct is None or self.cached(item, self.stop):
                     self._read(item, buf)
                 else:
                     self._read_direct(k, item, buf)

@@ -80,7 +80,7 @@ class StatsFeed:
         self.working_on = working_on
         self.clamped: dict[int, tuple[str, float]] = {}
         self._jobs: dict[int, _Job] = {}
-        self._cached: set[int] = set()  # items whose sources the thread reads (fixed for a pass)
+        self._cached: dict[int, list[_Job]] = {}  # items whose sources the thread reads: their jobs
         self._ahead: _Ahead | None = None
 
     def begin_pass(self, items, excluded: dict[int, set]) -> None:
@@ -100,7 +100,7 @@ class StatsFeed:
                         self._jobs[ns.node] = job
                         jobs.append(job)
                     if self._jobs[ns.node].args is not None:
-                        self._cached.add(item.index)
+                        self._cached.setdefault(item.index, []).append(self._jobs[ns.node])
         if jobs:
             self._ahead = _Ahead(self, jobs)
             self._ahead.start()
@@ -111,7 +111,7 @@ class StatsFeed:
             self._ahead.stop()
             self._ahead = None
         self._jobs.clear()
-        self._cached = set()
+        self._cached = {}
 
     def attach(self, item) -> None:
         """Give ``item`` the statistics of every method node it holds a slice of, waiting for
@@ -129,10 +129,18 @@ class StatsFeed:
                     self._ahead.handed_out(job)
                     job.stats = None  # the items hold it now, until they are done
 
-    def reads(self, item) -> bool:
+    def reads(self, item, stop: threading.Event) -> bool:
         """Whether the thread reads ``item``'s sources (through the page cache) before the
-        item's turn: the merge's readers then copy them from there, not from the disk."""
-        return item.index in self._cached
+        item's turn; if so, once it has (or ``stop`` is set), so that the merge's readers copy
+        them from there: a reader ahead of the thread would read them from the disk first,
+        and drop them from the cache behind it, and the thread would read them again."""
+        jobs = self._cached.get(item.index)
+        if jobs is None:
+            return False
+        for job in jobs:
+            while not job.done.wait(0.1) and not stop.is_set():
+                pass
+        return True
 
     def _wait(self, job: _Job) -> None:
         if not job.done.is_set():
