@@ -144,3 +144,33 @@ def test_past_the_page_cache_the_items_the_thread_read_are_copied_from_it(models
     if ways["direct"] == 0:
         pytest.skip("O_DIRECT reads are not available on this file system")
     assert ways["cache"] > 0  # the items of the ties keys, while the VAE's (a plain mean) went past it
+
+
+def test_past_the_page_cache_a_reader_copies_an_item_only_once_the_thread_has_read_it(models, tmp_path, monkeypatch):
+    """A reader ahead of the statistics thread would read the item from the disk and drop it
+    from the cache, and the thread would read it again: it waits for the thread first."""
+    from engine.merge import io, run
+
+    early: list[int] = []
+    direct: list[bool] = []
+    real_read, real_compute = io.Readers._read, stats_feed.compute_stats
+
+    def read(self, item, buf):
+        direct.append(self.direct is not None)
+        jobs = self.cached.__self__._cached.get(item.index, []) if self.direct is not None else []
+        if not all(job.done.is_set() for job in jobs):
+            early.append(item.index)
+        return real_read(self, item, buf)
+
+    def slow(*args):
+        time.sleep(0.002)  # the thread behind the readers
+        return real_compute(*args)
+
+    monkeypatch.setattr(io.Readers, "_read", read)
+    monkeypatch.setattr(stats_feed, "compute_stats", slow)
+    monkeypatch.setattr(run, "drop_cache_wanted", lambda nbytes: True)
+    execute(_plan(models, tmp_path / "out.safetensors", {"method": "ties", "base": "a"}, vae="plain"),
+            tuning=Tuning(buffer_bytes=64 << 10))
+    if not any(direct):
+        pytest.skip("O_DIRECT reads are not available on this file system")
+    assert early == []
