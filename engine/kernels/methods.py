@@ -23,6 +23,7 @@ divided". Returns the index of the first element whose probe is not finite, or -
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from engine.kernels.floats import bf16_to_f64, f16_to_f64, f64_to_bf16_bits, f64_to_f16_bits, is_finite
@@ -131,6 +132,18 @@ def _keep(x, keep, bit0):
     for i in range(x.size):
         bit = bit0 + i
         x[i] = x[i] if (keep[bit >> 3] >> (7 - (bit & 7))) & 1 else 0.0
+
+
+@numba.njit(inline="always", error_model="numpy")
+def filter_delta(x, has_keep, keep, bit0, has_drop, key, first, drop, has_trim, threshold):
+    """A model's delta over a block, filtered in the methods' order: DELLA's keep bits (``keep``
+    from bit ``bit0``) or DARE's drop (stream ``key``, elements from ``first``), then the trim."""
+    if has_keep:
+        _keep(x, keep, bit0)
+    elif has_drop:
+        _drop(x, key, first, drop)
+    if has_trim:
+        _trim(x, threshold)
 
 
 @kernel
@@ -287,12 +300,8 @@ def method_elements(in16, in32, in64, base_kind, base_off, kinds, offsets, facto
             _load_delta(x, b, probe, kinds[j], offsets[j] + a, in16, in32, in64)
             if combine == COMBINE_MEDIAN:
                 continue  # the key's median is computed; the models' values are only checked
-            if has_keep:
-                _keep(x, keep[j], keep_bit0 + a)
-            elif has_drop:
-                _drop(x, keys[j], first + a, drop)
-            if has_trim:
-                _trim(x, thresholds[j])
+            filter_delta(x, has_keep, keep[j], keep_bit0 + a, has_drop, keys[j], first + a, drop, has_trim,
+                         thresholds[j])
             if vote == VOTE_NONE:
                 _sum(total, x, factors[j])
             elif vote == VOTE_SUM:

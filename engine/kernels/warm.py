@@ -44,6 +44,12 @@ def warm() -> None:
 
     median_gram.center(np.zeros((1, 8)))
     median_gram.iterate(np.zeros((1, 1)), np.ones(1), 1e-6, 1, 1e-20, np.zeros(1))
+    from engine.kernels import median_points  # the median's points, span by span, from the stored bytes
+
+    median_points.span_points(u16, f32, f64, -1, 0, one, one, 8, 0, np.ones(1), 0.0, one, False,
+                              np.zeros((1, 1), np.uint8), 0, False, np.zeros(1), False, 0, np.empty(8),
+                              np.zeros(2, np.int64), median_points.ROWS, np.zeros((1, 8)), np.zeros((1, 0), np.float32),
+                              0, np.zeros((1, 1, gram.LANES)))
     methods._drop(f64, 0, 0, 0.5)
     methods._keep(f64, np.zeros(1, np.uint8), 0)
     methods._trim(f64, 0.5)

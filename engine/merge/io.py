@@ -110,7 +110,10 @@ class Readers:
                 buf = self._buffer_for(item.index)
                 if buf is None:
                     return
-                if self.direct is None or self.cached(item, self.stop):
+                # an item whose sources a method's statistics read is copied from the page cache
+                # once they have (and its pages dropped behind: drop_cache); the rest past it (direct)
+                cached = self.cached(item, self.stop) if self.direct is not None or self.drop_cache else False
+                if self.direct is None or cached:
                     self._read(item, buf)
                 else:
                     self._read_direct(k, item, buf)
@@ -130,6 +133,8 @@ class Readers:
             return
         for seg in self.items[index].segments:
             for s in seg.sources:
+                if not s.read:
+                    continue
                 try:
                     os.posix_fadvise(self.fds[s.file], s.file_offset, s.nbytes, os.POSIX_FADV_WILLNEED)
                 except OSError:
@@ -157,7 +162,8 @@ class Readers:
         ranges: dict[int, list[Range]] = {}
         for seg in item.segments:
             for s in seg.sources:
-                ranges.setdefault(s.file, []).append(Range(s.file_offset, s.file_offset + s.nbytes, s.buf_offset))
+                if s.read:
+                    ranges.setdefault(s.file, []).append(Range(s.file_offset, s.file_offset + s.nbytes, s.buf_offset))
         self.direct.read(k, ranges, buf.numpy(), self._before_read)
 
     def _before_read(self, nbytes: int) -> None:
@@ -171,9 +177,10 @@ class Readers:
         spans: dict[int, list[int]] = {}
         for seg in item.segments:
             for s in seg.sources:
-                self._before_read(s.nbytes)
-                pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
-                             self.plan.files[s.file].path)
+                if s.read:  # else a median's model: its statistics read it (its pages are dropped all the same)
+                    self._before_read(s.nbytes)
+                    pread_exact(self.fds[s.file], view[s.buf_offset: s.buf_offset + s.nbytes], s.file_offset,
+                                 self.plan.files[s.file].path)
                 span = spans.setdefault(s.file, [s.file_offset, s.file_offset + s.nbytes])
                 span[0] = min(span[0], s.file_offset)
                 span[1] = max(span[1], s.file_offset + s.nbytes)

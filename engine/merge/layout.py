@@ -9,6 +9,11 @@ flight constant.
 
 Offsets inside buffers are aligned to 64 bytes so that byte views can be reinterpreted as any
 dtype (and stay cache-line aligned).
+
+A geometric median's models are not read into the buffers (``SourceSlice.read`` false, no room
+taken): the median is computed from the files by its statistics (``engine.methods.median``),
+which also count their NaN/Inf values, so the element pass needs only the base. A source that
+another output of the same key merges otherwise is read as usual.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.checkpoint.format import DTYPES
-from engine.plan.model import ARANGE, MergePlan
+from engine.plan.model import ARANGE, METHOD, MergePlan
 
 ALIGN = 64
 
@@ -33,7 +38,8 @@ class SourceSlice:
     weight: float
     file_offset: int  # absolute file offset of this slice
     nbytes: int
-    buf_offset: int  # offset in the item's read buffer
+    buf_offset: int  # offset in the item's read buffer (-1: not read)
+    read: bool = True  # False: a median's model, which the element pass does not read
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Item:
     segments: list[Segment] = field(default_factory=list)
     read_bytes: int = 0
     out_bytes: int = 0
+    held_bytes: int = 0  # the medians' results its slices use (fp64, held by their statistics)
     # method node id -> its whole-tensor statistics (engine.methods.tensor_stats), set by the
     # pipeline before the item goes to a backend
     stats: dict = field(default_factory=dict)
@@ -111,7 +118,11 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list
     for si in range(start_step, len(plan.steps)):
         step = plan.steps[si]
         numel = plan.nodes[step.nodes[0]].numel
-        src_cost = sum(DTYPES[s.dtype].itemsize for s in step.sources)
+        unread = unread_sources(plan, si)
+        # a median's result (fp64, computed by its statistics) is held while the item is in flight:
+        # counted as read bytes, so that items hold as many elements as when its models were read
+        held = 8 * sum(_is_median(plan.nodes[nid]) for nid in step.nodes)
+        src_cost = held + sum(DTYPES[s.dtype].itemsize for s in step.sources if (s.file, s.key) not in unread)
         out_cost = sum(DTYPES[d].itemsize for nid in step.nodes for d in dtypes[nid])
         # Room for the per-slice alignment padding; a chunk alone always fits an empty buffer.
         room = buffer_bytes - ALIGN * (len(step.sources) + sum(len(dtypes[n]) for n in step.nodes))
@@ -119,20 +130,43 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list
         for start in range(0, max(numel, 1), chunk):
             stop = min(numel, start + chunk)
             n = stop - start
-            read = sum(_align(n * DTYPES[s.dtype].itemsize) for s in step.sources)
+            read = held * n + sum(_align(n * DTYPES[s.dtype].itemsize) for s in step.sources
+                                  if (s.file, s.key) not in unread)
             out = sum(_align(n * DTYPES[d].itemsize) for nid in step.nodes for d in dtypes[nid])
             if current.segments and (
-                current.read_bytes + read > buffer_bytes or current.out_bytes + out > buffer_bytes
+                current.read_bytes + current.held_bytes + read > buffer_bytes or current.out_bytes + out > buffer_bytes
             ):
                 items.append(current)
                 current = Item(len(items))
-            current.segments.append(_segment(plan, si, start, stop, current, dtypes))
+            current.segments.append(_segment(plan, si, start, stop, current, dtypes, unread))
+            current.held_bytes += held * n
     if current.segments:
         items.append(current)
     return items
 
 
-def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes) -> Segment:
+def _is_median(node) -> bool:
+    return node.kind == METHOD and node.method.combine == "median"
+
+
+def unread_sources(plan: MergePlan, si: int) -> set[tuple[int, str]]:
+    """The (file, stored key) sources of step ``si`` that only geometric medians merge, as models:
+    the element pass does not read them."""
+    medians: set[tuple[int, str]] = set()
+    others: set[tuple[int, str]] = set()
+    for nid in plan.steps[si].nodes:
+        node = plan.nodes[nid]
+        srcs = [(s.file, s.key) for s in node.sources]
+        if _is_median(node):
+            lead = 1 if node.method.base is not None else 0
+            others.update(srcs[:lead])
+            medians.update(srcs[lead:])
+        else:
+            others.update(srcs)
+    return medians - others
+
+
+def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes, unread: set) -> Segment:
     step = plan.steps[si]
     n = stop - start
     slices: list[SourceSlice] = []
@@ -140,8 +174,11 @@ def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes
     for s in step.sources:
         size = DTYPES[s.dtype].itemsize
         index[(s.file, s.key)] = len(slices)
-        slices.append(SourceSlice(s.file, s.key, s.dtype, s.weight, s.offset + start * size, n * size, item.read_bytes))
-        item.read_bytes += _align(n * size)
+        read = (s.file, s.key) not in unread
+        slices.append(SourceSlice(s.file, s.key, s.dtype, s.weight, s.offset + start * size, n * size,
+                                  item.read_bytes if read else -1, read))
+        if read:
+            item.read_bytes += _align(n * size)
     nodes = []
     for nid in step.nodes:
         node = plan.nodes[nid]

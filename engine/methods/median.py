@@ -35,11 +35,16 @@ import math
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
+
+from engine.checkpoint.format import DTYPES
+from engine.kernels.mean import F64, KIND
+from engine.methods.result_ring import ResultRing
 
 SPAN = 1 << 16
 # Points up to which the iteration runs on their Gram matrix (``_by_gram``: N (N + 1) / 2
@@ -52,72 +57,79 @@ SPAN_BYTES_PER_ELEMENT = 16
 READ_BYTES = 1 << 30
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+# span_points' arguments where a mode has no use for them
+_NO_ROWS = np.zeros((1, 0), np.float64)
+_NO_HELD = np.zeros((1, 0), np.float32)
+_NO_LANES = np.zeros((1, 1, 8), np.float64)
+_NO_KEEP = np.zeros((1, 1), np.uint8)
 
 
 @dataclass
 class MedianResult:
-    delta: np.ndarray  # float64[n]: the median (of the deltas, or of the models without a base)
+    delta: np.ndarray | None  # float64[n]: the median (of the deltas, or of the models without a base);
+    # None when a source holds NaN/Inf values (``nonfinite``): the element pass reports them
     iterations: int
     in_memory: bool
+    nonfinite: list = field(default_factory=list)  # (file, stored key) of the sources with NaN/Inf values
 
 
 def geometric_median(params, key: str, base, models: list, shas: list, weights: list[float], stats,
-                     read: Callable, check_cancel: Callable[[], None], mask_key: Callable,
+                     read_raw: Callable, check_cancel: Callable[[], None], mask_key: Callable,
                      budget: int, report: Callable[[str | None], None] = lambda detail: None) -> MedianResult:
     """The median of one key's points (``base``: a Source or None; ``models``: Sources;
-    ``stats``: the key's TensorStats for trim thresholds and DELLA masks; ``report``: told
-    each iteration, for the progress)."""
+    ``stats``: the key's TensorStats for trim thresholds and DELLA masks; ``read_raw(src,
+    start, stop, view)``: elements ``start .. stop`` of a source's stored bytes into ``view``;
+    ``report``: told each iteration, for the progress)."""
     from engine.kernels.weiszfeld import LANES, finish, step
 
     n = math.prod(models[0].shape)
     w = np.array(weights, np.float64)
     count = len(models)
     spans = [(a, min(n, a + SPAN)) for a in range(0, n, SPAN)]
-
-    def block(a: int, b: int) -> np.ndarray:
-        return _points(params, key, base, models, shas, w, stats, read, mask_key, a, b)
-
+    points = _Points(params, key, base, models, shas, w, stats, read_raw, mask_key)
     reading = max(1, READ_BYTES // (SPAN_BYTES_PER_ELEMENT * count * SPAN))  # spans filtered at once
     if count <= GRAM_MAX:
-        return _by_gram(params, spans, block, n, w, check_cancel, reading, report, budget)
-    held = _hold(block, spans, count, n, budget, check_cancel, reading)
-    m = np.empty(n, np.float64)
-    parts = np.zeros((len(spans), count, LANES), np.float64)
+        return _by_gram(params, spans, points, n, w, check_cancel, reading, report, budget)
+    with _lend("held") as kept:  # the held points' buffer, kept from key to key
+        held = _hold(points, spans, count, n, budget, check_cancel, reading, kept)
+        m = RESULTS.take(n)
+        parts = np.zeros((len(spans), count, LANES), np.float64)
 
-    def sweep(coef: np.ndarray) -> np.ndarray:
-        total = math.fsum(coef)
+        def sweep(coef: np.ndarray) -> np.ndarray:
+            total = math.fsum(coef)
 
-        def one(s: int) -> None:
-            a, b = spans[s]
-            parts[s] = 0.0
-            if held is not None:
-                step(held, a, a, b - a, coef, total, m[a:b], parts[s])
-            else:
-                step(block(a, b), 0, a, b - a, coef, total, m[a:b], parts[s])
+            def one(s: int) -> None:
+                a, b = spans[s]
+                parts[s] = 0.0
+                if held is not None:
+                    step(held, a, a, b - a, coef, total, m[a:b], parts[s])
+                else:
+                    with _lend() as mine:
+                        step(points.block(mine, a, b), 0, a, b - a, coef, total, m[a:b], parts[s])
 
-        _each(one, len(spans), check_cancel, len(spans) if held is not None else reading)
-        lanes = np.zeros((count, LANES), np.float64)
-        for part in parts:  # in span order
-            lanes += part
-        return np.sqrt(finish(lanes))
+            _each(one, len(spans), check_cancel, len(spans) if held is not None else reading)
+            lanes = np.zeros((count, LANES), np.float64)
+            for part in parts:  # in span order
+                lanes += part
+            return np.sqrt(finish(lanes))
 
-    d = sweep(w)  # the weighted mean, and the distances to it
-    obj = math.fsum(w * d) / count
-    iterations = 0
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        while iterations < params.maxiter and math.isfinite(obj):
-            iterations += 1
-            report(f"median, iteration {iterations} of at most {params.maxiter}"
-                   f"{'' if held is not None else ' (re-reading the files)'}")
-            prev = obj
-            d = sweep(w / np.maximum(d, params.eps))
-            obj = math.fsum(w * d) / count
-            if abs(prev - obj) <= params.ftol * obj:
-                break
-    return MedianResult(m, iterations, held is not None)
+        d = sweep(w)  # the weighted mean, and the distances to it
+        obj = math.fsum(w * d) / count
+        iterations = 0
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            while iterations < params.maxiter and math.isfinite(obj):
+                iterations += 1
+                report(f"median, iteration {iterations} of at most {params.maxiter}"
+                       f"{'' if held is not None else ' (re-reading the files)'}")
+                prev = obj
+                d = sweep(w / np.maximum(d, params.eps))
+                obj = math.fsum(w * d) / count
+                if abs(prev - obj) <= params.ftol * obj:
+                    break
+        return MedianResult(m, iterations, held is not None, points.nonfinite())
 
 
-def _by_gram(params, spans: list, block: Callable, n: int, w: np.ndarray, check_cancel: Callable[[], None],
+def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, check_cancel: Callable[[], None],
              reading: int, report: Callable[[str | None], None], budget: int) -> MedianResult:
     """The same iteration in the coefficients of the points (``engine.kernels.median_gram``):
     one pass for the fp64 Gram matrix of the centred points (each span's on its own, in lanes
@@ -128,71 +140,77 @@ def _by_gram(params, spans: list, block: Callable, n: int, w: np.ndarray, check_
     exactly an fp32, so the second reads no file; else the second reads and filters them again
     (the same values: the same bytes either way)."""
     from engine.kernels.gram import LANES as GRAM_LANES
-    from engine.kernels.gram import gram_add, gram_finish
-    from engine.kernels.median_gram import center, iterate
-    from engine.kernels.weiszfeld import LANES, narrow_exactly, step
+    from engine.kernels.gram import gram_finish
+    from engine.kernels.median_gram import iterate
+    from engine.kernels.median_points import GRAM
+    from engine.kernels.weiszfeld import LANES, step
 
     count = len(w)
     parts = np.zeros((len(spans), count, count), np.float64)
-    held = np.empty((count, n), np.float32) if 4 * count * n + 16 * n <= budget else None
-    exact = np.ones(len(spans), bool)
+    with _lend("held") as kept:  # the held points' buffer, kept from key to key
+        held = kept.get("held float32", count * n, np.float32).reshape(count, n) if 4 * count * n + 16 * n <= budget \
+            else None
+        exact = np.ones(len(spans), bool)
 
-    def gram(s: int) -> None:
-        a, b = spans[s]
-        points = block(a, b)
-        if held is not None:
-            exact[s] = narrow_exactly(points, held, a)
-        center(points)
-        lanes = np.zeros((count, count, GRAM_LANES), np.float64)
-        gram_add(lanes, points, a)
-        parts[s] = gram_finish(lanes)
+        def gram(s: int) -> None:
+            a, b = spans[s]
+            lanes = np.zeros((count, count, GRAM_LANES), np.float64)
+            with _lend() as mine:
+                exact[s] = points.fill(mine, a, b, GRAM, held=_NO_HELD if held is None else held, col=a, lanes=lanes)
+            parts[s] = gram_finish(lanes)
 
-    report(f"median: the Gram matrix of {count} points")
-    _each(gram, len(spans), check_cancel, reading)
-    if held is not None and not exact.all():
-        held = None  # a value that is not an fp32 (a NaN, a delta of distant values): read again
-    g = np.zeros((count, count), np.float64)
-    for part in parts:  # in span order
-        g += part
-    coef = np.empty(count, np.float64)
-    iterations = int(iterate(g, w, float(params.eps), int(params.maxiter), float(params.ftol), coef))
-    m = np.empty(n, np.float64)
-    total = 0.0
-    for c in coef:  # in point order, as the kernel sums them
-        total += float(c)
+        report(f"median: the Gram matrix of {count} points")
+        _each(gram, len(spans), check_cancel, reading)
+        if points.bad.any():  # the merge stops here or leaves those sources out: no median to form
+            return MedianResult(None, 0, held is not None, points.nonfinite())
+        if held is not None and not exact.all():
+            held = None  # a value that is not an fp32 (a NaN, a delta of distant values): read again
+        g = np.zeros((count, count), np.float64)
+        for part in parts:  # in span order
+            g += part
+        coef = np.empty(count, np.float64)
+        iterations = int(iterate(g, w, float(params.eps), int(params.maxiter), float(params.ftol), coef))
+        m = RESULTS.take(n)
+        total = 0.0
+        for c in coef:  # in point order, as the kernel sums them
+            total += float(c)
 
-    def combine(s: int) -> None:
-        a, b = spans[s]
-        lanes = np.zeros((count, LANES), np.float64)
-        if held is not None:
-            step(held, a, a, b - a, coef, total, m[a:b], lanes)
-        else:
-            step(block(a, b), 0, a, b - a, coef, total, m[a:b], lanes)
+        def combine(s: int) -> None:
+            a, b = spans[s]
+            lanes = np.zeros((count, LANES), np.float64)
+            if held is not None:
+                step(held, a, a, b - a, coef, total, m[a:b], lanes)
+            else:
+                with _lend() as mine:
+                    step(points.block(mine, a, b), 0, a, b - a, coef, total, m[a:b], lanes)
 
-    report(f"median: the iterate after {iterations} iterations")
-    _each(combine, len(spans), check_cancel, len(spans) if held is not None else reading)
-    return MedianResult(m, iterations, held is not None)
+        report(f"median: the iterate after {iterations} iterations")
+        _each(combine, len(spans), check_cancel, len(spans) if held is not None else reading)
+        return MedianResult(m, iterations, held is not None, points.nonfinite())
 
 
-def _hold(block: Callable, spans: list, count: int, n: int, budget: int, check_cancel: Callable[[], None],
-          at_once: int) -> np.ndarray | None:
+def _hold(points: "_Points", spans: list, count: int, n: int, budget: int, check_cancel: Callable[[], None],
+          at_once: int, kept: "_Buffers") -> np.ndarray | None:
     """The key's filtered points in memory, fp32 if every value is exactly an fp32, else fp64
     (read again: rare, a delta of two distant values or a NaN); None when they do not fit the
     budget (the re-read mode)."""
     for dtype in (np.float32, np.float64):
         if np.dtype(dtype).itemsize * count * n + 16 * n > budget:
             return None
-        held = _load(block, spans, np.empty((count, n), dtype), check_cancel, at_once)
+        if dtype == np.float64:
+            kept.arrays.pop("held float32", None)  # one held array at a time, as the budget counts
+        held = _load(points, spans, kept.get(f"held {np.dtype(dtype).name}", count * n, dtype).reshape(count, n),
+                     check_cancel, at_once)
         if held is not None:
             return held
     return None
 
 
-def _load(block: Callable, spans: list, held: np.ndarray, check_cancel: Callable[[], None],
+def _load(points: "_Points", spans: list, held: np.ndarray, check_cancel: Callable[[], None],
           at_once: int) -> np.ndarray | None:
     """Every span's points into ``held``; None when ``held`` is fp32 and some value is not
     exactly an fp32 (NaN never equals itself: such a key is held in fp64)."""
-    from engine.kernels.weiszfeld import narrow_exactly
+    from engine.kernels.median_points import HOLD, ROWS
 
     inexact = threading.Event()
 
@@ -200,11 +218,11 @@ def _load(block: Callable, spans: list, held: np.ndarray, check_cancel: Callable
         if inexact.is_set():
             return
         a, b = spans[s]
-        p = block(a, b)
-        if held.dtype == np.float64:
-            held[:, a:b] = p
-        elif not narrow_exactly(p, held, a):
-            inexact.set()
+        with _lend() as mine:
+            if held.dtype == np.float64:
+                points.fill(mine, a, b, ROWS, rows=held, col=a)
+            elif not points.fill(mine, a, b, HOLD, held=held, col=a):
+                inexact.set()
 
     _each(load, len(spans), check_cancel, at_once)
     return None if inexact.is_set() else held
@@ -256,26 +274,137 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _points(params, key, base, models, shas, w, stats, read, mask_key, a: int, b: int) -> np.ndarray:
-    """Elements ``a .. b`` of every point, filtered (float64[N, b - a]): each model's delta read
-    straight into its row, then the merge methods' own kernels (DELLA's keep bits, DARE's hash,
-    the trim) and the vote, in place."""
-    from engine.kernels.hashing import _signed
-    from engine.kernels.methods import _drop, _keep, _trim
-    from engine.kernels.weiszfeld import vote_filter
+class _Points:
+    """A key's filtered points span by span (``engine.kernels.median_points.span_points``: one
+    pass over a span, tile by tile in the L2 cache), each span's stored bytes read into a
+    buffer kept per thread; counts the values that are not finite, per source, over every
+    span read (``bad``, the base last)."""
 
-    bb = read(base, a, b) if base is not None else None
-    p = torch.empty((len(models), b - a), dtype=torch.float64)
-    rows = p.numpy()
-    for i, (src, sha) in enumerate(zip(models, shas)):
-        read(src, a, b, bb, p[i])
-        ident = (src.file, src.key)
-        if params.drop_eps != 0:
-            _keep(rows[i], stats.keep_bits[ident], a)
-        elif params.drop > 0:
-            _drop(rows[i], _signed(mask_key(params.seed, sha, key)), a, params.drop)
-        if params.trim < 1:
-            _trim(rows[i], stats.thresholds[ident])
-    if params.vote != "none":
-        vote_filter(rows, w, params.vote == "sum")
-    return rows
+    def __init__(self, params, key: str, base, models: list, shas: list, w: np.ndarray, stats,
+                 read_raw: Callable, mask_key: Callable):
+        from engine.kernels.hashing import _signed
+        from engine.kernels.median_points import tile_elements
+
+        self.params, self.key, self.base, self.models, self.stats, self.read_raw = (
+            params, key, base, models, stats, read_raw)
+        self.srcs = ([base] if base is not None else []) + list(models)
+        # fp8 and other stored types the kernel does not read are widened here, read as F64
+        self.wide = [s.dtype not in KIND for s in self.srcs]
+        self.slot = _align(SPAN * max(8 if wide else DTYPES[s.dtype].itemsize for s, wide in zip(self.srcs, self.wide)))
+        kinds = [F64 if wide else KIND[s.dtype] for s, wide in zip(self.srcs, self.wide)]
+        offsets = [j * self.slot // (8 if wide else DTYPES[s.dtype].itemsize)
+                   for j, (s, wide) in enumerate(zip(self.srcs, self.wide))]
+        lead = 1 if base is not None else 0
+        self.base_kind, self.base_off = (kinds[0], offsets[0]) if base is not None else (-1, 0)
+        self.kinds = np.array(kinds[lead:], np.int64)
+        self.offsets = np.array(offsets[lead:], np.int64)
+        self.w = w
+        count = len(models)
+        self.della = params.drop_eps != 0
+        self.dare = params.drop > 0 and not self.della
+        self.keys = np.array([_signed(mask_key(params.seed, sha, key)) if self.dare else 0 for sha in shas], np.int64)
+        self.trim = params.trim < 1
+        self.thresholds = np.array([stats.thresholds[(s.file, s.key)] if self.trim else 0.0 for s in models],
+                                   np.float64)
+        self.vote = 0 if params.vote == "none" else 1 if params.vote == "sum" else 2
+        self.tile = tile_elements(count)
+        self.bad = np.zeros(count + 1, np.int64)
+        self._lock = threading.Lock()
+
+    def fill(self, mine: "_Buffers", a: int, b: int, mode: int, rows: np.ndarray = _NO_ROWS,
+             held: np.ndarray = _NO_HELD, col: int = 0, lanes: np.ndarray = _NO_LANES) -> bool:
+        """Elements ``a .. b`` of the points through ``span_points`` in ``mode``; False when
+        ``held`` was written and a value was not exactly an fp32; the buffers: ``mine``."""
+        from engine.kernels.median_points import span_points
+        from engine.methods.tensor_stats import widen_raw
+
+        count = len(self.models)
+        raw = mine.get("raw", len(self.srcs) * self.slot, np.uint8)
+        tile = mine.get("tile", count * self.tile, np.float64)
+        data = memoryview(raw)
+        for j, (src, wide) in enumerate(zip(self.srcs, self.wide)):
+            at = j * self.slot
+            if wide:
+                size = DTYPES[src.dtype].itemsize
+                stored = mine.get("stored", (b - a) * size, np.uint8)
+                self.read_raw(src, a, b, memoryview(stored)[:(b - a) * size])
+                widen_raw(torch.from_numpy(stored[:(b - a) * size]), src, None,
+                          torch.from_numpy(raw[at:at + 8 * (b - a)].view(np.float64)))
+            else:
+                self.read_raw(src, a, b, data[at:at + (b - a) * DTYPES[src.dtype].itemsize])
+        if self.della:  # each model's packed keep bits of the span, one row each
+            lo, hi = a // 8, (b + 7) // 8
+            keep = np.stack([self.stats.keep_bits[(s.file, s.key)][lo:hi] for s in self.models])
+            bit0 = a - 8 * lo
+        else:
+            keep, bit0 = _NO_KEEP, 0
+        bad = np.zeros(count + 1, np.int64)
+        in16, in32, in64 = raw.view(np.uint16), raw.view(np.float32), raw.view(np.float64)
+        exact = span_points(in16, in32, in64, self.base_kind, self.base_off, self.kinds, self.offsets, b - a, a,
+                            self.w, float(self.params.drop), self.keys, self.dare, keep, bit0, self.della,
+                            self.thresholds, self.trim, self.vote, tile, bad, mode, rows, held, col, lanes)
+        with self._lock:
+            self.bad += bad
+        return bool(exact)
+
+    def block(self, mine: "_Buffers", a: int, b: int) -> np.ndarray:
+        """The points of elements ``a .. b`` (float64[N, b - a], in ``mine``: used before
+        ``mine`` fills another)."""
+        from engine.kernels.median_points import ROWS
+
+        rows = mine.get("rows", len(self.models) * (b - a), np.float64).reshape(len(self.models), b - a)
+        self.fill(mine, a, b, ROWS, rows=rows)
+        return rows
+
+    def nonfinite(self) -> list[tuple[int, str]]:
+        """The sources (file, stored key) with a value that is not finite in the spans read."""
+        srcs = self.models + ([self.base] if self.base is not None else [])
+        return [(s.file, s.key) for s, n in zip(srcs, self.bad) if n]
+
+
+class _Buffers:
+    """Arrays a span's work uses, kept from span to span and key to key and grown as needed: a
+    fresh large array costs the first touch of every page (on this project's machine more than
+    the arithmetic done on it). Each running span borrows a set (``lend``), so the sets number
+    the spans that ran at once, as many as held their arrays before; ``release_buffers`` drops
+    them at the end of a pass."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype) -> np.ndarray:
+        have = self.arrays.get(name)
+        if have is None or have.size < size or have.dtype != dtype:
+            have = np.empty(max(size, 1), dtype)
+            self.arrays[name] = have
+        return have[:size]
+
+
+_FREE_BUFFERS: dict[str, list[_Buffers]] = {}
+_FREE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _lend(kind: str = "span"):
+    """A set of buffers for a span's work (``span``) or a key's held points (``held``)."""
+    with _FREE_LOCK:
+        free = _FREE_BUFFERS.setdefault(kind, [])
+        mine = free.pop() if free else _Buffers()
+    try:
+        yield mine
+    finally:
+        with _FREE_LOCK:
+            _FREE_BUFFERS.setdefault(kind, []).append(mine)
+
+
+RESULTS = ResultRing()  # the keys' medians, from one array reused as a ring (result_ring)
+
+
+def release_buffers() -> None:
+    """Drop the kept buffers (the statistics thread, at the end of a pass)."""
+    with _FREE_LOCK:
+        _FREE_BUFFERS.clear()
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64

@@ -33,6 +33,8 @@ from typing import Callable
 
 import torch
 
+from engine.checkpoint.format import DTYPES
+from engine.checkpoint.reader import pread_exact
 from engine.methods.streamed import mask_key, method_parts
 from engine.methods.tensor_stats import TensorStats, compute_stats, needs_stats, read_f64, widen_raw
 from engine.methods.whole_reads import WholeReads, pread_pieces
@@ -102,6 +104,9 @@ class StatsFeed:
                     if self._jobs[ns.node].args is not None:
                         self._cached.setdefault(item.index, []).append(self._jobs[ns.node])
         if jobs:
+            from engine.methods.median import RESULTS
+
+            RESULTS.reserve(_results_elements(self.plan, items, jobs))
             self._ahead = _Ahead(self, jobs)
             self._ahead.start()
 
@@ -112,6 +117,9 @@ class StatsFeed:
             self._ahead = None
         self._jobs.clear()
         self._cached = {}
+        from engine.methods.median import release_buffers
+
+        release_buffers()
 
     def attach(self, item) -> None:
         """Give ``item`` the statistics of every method node it holds a slice of, waiting for
@@ -171,6 +179,11 @@ class StatsFeed:
              out: torch.Tensor | None = None) -> torch.Tensor:
         return read_f64(self.fds[src.file], src, self.plan.files[src.file].path, start, stop, minus, out)
 
+    def read_span(self, src: Source, start: int, stop: int, view: memoryview) -> None:
+        """Elements ``start .. stop`` of ``src``'s stored bytes into ``view``."""
+        size = DTYPES[src.dtype].itemsize
+        pread_exact(self.fds[src.file], view, src.offset + start * size, self.plan.files[src.file].path)
+
     def read_raw(self, src: Source, view: memoryview) -> None:
         """``src``'s stored bytes, whole, into ``view``."""
         pread_pieces(self.fds[src.file], view, src.offset, self.plan.files[src.file].path)
@@ -222,7 +235,7 @@ class _Ahead(threading.Thread):
 
         try:
             job.stats = compute_stats(*job.args, self.feed.read, check, mask_key, self.feed.budget, report,
-                                      self._whole)
+                                      self._whole, self.feed.read_span)
         except _Stopped:
             job.error = RuntimeError("the pass ended")  # never handed out: the pass is over
         except BaseException as e:  # raised where the pipeline asks for this node
@@ -246,6 +259,19 @@ class _Ahead(threading.Thread):
             self._stopped = True
             self._lock.notify_all()
         self.join()
+
+
+def _results_elements(plan: MergePlan, items, jobs: list[_Job]) -> int:
+    """Elements of the medians' results alive at once, at most: a key being merged (it may span
+    several items) and the next, the keys of a few items in flight (the backend's, and one
+    more), and those held ahead (``AHEAD_ELEMENTS``)."""
+    medians = [job.numel for job in jobs if job.args is not None and job.args[0].combine == "median"]
+    if not medians:
+        return 0
+    per_item = max(sum(seg.numel for seg in item.segments for ns in seg.nodes
+                       if plan.nodes[ns.node].kind == METHOD and plan.nodes[ns.node].method.combine == "median")
+                   for item in items)
+    return 2 * max(medians) + 3 * per_item + AHEAD_ELEMENTS
 
 
 def _first_source(jobs: list[_Job], start: int) -> Source | None:

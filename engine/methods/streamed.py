@@ -52,7 +52,7 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
     drop masks; None only when nothing is dropped), ``scale``: factors / weights; ``stats``:
     the key's ``tensor_stats.TensorStats`` where the method needs them, with ``idents`` the
     models' ``(file, stored key)``. Returns the 0-dim "every input finite" flag."""
-    n = views[0].numel()
+    n = outs[0].numel()  # a median reads no model (element_models)
     b = k.buf("m_base", F64, n)
     if base is None:  # a median of the models themselves: deltas against 0 (exact)
         b.zero_()
@@ -63,7 +63,7 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
     tau = k.buf("m_tau", F64, n)
     total = k.buf("m_total", F64, n)
     total.zero_()
-    median = params.combine == "median"  # the key's median is in ``stats``; the loop only checks the inputs
+    median = params.combine == "median"  # the key's median is in ``stats``; no model is passed (element_models)
     voting = params.vote != "none" and not median
     if voting:
         pos, posw = k.buf("m_pos", F64, n).zero_(), k.buf("m_posw", F64, n).zero_()
@@ -122,6 +122,17 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
     for out in outs:
         k.narrow(delta, out)
     return all_finite(probe)
+
+
+def element_models(node, kept: list, factors: list, shas: list, stats) -> tuple[list, list, list, list]:
+    """What a method node's element pass reads of its models: (models, factors, SHA256s, the
+    sources to blame for NaN/Inf). A geometric median's models are not read
+    (``engine.merge.layout``): its statistics computed the median from the files and counted
+    their NaN/Inf values (``stats.nonfinite``), so the pass reads the base alone, and blames
+    those sources before it computes anything."""
+    if node.method.combine != "median":
+        return kept, factors, shas, []
+    return [], [], [], list(stats.nonfinite)
 
 
 def method_parts(plan, seg, ns, excluded: dict[int, set]):

@@ -64,6 +64,7 @@ class TensorStats:
     median: np.ndarray | None = None  # combine = "median": the key's median (engine.methods.median)
     iterations: int = 0
     median_in_memory: bool = False
+    nonfinite: list[tuple[int, str]] = field(default_factory=list)  # a median's sources with NaN/Inf values
 
     def keep_mask(self, src: tuple[int, str], start: int, n: int) -> np.ndarray | None:
         """DELLA's keep decisions of elements ``start .. start + n`` of one model (bool)."""
@@ -117,12 +118,13 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
                   read: Callable[..., torch.Tensor], check_cancel: Callable[[], None],
                   mask_key: Callable[[int, str, str], int], budget: int = 1 << 62,
                   report: Callable[[str | None], None] = lambda detail: None,
-                  whole: WholeReads | None = None) -> TensorStats:
+                  whole: WholeReads | None = None, read_raw: Callable | None = None) -> TensorStats:
     """The statistics of one method node over its base (None: a median of the models
-    themselves) and (kept) model sources; ``read(src, start, stop, minus=None, out=None,
-    scratch=None)`` as read_f64; ``budget``: the bytes a median may hold; ``report(detail)``:
-    what is being computed (None once done), for the progress; ``whole``: the calling thread's
-    whole-tensor reads (trim and DELLA read whole tensors: required for them)."""
+    themselves) and (kept) model sources; ``read(src, start, stop, minus=None, out=None)`` as
+    read_f64; ``budget``: the bytes a median may hold; ``report(detail)``: what is being
+    computed (None once done), for the progress; ``whole``: the calling thread's whole-tensor
+    reads (trim and DELLA read whole tensors: required for them); ``read_raw(src, start, stop,
+    view)``: elements ``start .. stop`` of a source's stored bytes (the median reads those)."""
     n = math.prod(models[0].shape)
     stats = TensorStats()
     try:
@@ -136,9 +138,10 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
         if params.combine == "median":
             from engine.methods.median import geometric_median
 
-            found = geometric_median(params, key, base, models, shas, [s.weight for s in models], stats, read,
+            found = geometric_median(params, key, base, models, shas, [s.weight for s in models], stats, read_raw,
                                      check_cancel, mask_key, budget, report)
             stats.median, stats.iterations, stats.median_in_memory = found.delta, found.iterations, found.in_memory
+            stats.nonfinite = found.nonfinite
         return stats
     finally:
         report(None)

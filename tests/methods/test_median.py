@@ -307,6 +307,14 @@ def test_a_point_with_nan_follows_the_policy(models, tmp_path, route):
     assert nan_keys and all(torch.equal(got[k], want[k]) for k in nan_keys)
 
 
+def test_a_base_with_nan_stops_the_merge_naming_the_base(models, tmp_path):
+    """The median's statistics count the base's NaN/Inf values too: a base cannot be left out."""
+    with pytest.raises(MergeError, match="of the base n"):
+        execute(build_plan(_recipe(models, tmp_path, {"method": "tgmd", "base": "n"}, select=("a", "b"),
+                                   skip_nan=True)))
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_checks_of_the_median_fields(models, tmp_path):
     def errors(method):
         text = recipe_text({m: str(models / f"{m}.safetensors") for m in "oab"}, {"all": ["a", "b"]},

@@ -146,18 +146,22 @@ def test_past_the_page_cache_the_items_the_thread_read_are_copied_from_it(models
     assert ways["cache"] > 0  # the items of the ties keys, while the VAE's (a plain mean) went past it
 
 
-def test_past_the_page_cache_a_reader_copies_an_item_only_once_the_thread_has_read_it(models, tmp_path, monkeypatch):
-    """A reader ahead of the statistics thread would read the item from the disk and drop it
-    from the cache, and the thread would read it again: it waits for the thread first."""
+def _readers_behind_a_slow_thread(models, tmp_path, monkeypatch) -> tuple[list[int], list[int], list[bool]]:
+    """A ties merge too big to cache (as far as the merge knows) with a statistics thread slowed
+    behind the readers: (items with statistics read, those read before their statistics' thread
+    had read them, whether each read was a reader past the page cache)."""
     from engine.merge import io, run
 
+    waited: list[int] = []
     early: list[int] = []
     direct: list[bool] = []
     real_read, real_compute = io.Readers._read, stats_feed.compute_stats
 
     def read(self, item, buf):
         direct.append(self.direct is not None)
-        jobs = self.cached.__self__._cached.get(item.index, []) if self.direct is not None else []
+        jobs = self.cached.__self__._cached.get(item.index, [])
+        if jobs:
+            waited.append(item.index)
         if not all(job.done.is_set() for job in jobs):
             early.append(item.index)
         return real_read(self, item, buf)
@@ -171,6 +175,24 @@ def test_past_the_page_cache_a_reader_copies_an_item_only_once_the_thread_has_re
     monkeypatch.setattr(run, "drop_cache_wanted", lambda nbytes: True)
     execute(_plan(models, tmp_path / "out.safetensors", {"method": "ties", "base": "a"}, vae="plain"),
             tuning=Tuning(buffer_bytes=64 << 10))
+    return waited, early, direct
+
+
+def test_past_the_page_cache_a_reader_copies_an_item_only_once_the_thread_has_read_it(models, tmp_path, monkeypatch):
+    """A reader ahead of the statistics thread would read the item from the disk and drop it
+    from the cache, and the thread would read it again: it waits for the thread first."""
+    waited, early, direct = _readers_behind_a_slow_thread(models, tmp_path, monkeypatch)
     if not any(direct):
         pytest.skip("O_DIRECT reads are not available on this file system")
-    assert early == []
+    assert waited and early == []
+
+
+def test_dropping_pages_without_o_direct_a_reader_also_waits_for_the_thread(models, tmp_path, monkeypatch):
+    """Where O_DIRECT is not available the readers read through the page cache and drop the
+    pages behind them: they wait for the statistics thread as well, or it would read the
+    dropped pages from the disk again."""
+    from engine.merge import pipeline
+
+    monkeypatch.setattr(pipeline, "open_direct", lambda *args: None)
+    waited, early, direct = _readers_behind_a_slow_thread(models, tmp_path, monkeypatch)
+    assert not any(direct) and waited and early == []

@@ -125,12 +125,16 @@ class CpuBackend:
         node, base, base_out, kept, factors, shas = streamed.method_parts(self.plan, seg, ns, job.excluded)
         if base_out or not kept:
             return Bad(seg, ns.node, [])
+        stats = job.item.stats.get(ns.node)
+        kept, factors, shas, blamed = streamed.element_models(node, kept, factors, shas, stats)
+        if blamed:
+            return Bad(seg, ns.node, blamed)
         n = seg.numel
         outs = [_view(job.out_buf, off, n * DTYPES[d].itemsize, d) for d, off in ns.outs.items()]
         srcs = [base, *kept] if base is not None else kept
         views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in srcs]
         base_view, model_views = (views[0], views[1:]) if base is not None else (None, views)
-        stats, idents = job.item.stats.get(ns.node), [(s.file, s.key) for s in kept]
+        idents = [(s.file, s.key) for s in kept]
         bad_at = None if self.fused is None else self.fused.method(node, base, kept, factors, shas, stats, ns.outs,
                                                                    seg.start, n, job.read_buf, job.out_buf)
         if bad_at is not None:

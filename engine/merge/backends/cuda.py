@@ -146,6 +146,7 @@ class _Handle:
     read_buf: torch.Tensor
     marks: list = field(default_factory=list)  # (seg, ns, kept, flag index or None: no source left)
     flags: int = 0
+    bads: list = field(default_factory=list)  # known before the work: a median's sources with NaN/Inf
 
 
 class CudaBackend:
@@ -219,9 +220,9 @@ class CudaBackend:
         except BaseException as e:
             raise self._translate(e, "computing") from None
         if not handle.marks:
-            return []
+            return list(handle.bads)
         ok = self.host_flags[handle.ring][: handle.flags].tolist() if handle.flags else []
-        bads = []
+        bads = list(handle.bads)
         for seg, ns, kept, fi in handle.marks:
             if fi is not None and ok[fi]:
                 continue
@@ -257,11 +258,16 @@ class CudaBackend:
                     if base_out or not models:
                         handle.marks.append((seg, ns, [], None))
                         continue
+                    stats = item.stats.get(ns.node)
+                    models, factors, shas, blamed = streamed.element_models(node, models, factors, shas, stats)
+                    if blamed:
+                        handle.bads.append(Bad(seg, ns.node, blamed))
+                        continue
                     fi = handle.flags
                     handle.flags += 1
                     srcs = [base, *models] if base is not None else models
                     handle.marks.append((seg, ns, srcs, fi))
-                    extra = (factors, shas, item.stats.get(ns.node), [(s.file, s.key) for s in models])
+                    extra = (factors, shas, stats, [(s.file, s.key) for s in models])
                     work.append((seg, ns, node, srcs, extra, fi))
                     continue
                 node, kept, factors = _node_parts(self.plan, seg, ns, excluded)
