@@ -17,7 +17,7 @@ import numpy as np
 from engine.kernels.jit import fma, kernel, stack_f64
 
 LANES = 8
-TILE = 512  # elements of a tile (a multiple of LANES): 4 KB a source, a 4 x 4 block's 8 in L1
+TILE = 2048  # elements of a tile (a multiple of LANES): a block's accumulators loaded and stored once a tile
 BLOCK = 4  # sources on each side of a block of pairs: 16 accumulators of LANES, in registers
 
 

@@ -38,6 +38,8 @@ def warm() -> None:
     for points in (np.zeros((1, 8), np.float32), np.zeros((1, 8))):  # held in fp32 where exact
         weiszfeld.step(points, 0, 0, 8, np.ones(1), 1.0, np.zeros(8), lanes)
     weiszfeld.finish(lanes)
+    for points in (np.zeros((1, 8), np.float32), np.zeros((1, 8))):  # the Gram route's last pass
+        weiszfeld.iterate_only(points, 0, 8, np.ones(1), 1.0, np.zeros(8))
     weiszfeld.narrow_exactly(np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0)
     weiszfeld.vote_filter(np.zeros((1, 8)), np.ones(1), True)  # and the filters the median's points go through
     from engine.kernels import median_gram  # the median's Gram route: centring, the steps on the matrix

@@ -44,15 +44,8 @@ def step(points, col, start, count, weights, total, out, lanes):
     for t0 in range(head, body, TILE):
         width = np.uint64(min(body, t0 + TILE) - t0)
         c0 = np.uint64(col + t0)
+        _iterate_tile(points, c0, width, weights, total, v)
         for e in range(width):
-            v[e] = 0.0
-        for i in range(n_pts):
-            wi = weights[i]
-            row = points[i]
-            for e in range(width):
-                v[e] += wi * row[c0 + e]
-        for e in range(width):
-            v[e] = v[e] / total
             out[np.uint64(t0) + e] = v[e]
         for i0 in range(0, n_pts, 8):
             rows = (i0, min(i0 + 1, last), min(i0 + 2, last), min(i0 + 3, last),
@@ -83,6 +76,34 @@ def step(points, col, start, count, weights, total, out, lanes):
                     for lane in range(LANES):
                         lanes[i0 + p, lane] = acc[p, lane]
     _one_by_one(points, col, start, body, count, weights, total, out, lanes)
+
+
+@kernel
+def iterate_only(points, col, count, weights, total, out):
+    """``step``'s new iterate alone, the same operations in the same order (so the same bits),
+    without the distances: the Gram route's last pass forms the iterate of coefficients whose
+    distances it already knows."""
+    v = numba.carray(stack_f64(TILE), TILE)
+    for t0 in range(0, count, TILE):
+        width = np.uint64(min(count, t0 + TILE) - t0)
+        _iterate_tile(points, np.uint64(col + t0), width, weights, total, v)
+        for e in range(width):
+            out[np.uint64(t0) + e] = v[e]
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _iterate_tile(points, c0, width, weights, total, v):
+    """``v[:width]`` = the iterate of columns ``c0 ..``: ``sum_i w_i p_i`` (a product, then an
+    add, in point order) over ``total``."""
+    for e in range(width):
+        v[e] = 0.0
+    for i in range(points.shape[0]):
+        wi = weights[i]
+        row = points[i]
+        for e in range(width):
+            v[e] += wi * row[c0 + e]
+    for e in range(width):
+        v[e] = v[e] / total
 
 
 @numba.njit(inline="always", error_model="numpy")

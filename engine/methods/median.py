@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from engine.checkpoint.format import DTYPES
-from engine.kernels.mean import F64, KIND
 from engine.methods.result_ring import ResultRing
 
 SPAN = 1 << 16
@@ -135,7 +134,8 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
     one pass for the fp64 Gram matrix of the centred points (each span's on its own, in lanes
     fixed by the element index, the spans' added in span order: the bits depend neither on the
     threads nor on the buffers), the iterations on the N x N matrix, one pass for the iterate of
-    the last coefficients (``engine.kernels.weiszfeld.step``'s arithmetic, as a sweep forms it).
+    the last coefficients (``engine.kernels.weiszfeld.step``'s arithmetic, as a sweep forms it,
+    without the distances).
     The first pass also keeps the points in fp32 when they fit the budget and every value is
     exactly an fp32, so the second reads no file; else the second reads and filters them again
     (the same values: the same bytes either way)."""
@@ -143,7 +143,7 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
     from engine.kernels.gram import gram_finish
     from engine.kernels.median_gram import iterate
     from engine.kernels.median_points import GRAM
-    from engine.kernels.weiszfeld import LANES, step
+    from engine.kernels.weiszfeld import iterate_only
 
     count = len(w)
     parts = np.zeros((len(spans), count, count), np.float64)
@@ -177,12 +177,11 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
 
         def combine(s: int) -> None:
             a, b = spans[s]
-            lanes = np.zeros((count, LANES), np.float64)
             if held is not None:
-                step(held, a, a, b - a, coef, total, m[a:b], lanes)
+                iterate_only(held, a, b - a, coef, total, m[a:b])
             else:
                 with _lend() as mine:
-                    step(points.block(mine, a, b), 0, a, b - a, coef, total, m[a:b], lanes)
+                    iterate_only(points.block(mine, a, b), 0, b - a, coef, total, m[a:b])
 
         report(f"median: the iterate after {iterations} iterations")
         _each(combine, len(spans), check_cancel, len(spans) if held is not None else reading)
@@ -283,6 +282,7 @@ class _Points:
     def __init__(self, params, key: str, base, models: list, shas: list, w: np.ndarray, stats,
                  read_raw: Callable, mask_key: Callable):
         from engine.kernels.hashing import _signed
+        from engine.kernels.mean import F64, KIND
         from engine.kernels.median_points import tile_elements
 
         self.params, self.key, self.base, self.models, self.stats, self.read_raw = (
@@ -316,7 +316,7 @@ class _Points:
         """Elements ``a .. b`` of the points through ``span_points`` in ``mode``; False when
         ``held`` was written and a value was not exactly an fp32; the buffers: ``mine``."""
         from engine.kernels.median_points import span_points
-        from engine.methods.tensor_stats import widen_raw
+        from engine.methods.widening import widen_raw
 
         count = len(self.models)
         raw = mine.get("raw", len(self.srcs) * self.slot, np.uint8)

@@ -36,8 +36,9 @@ import torch
 from engine.checkpoint.format import DTYPES
 from engine.checkpoint.reader import pread_exact
 from engine.methods.streamed import mask_key, method_parts
-from engine.methods.tensor_stats import TensorStats, compute_stats, needs_stats, read_f64, widen_raw
+from engine.methods.tensor_stats import TensorStats, compute_stats, needs_stats
 from engine.methods.whole_reads import WholeReads, pread_pieces
+from engine.methods.widening import read_f64, widen_raw
 from engine.plan.model import METHOD, MergePlan, Source
 
 # Elements of computed nodes the thread may hold beyond the next one the pipeline needs.

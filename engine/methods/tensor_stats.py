@@ -34,11 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.checkpoint.format import DTYPES
-from engine.checkpoint.reader import pread_exact
 from engine.kernels.hashing import uniform_numpy
-from engine.kernels.mean import KIND
-from engine.kernels.methods import widen, widen_minus
 from engine.methods.whole_reads import WholeReads
 from engine.plan.model import Source
 
@@ -75,45 +71,6 @@ class TensorStats:
         return np.unpackbits(bits[a:b])[start - 8 * a: start - 8 * a + n].astype(bool)
 
 
-_NO16, _NO32, _NO64 = np.zeros(0, np.uint16), np.zeros(0, np.float32), np.zeros(0, np.float64)
-
-
-def read_f64(fd: int, src: Source, path, start: int, stop: int, minus: torch.Tensor | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """Elements ``start .. stop`` of a stored float tensor, widened exactly to fp64, less
-    ``minus`` (fp64, same length) when given; into ``out`` (fp64, contiguous) when given."""
-    itemsize = DTYPES[src.dtype].itemsize
-    raw = torch.empty((stop - start) * itemsize, dtype=torch.uint8)
-    pread_exact(fd, memoryview(raw.numpy()), src.offset + start * itemsize, path)
-    return widen_raw(raw, src, minus, out)
-
-
-def widen_raw(raw: torch.Tensor, src: Source, minus: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """The stored bytes ``raw`` (uint8) of elements of ``src``, widened exactly to fp64, less
-    ``minus`` when given, into ``out`` when given."""
-    spec = DTYPES[src.dtype]
-    n = raw.numel() // spec.itemsize
-    if src.dtype in KIND:  # one fused pass (numba), not torch's two conversions and a subtraction
-        out = torch.empty(n, dtype=torch.float64) if out is None else out
-        data = raw.numpy()
-        views = (data.view(np.uint16) if spec.itemsize == 2 else _NO16,
-                 data.view(np.float32) if spec.itemsize == 4 else _NO32,
-                 data.view(np.float64) if spec.itemsize == 8 else _NO64)
-        if minus is None:
-            widen(out.numpy(), KIND[src.dtype], 0, *views)
-        else:
-            widen_minus(out.numpy(), KIND[src.dtype], *views, minus.numpy())
-        return out
-    values = raw.view(spec.torch_dtype)
-    if values.dtype not in (torch.float32, torch.float64):
-        values = values.to(torch.float32)  # fp16/bf16 -> fp32 is exact
-    values = values.to(torch.float64)
-    if minus is not None:
-        values.sub_(minus)
-    return values if out is None else out.copy_(values)
-
-
 def compute_stats(params, key: str, base: Source | None, models: list[Source], shas: list[str | None],
                   read: Callable[..., torch.Tensor], check_cancel: Callable[[], None],
                   mask_key: Callable[[int, str, str], int], budget: int = 1 << 62,
@@ -121,7 +78,7 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
                   whole: WholeReads | None = None, read_raw: Callable | None = None) -> TensorStats:
     """The statistics of one method node over its base (None: a median of the models
     themselves) and (kept) model sources; ``read(src, start, stop, minus=None, out=None)`` as
-    read_f64; ``budget``: the bytes a median may hold; ``report(detail)``: what is being
+    ``widening.read_f64``; ``budget``: the bytes a median may hold; ``report(detail)``: what is being
     computed (None once done), for the progress; ``whole``: the calling thread's whole-tensor
     reads (trim and DELLA read whole tensors: required for them); ``read_raw(src, start, stop,
     view)``: elements ``start .. stop`` of a source's stored bytes (the median reads those)."""

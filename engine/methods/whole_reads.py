@@ -57,7 +57,7 @@ def pread_pieces(fd: int, view: memoryview, offset: int, path) -> None:
 class WholeReads:
     """One thread's whole-tensor reads, the next already under way while the current is
     widened and worked on. ``read_raw(src, view)`` fills ``view`` with ``src``'s bytes;
-    ``widen(raw, src, minus, out)`` turns them into fp64 (``tensor_stats.widen_raw``)."""
+    ``widen(raw, src, minus, out)`` turns them into fp64 (``widening.widen_raw``)."""
 
     def __init__(self, read_raw: Callable[[Source, memoryview], None],
                  widen: Callable[[torch.Tensor, Source, torch.Tensor | None, torch.Tensor], torch.Tensor]):

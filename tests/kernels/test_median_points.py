@@ -141,3 +141,23 @@ def test_tile_elements_are_a_multiple_of_the_lanes_and_fit_the_bytes():
         t = mp.tile_elements(count)
         assert t % 8 == 0 and 8 <= t <= mp.TILE_MAX
         assert t == 8 or t * count * 8 <= mp.TILE_BYTES
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_last_pass_forms_the_iterate_of_a_step_bit_for_bit(dtype):
+    """The Gram route's last pass (weiszfeld.iterate_only) gives the iterate a sweep's step
+    forms from the same coefficients, without its distances."""
+    from engine.kernels.weiszfeld import LANES as STEP_LANES
+    from engine.kernels.weiszfeld import iterate_only, step
+
+    rng = np.random.default_rng(11)
+    points = (rng.standard_normal((7, 5000)) * 0.03).astype(dtype)
+    coef = rng.uniform(0.1, 3.0, 7)
+    total = 0.0
+    for c in coef:
+        total += float(c)
+    for col, count in ((0, 5000), (3, 4093), (1000, 2049)):
+        want, got = np.zeros(count), np.full(count, np.nan)
+        step(points, col, col + 5, count, coef, total, want, np.zeros((7, STEP_LANES)))
+        iterate_only(points, col, count, coef, total, got)
+        assert np.array_equal(got.view(np.int64), want.view(np.int64))

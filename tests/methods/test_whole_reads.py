@@ -14,8 +14,8 @@ import torch
 
 from engine.checkpoint.format import SafetensorsError
 from engine.methods import whole_reads
-from engine.methods.tensor_stats import read_f64, widen_raw
 from engine.methods.whole_reads import WholeReads, pread_pieces
+from engine.methods.widening import read_f64, widen_raw
 from engine.plan.model import Source
 
 
