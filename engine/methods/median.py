@@ -91,6 +91,8 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
         return _by_gram(params, spans, points, n, w, check_cancel, reading, report, budget)
     with _lend("held") as kept:  # the held points' buffer, kept from key to key
         held = _hold(points, spans, count, n, budget, check_cancel, reading, kept)
+        if points.bad.any():  # the merge stops here or leaves those sources out: no median to form
+            return MedianResult(None, 0, held is not None, points.nonfinite())
         m = RESULTS.take(n)
         parts = np.zeros((len(spans), count, LANES), np.float64)
 
@@ -113,6 +115,8 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
             return np.sqrt(finish(lanes))
 
         d = sweep(w)  # the weighted mean, and the distances to it
+        if points.bad.any():  # (the re-read mode's first look at the values)
+            return MedianResult(None, 0, False, points.nonfinite())
         obj = math.fsum(w * d) / count
         iterations = 0
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -200,7 +204,7 @@ def _hold(points: "_Points", spans: list, count: int, n: int, budget: int, check
             kept.arrays.pop("held float32", None)  # one held array at a time, as the budget counts
         held = _load(points, spans, kept.get(f"held {np.dtype(dtype).name}", count * n, dtype).reshape(count, n),
                      check_cancel, at_once)
-        if held is not None:
+        if held is not None or points.bad.any():  # (NaN/Inf: no median is formed, so none is held)
             return held
     return None
 

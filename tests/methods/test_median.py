@@ -307,6 +307,21 @@ def test_a_point_with_nan_follows_the_policy(models, tmp_path, route):
     assert nan_keys and all(torch.equal(got[k], want[k]) for k in nan_keys)
 
 
+def test_a_point_with_nan_in_the_re_read_mode_follows_the_policy(models, tmp_path, tiny_budget, sweeps):
+    """In the re-read mode the values are first seen by the first sweep: a NaN is found there."""
+    with pytest.raises(MergeError, match="model n"):
+        execute(build_plan(_recipe(models, tmp_path, {"method": "tgmd", "base": "o"}, select=("a", "n", "b"),
+                                   memory="1MB")))
+    execute(build_plan(_recipe(models, tmp_path, {"method": "tgmd", "base": "o"}, select=("a", "n", "b"),
+                               name="skipped", memory="1MB", skip_nan=True)))
+    execute(build_plan(_recipe(models, tmp_path, {"method": "tgmd", "base": "o"}, select=("a", "b"),
+                               name="without", memory="1MB")))
+    got, want = load(tmp_path / "skipped.safetensors"), load(tmp_path / "without.safetensors")
+    bad = load(models / "n.safetensors")
+    nan_keys = [k for k, v in bad.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert nan_keys and all(torch.equal(got[k], want[k]) for k in nan_keys)
+
+
 def test_a_base_with_nan_stops_the_merge_naming_the_base(models, tmp_path):
     """The median's statistics count the base's NaN/Inf values too: a base cannot be left out."""
     with pytest.raises(MergeError, match="of the base n"):
