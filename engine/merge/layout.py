@@ -26,7 +26,7 @@ from engine.plan.model import ARANGE, METHOD, MergePlan
 ALIGN = 64
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -38,8 +38,12 @@ class SourceSlice:
     weight: float
     file_offset: int  # absolute file offset of this slice
     nbytes: int
-    buf_offset: int  # offset in the item's read buffer (-1: not read)
-    read: bool = True  # False: a median's model, which the element pass does not read
+    buf_offset: int  # offset in the item's read buffer; -1: not read (a median's model)
+
+    @property
+    def read(self) -> bool:
+        """Whether the element pass reads this slice (a median's models it does not)."""
+        return self.buf_offset >= 0
 
 
 @dataclass
@@ -121,7 +125,7 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list
         unread = unread_sources(plan, si)
         # a median's result (fp64, computed by its statistics) is held while the item is in flight:
         # counted as read bytes, so that items hold as many elements as when its models were read
-        held = 8 * sum(_is_median(plan.nodes[nid]) for nid in step.nodes)
+        held = 8 * sum(is_median(plan.nodes[nid]) for nid in step.nodes)
         src_cost = held + sum(DTYPES[s.dtype].itemsize for s in step.sources if (s.file, s.key) not in unread)
         out_cost = sum(DTYPES[d].itemsize for nid in step.nodes for d in dtypes[nid])
         # Room for the per-slice alignment padding; a chunk alone always fits an empty buffer.
@@ -130,9 +134,9 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list
         for start in range(0, max(numel, 1), chunk):
             stop = min(numel, start + chunk)
             n = stop - start
-            read = held * n + sum(_align(n * DTYPES[s.dtype].itemsize) for s in step.sources
+            read = held * n + sum(align(n * DTYPES[s.dtype].itemsize) for s in step.sources
                                   if (s.file, s.key) not in unread)
-            out = sum(_align(n * DTYPES[d].itemsize) for nid in step.nodes for d in dtypes[nid])
+            out = sum(align(n * DTYPES[d].itemsize) for nid in step.nodes for d in dtypes[nid])
             if current.segments and (
                 current.read_bytes + current.held_bytes + read > buffer_bytes or current.out_bytes + out > buffer_bytes
             ):
@@ -145,7 +149,8 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list
     return items
 
 
-def _is_median(node) -> bool:
+def is_median(node) -> bool:
+    """A merge-method node whose combine is the geometric median."""
     return node.kind == METHOD and node.method.combine == "median"
 
 
@@ -157,7 +162,7 @@ def unread_sources(plan: MergePlan, si: int) -> set[tuple[int, str]]:
     for nid in plan.steps[si].nodes:
         node = plan.nodes[nid]
         srcs = [(s.file, s.key) for s in node.sources]
-        if _is_median(node):
+        if is_median(node):
             lead = 1 if node.method.base is not None else 0
             others.update(srcs[:lead])
             medians.update(srcs[lead:])
@@ -176,15 +181,15 @@ def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes
         index[(s.file, s.key)] = len(slices)
         read = (s.file, s.key) not in unread
         slices.append(SourceSlice(s.file, s.key, s.dtype, s.weight, s.offset + start * size, n * size,
-                                  item.read_bytes if read else -1, read))
+                                  item.read_bytes if read else -1))
         if read:
-            item.read_bytes += _align(n * size)
+            item.read_bytes += align(n * size)
     nodes = []
     for nid in step.nodes:
         node = plan.nodes[nid]
         outs = {}
         for d in dtypes[nid]:
             outs[d] = item.out_bytes
-            item.out_bytes += _align(n * DTYPES[d].itemsize)
+            item.out_bytes += align(n * DTYPES[d].itemsize)
         nodes.append(NodeSlice(nid, [index[(s.file, s.key)] for s in node.sources], outs))
     return Segment(si, start, stop, slices, nodes)

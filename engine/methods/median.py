@@ -279,22 +279,22 @@ def _pool() -> ThreadPoolExecutor:
 
 class _Points:
     """A key's filtered points span by span (``engine.kernels.median_points.span_points``: one
-    pass over a span, tile by tile in the L2 cache), each span's stored bytes read into a
-    buffer kept per thread; counts the values that are not finite, per source, over every
-    span read (``bad``, the base last)."""
+    pass over a span, tile by tile in the L2 cache), each span's stored bytes read into the
+    buffers the span borrowed (``_lend``); counts the values that are not finite, per source,
+    over every span read (``bad``, the base last)."""
 
     def __init__(self, params, key: str, base, models: list, shas: list, w: np.ndarray, stats,
                  read_raw: Callable, mask_key: Callable):
         from engine.kernels.hashing import _signed
         from engine.kernels.mean import F64, KIND
         from engine.kernels.median_points import tile_elements
+        from engine.merge.layout import align  # each source's slot 64-byte aligned, as in the read buffers
 
-        self.params, self.key, self.base, self.models, self.stats, self.read_raw = (
-            params, key, base, models, stats, read_raw)
+        self.params, self.base, self.models, self.stats, self.read_raw = params, base, models, stats, read_raw
         self.srcs = ([base] if base is not None else []) + list(models)
         # fp8 and other stored types the kernel does not read are widened here, read as F64
         self.wide = [s.dtype not in KIND for s in self.srcs]
-        self.slot = _align(SPAN * max(8 if wide else DTYPES[s.dtype].itemsize for s, wide in zip(self.srcs, self.wide)))
+        self.slot = align(SPAN * max(8 if wide else DTYPES[s.dtype].itemsize for s, wide in zip(self.srcs, self.wide)))
         kinds = [F64 if wide else KIND[s.dtype] for s, wide in zip(self.srcs, self.wide)]
         offsets = [j * self.slot // (8 if wide else DTYPES[s.dtype].itemsize)
                    for j, (s, wide) in enumerate(zip(self.srcs, self.wide))]
@@ -369,7 +369,7 @@ class _Points:
 class _Buffers:
     """Arrays a span's work uses, kept from span to span and key to key and grown as needed: a
     fresh large array costs the first touch of every page (on this project's machine more than
-    the arithmetic done on it). Each running span borrows a set (``lend``), so the sets number
+    the arithmetic done on it). Each running span borrows a set (``_lend``), so the sets number
     the spans that ran at once, as many as held their arrays before; ``release_buffers`` drops
     them at the end of a pass."""
 
@@ -405,10 +405,8 @@ RESULTS = ResultRing()  # the keys' medians, from one array reused as a ring (re
 
 
 def release_buffers() -> None:
-    """Drop the kept buffers (the statistics thread, at the end of a pass)."""
+    """Drop the kept buffers and the results' ring (at the end of a pass: a long-lived process
+    does not keep them after its merge; results still in use keep their own array alive)."""
     with _FREE_LOCK:
         _FREE_BUFFERS.clear()
-
-
-def _align(n: int) -> int:
-    return (n + 63) // 64 * 64
+    RESULTS.reserve(0)

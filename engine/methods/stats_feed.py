@@ -269,8 +269,9 @@ def _results_elements(plan: MergePlan, items, jobs: list[_Job]) -> int:
     medians = [job.numel for job in jobs if job.args is not None and job.args[0].combine == "median"]
     if not medians:
         return 0
-    per_item = max(sum(seg.numel for seg in item.segments for ns in seg.nodes
-                       if plan.nodes[ns.node].kind == METHOD and plan.nodes[ns.node].method.combine == "median")
+    from engine.merge.layout import is_median
+
+    per_item = max(sum(seg.numel for seg in item.segments for ns in seg.nodes if is_median(plan.nodes[ns.node]))
                    for item in items)
     return 2 * max(medians) + 3 * per_item + AHEAD_ELEMENTS
 
