@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from engine.long_lived import freeze_imports
+
 # Subcommand modules, in the order ``astolfo --help`` lists them.
 COMMANDS = ["open", "demo", "scan", "hash", "compare", "merge", "jobs", "attach", "cancel", "resume"]
 
@@ -32,12 +34,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, process: bool = False) -> int:
+    """Run one command; ``process``: this is the ``astolfo`` process itself (``entry``), not a
+    caller such as a test, so the imported modules may be frozen for its lifetime."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["open", *argv]
     parser = build_parser(only=argv[0] if argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
+    if process:
+        freeze_imports()  # the command's modules are imported: no collection walks them again
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    sys.exit(main(process=True))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan
 from engine.merge.run import execute
+from engine.long_lived import freeze_imports
+freeze_imports()  # as the astolfo command and a detached job do once their modules are imported
 out, paths = sys.argv[1], sys.argv[2:]
 ids = [f"m{i:02d}" for i in range(len(paths))]
 # bench_methods: BENCH_METHOD (JSON) is the selection's [methods] table; with BENCH_BASE_FIRST the

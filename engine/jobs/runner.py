@@ -28,6 +28,7 @@ from typing import IO
 
 from engine.jobs import store
 from engine.jobs.store import CANCELLED, FAILED, FINISHED, RUNNING, JobError
+from engine.long_lived import freeze_imports
 from engine.merge.events import event_to_dict
 from engine.plan.model import PlanError
 from engine.plan.planner import build_plan
@@ -187,6 +188,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    from engine.merge.run import execute  # noqa: F401 (the merge's modules, torch among them, imported before the freeze)
+
+    freeze_imports()
     job_dir = args.job_dir.resolve()
     cancel = threading.Event()
     _install_signal_handlers(cancel)
