@@ -15,8 +15,9 @@ before the next is read:
 - DELLA's keep bits, or DARE's drop, then the trim (``engine.kernels.methods``' own kernels),
   then the TIES vote (``engine.kernels.weiszfeld.vote_filter``);
 - then by ``mode``: ``ROWS`` copies the points into ``rows`` (fp64: the re-read mode's block,
-  or points held in fp64), ``HOLD`` narrows them into ``held`` (fp32; False is returned when a
-  value is not exactly an fp32), ``GRAM`` narrows them into ``held`` when it is not empty, then
+  or points held in fp64), ``HOLD`` narrows them into ``held`` (fp32 or fp16 bits,
+  ``engine.kernels.held``; False is returned when a value is not exact in that type), ``GRAM``
+  narrows them into ``held`` when it is not empty, then
   centres them and adds their Gram matrix to ``lanes`` (``engine.kernels.median_gram.center``,
   ``engine.kernels.gram.gram_add_part``).
 
@@ -59,7 +60,7 @@ def span_points(in16, in32, in64, base_kind, base_off, kinds, offsets, n, first,
     2 count, with the recipe's ``weights``. ``tile``: float64 scratch of ``count * T`` for
     tiles of ``T`` elements; ``bad``: int64[count + 1], non-finite values added per model, the
     base's last. ``rows`` / ``held`` receive columns ``col ..``. Returns False when ``held``
-    was written and some value was not exactly an fp32."""
+    was written and some value was not exact in its type."""
     count = kinds.size
     width = min(TILE_MAX, tile.size // count)
     base = numba.carray(stack_f64(2048), 2048)

@@ -35,12 +35,14 @@ def warm() -> None:
     gram.gram_add(lanes, np.zeros((1, 8)), 0)
     gram.gram_finish(lanes)
     lanes = np.zeros((1, weiszfeld.LANES))
-    for points in (np.zeros((1, 8), np.float32), np.zeros((1, 8))):  # held in fp32 where exact
+    held = [np.zeros((1, 8), t) for t in (np.uint16, np.float32, np.float64)]  # fp16 bits, fp32 where exact
+    for points in held:
         weiszfeld.step(points, 0, 0, 8, np.ones(1), 1.0, np.zeros(8), lanes)
     weiszfeld.finish(lanes)
-    for points in (np.zeros((1, 8), np.float32), np.zeros((1, 8))):  # the Gram route's last pass
+    for points in held:  # the Gram route's last pass
         weiszfeld.iterate_only(points, 0, 8, np.ones(1), 1.0, np.zeros(8))
-    weiszfeld.narrow_exactly(np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0)
+    for points in held[:2]:
+        weiszfeld.narrow_exactly(np.zeros((1, 8)), points, 0)
     weiszfeld.vote_filter(np.zeros((1, 8)), np.ones(1), True)  # and the filters the median's points go through
     from engine.kernels import median_gram  # the median's Gram route: centring, the steps on the matrix
 
@@ -48,10 +50,11 @@ def warm() -> None:
     median_gram.iterate(np.zeros((1, 1)), np.ones(1), 1e-6, 1, 1e-20, np.zeros(1))
     from engine.kernels import median_points  # the median's points, span by span, from the stored bytes
 
-    median_points.span_points(u16, f32, f64, -1, 0, one, one, 8, 0, np.ones(1), 0.0, one, False,
-                              np.zeros((1, 1), np.uint8), 0, False, np.zeros(1), False, 0, np.empty(8),
-                              np.zeros(2, np.int64), median_points.ROWS, np.zeros((1, 8)), np.zeros((1, 0), np.float32),
-                              0, np.zeros((1, 1, gram.LANES)))
+    for points in (np.zeros((1, 0), np.float32), np.zeros((1, 0), np.uint16)):  # held in fp32 or fp16 (or not)
+        median_points.span_points(u16, f32, f64, -1, 0, one, one, 8, 0, np.ones(1), 0.0, one, False,
+                                  np.zeros((1, 1), np.uint8), 0, False, np.zeros(1), False, 0, np.empty(8),
+                                  np.zeros(2, np.int64), median_points.ROWS, np.zeros((1, 8)), points,
+                                  0, np.zeros((1, 1, gram.LANES)))
     methods._drop(f64, 0, 0, 0.5)
     methods._keep(f64, np.zeros(1, np.uint8), 0)
     methods._trim(f64, 0.5)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from engine.kernels.held import point_value, to_held
 from engine.kernels.jit import fma, kernel, stack_f64
 
 LANES = 8
@@ -27,7 +28,8 @@ TILE = 2048  # elements of every point per tile: 8 KB a point in fp32, N of them
 
 @kernel
 def step(points, col, start, count, weights, total, out, lanes):
-    """Columns ``col .. col + count`` of ``points`` (float32 or float64[N, *], C-contiguous),
+    """Columns ``col .. col + count`` of ``points`` (float64, float32 or fp16 bits [N, *],
+    C-contiguous: ``engine.kernels.held``),
     which are elements ``start ..`` of the tensor; ``weights``: float64[N] summing to ``total``;
     ``out``: float64[count], the new iterate; ``lanes``: float64[N, LANES], the squared
     distances added to. Indices are unsigned inside the tiles (numba checks signed ones for
@@ -61,8 +63,10 @@ def step(points, col, start, count, weights, total, out, lanes):
                     e = ge + np.uint64(lane)
                     k = c0 + e
                     x = v[e]
-                    d0, d1, d2, d3 = r0[k] - x, r1[k] - x, r2[k] - x, r3[k] - x
-                    d4, d5, d6, d7 = r4[k] - x, r5[k] - x, r6[k] - x, r7[k] - x
+                    d0, d1 = point_value(r0[k]) - x, point_value(r1[k]) - x
+                    d2, d3 = point_value(r2[k]) - x, point_value(r3[k]) - x
+                    d4, d5 = point_value(r4[k]) - x, point_value(r5[k]) - x
+                    d6, d7 = point_value(r6[k]) - x, point_value(r7[k]) - x
                     acc[0, lane] = fma(d0, d0, acc[0, lane])
                     acc[1, lane] = fma(d1, d1, acc[1, lane])
                     acc[2, lane] = fma(d2, d2, acc[2, lane])
@@ -101,7 +105,7 @@ def _iterate_tile(points, c0, width, weights, total, v):
         wi = weights[i]
         row = points[i]
         for e in range(width):
-            v[e] += wi * row[c0 + e]
+            v[e] += wi * point_value(row[c0 + e])
     for e in range(width):
         v[e] = v[e] / total
 
@@ -114,12 +118,12 @@ def _one_by_one(points, col, start, e0, e1, weights, total, out, lanes):
     for e in range(e0, e1):
         s = 0.0
         for i in range(n_pts):
-            s += weights[i] * points[i, col + e]
+            s += weights[i] * point_value(points[i, col + e])
         x = s / total
         out[e] = x
         lane = (start + e) % LANES
         for i in range(n_pts):
-            d = points[i, col + e] - x
+            d = point_value(points[i, col + e]) - x
             lanes[i, lane] = fma(d, d, lanes[i, lane])
 
 
@@ -160,8 +164,9 @@ def _sign(x):
 
 @kernel
 def narrow_exactly(block, held, col):
-    """``held[:, col:col + m] = block`` (float64[N, m] into float32[N, *]); False when some
-    value is not exactly an fp32 (then ``held`` must not be used; NaN is never equal)."""
+    """``held[:, col:col + m] = block`` (float64[N, m] into fp32 or fp16 bits [N, *],
+    ``engine.kernels.held``); False when some value is not exact in that type (then ``held``
+    must not be used; NaN is never equal)."""
     n_pts, m = block.shape
     exact = True
     for i in range(n_pts):
@@ -169,9 +174,9 @@ def narrow_exactly(block, held, col):
         dst = held[i]
         c0 = np.uint64(col)
         for e in range(np.uint64(m)):
-            f = np.float32(src[e])
+            f = to_held(src[e], dst)
             dst[c0 + e] = f
-            exact &= np.float64(f) == src[e]
+            exact &= point_value(f) == src[e]
     return exact
 
 

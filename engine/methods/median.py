@@ -20,10 +20,11 @@ index), then the spans' sums are added in span order. So the spans can run on se
 once, and the bits depend on neither the number of threads nor the memory mode. The sweeps'
 memory modes:
 
-- the N points held in memory when that fits the budget: in fp32 (``4 N n`` bytes) when every
-  filtered value is exactly an fp32 (a delta of two nearby fp16 values usually is; the kernel
-  then does the same fp64 arithmetic on the same values with half the memory traffic), else
-  in fp64 (``8 N n``);
+- the N points held in memory when that fits the budget, in the narrowest type that holds
+  every value exactly (``engine.kernels.held``; the kernel then does the same fp64 arithmetic
+  on the same values with less memory traffic): fp16 (``2 N n`` bytes) for a median of the
+  models themselves when all are stored in fp16, else fp32 (``4 N n``) when every filtered
+  value is exactly an fp32 (a delta of two nearby fp16 values usually is), else fp64 (``8 N n``);
 - else every step reads the sources again and filters them anew, span by span (the page cache
   usually serves them): memory is a span of the N points per thread (as many threads as 1 GB
   of spans allows), the iterate and the base.
@@ -140,9 +141,9 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
     threads nor on the buffers), the iterations on the N x N matrix, one pass for the iterate of
     the last coefficients (``engine.kernels.weiszfeld.step``'s arithmetic, as a sweep forms it,
     without the distances).
-    The first pass also keeps the points in fp32 when they fit the budget and every value is
-    exactly an fp32, so the second reads no file; else the second reads and filters them again
-    (the same values: the same bytes either way)."""
+    The first pass also keeps the points (fp16 or fp32: ``_Points.narrow``) when they fit the
+    budget and every value is exact in that type, so the second reads no file; else the second
+    reads and filters them again (the same values: the same bytes either way)."""
     from engine.kernels.gram import LANES as GRAM_LANES
     from engine.kernels.gram import gram_finish
     from engine.kernels.median_gram import iterate
@@ -152,8 +153,9 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
     count = len(w)
     parts = np.zeros((len(spans), count, count), np.float64)
     with _lend("held") as kept:  # the held points' buffer, kept from key to key
-        held = kept.get("held float32", count * n, np.float32).reshape(count, n) if 4 * count * n + 16 * n <= budget \
-            else None
+        narrow = points.narrow
+        held = kept.get_sole(f"held {narrow.__name__}", count * n, narrow).reshape(count, n) \
+            if np.dtype(narrow).itemsize * count * n + 16 * n <= budget else None
         exact = np.ones(len(spans), bool)
 
         def gram(s: int) -> None:
@@ -194,15 +196,13 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
 
 def _hold(points: "_Points", spans: list, count: int, n: int, budget: int, check_cancel: Callable[[], None],
           at_once: int, kept: "_Buffers") -> np.ndarray | None:
-    """The key's filtered points in memory, fp32 if every value is exactly an fp32, else fp64
-    (read again: rare, a delta of two distant values or a NaN); None when they do not fit the
-    budget (the re-read mode)."""
-    for dtype in (np.float32, np.float64):
+    """The key's filtered points in memory, in ``points.narrow`` (fp16 or fp32) if every value
+    is exact in it, else fp64 (read again: rare, a delta of two distant values or a NaN); None
+    when they do not fit the budget (the re-read mode)."""
+    for dtype in (points.narrow, np.float64):
         if np.dtype(dtype).itemsize * count * n + 16 * n > budget:
             return None
-        if dtype == np.float64:
-            kept.arrays.pop("held float32", None)  # one held array at a time, as the budget counts
-        held = _load(points, spans, kept.get(f"held {np.dtype(dtype).name}", count * n, dtype).reshape(count, n),
+        held = _load(points, spans, kept.get_sole(f"held {dtype.__name__}", count * n, dtype).reshape(count, n),
                      check_cancel, at_once)
         if held is not None or points.bad.any():  # (NaN/Inf: no median is formed, so none is held)
             return held
@@ -211,8 +211,8 @@ def _hold(points: "_Points", spans: list, count: int, n: int, budget: int, check
 
 def _load(points: "_Points", spans: list, held: np.ndarray, check_cancel: Callable[[], None],
           at_once: int) -> np.ndarray | None:
-    """Every span's points into ``held``; None when ``held`` is fp32 and some value is not
-    exactly an fp32 (NaN never equals itself: such a key is held in fp64)."""
+    """Every span's points into ``held``; None when ``held`` is fp16 or fp32 and some value is
+    not exact in it (NaN never equals itself: such a key is held in fp64)."""
     from engine.kernels.median_points import HOLD, ROWS
 
     inexact = threading.Event()
@@ -286,6 +286,7 @@ class _Points:
     def __init__(self, params, key: str, base, models: list, shas: list, w: np.ndarray, stats,
                  read_raw: Callable, mask_key: Callable):
         from engine.kernels.hashing import _signed
+        from engine.kernels.held import F16_BITS
         from engine.kernels.mean import F64, KIND
         from engine.kernels.median_points import tile_elements
         from engine.merge.layout import align  # each source's slot 64-byte aligned, as in the read buffers
@@ -312,6 +313,9 @@ class _Points:
                                    np.float64)
         self.vote = 0 if params.vote == "none" else 1 if params.vote == "sum" else 2
         self.tile = tile_elements(count)
+        # the type the points are held in where exact: without a base the points are the stored
+        # values (no filter is allowed then), so fp16 models give fp16 points
+        self.narrow = F16_BITS if base is None and all(s.dtype == "F16" for s in models) else np.float32
         self.bad = np.zeros(count + 1, np.int64)
         self._lock = threading.Lock()
 
@@ -382,6 +386,13 @@ class _Buffers:
             have = np.empty(max(size, 1), dtype)
             self.arrays[name] = have
         return have[:size]
+
+    def get_sole(self, name: str, size: int, dtype) -> np.ndarray:
+        """``get``, the other arrays dropped first unless it is already kept: the held points,
+        one array at a time, as the budget counts them."""
+        if name not in self.arrays:
+            self.arrays.clear()
+        return self.get(name, size, dtype)
 
 
 _FREE_BUFFERS: dict[str, list[_Buffers]] = {}

@@ -1,5 +1,5 @@
 """engine.kernels.median_points.span_points against the separate passes it fuses (widen less the
-base, DELLA's keep bits or DARE's drop, the trim, the vote, the narrowing to fp32, the centring
+base, DELLA's keep bits or DARE's drop, the trim, the vote, the narrowing to fp32 or fp16, the centring
 and the Gram matrix, each on the whole span): the same bits in every mode, whatever the tile,
 with the values that are not finite counted per source."""
 
@@ -73,7 +73,8 @@ def _separate(values, has_base, filters, weights):
 @pytest.mark.parametrize("has_base", [True, False])
 @pytest.mark.parametrize("filtering", ["none", "dare+trim+sum", "della+count"])
 @pytest.mark.parametrize("tile", [8, 64, 1024])
-def test_every_mode_gives_the_bits_of_the_separate_passes(has_base, filtering, tile):
+@pytest.mark.parametrize("held_type", [np.float32, np.uint16], ids=["fp32", "fp16"])
+def test_every_mode_gives_the_bits_of_the_separate_passes(has_base, filtering, tile, held_type):
     rng = np.random.default_rng(7)
     raw, offsets, values = _sources(rng, nan=False)
     weights = np.array([1.0, 2.0, 0.5, 1.0, 3.0])
@@ -85,8 +86,9 @@ def test_every_mode_gives_the_bits_of_the_separate_passes(has_base, filtering, t
         bit0 = FIRST % 8
         filters.update(keep=rng.integers(0, 256, (N, (bit0 + SPAN + 7) // 8), dtype=np.uint8), bit0=bit0, vote=2)
     want = _separate(values, has_base, filters, weights)
-    want_held = np.zeros((N, SPAN + 16), np.float32)
+    want_held = np.zeros((N, SPAN + 16), held_type)
     want_exact = narrow_exactly(want, want_held, 16)  # the fp64 model's deltas are not fp32 values
+    assert not want_exact
     centred = want.copy()
     center(centred)
     want_lanes = np.zeros((N, N, LANES))
@@ -109,13 +111,13 @@ def test_every_mode_gives_the_bits_of_the_separate_passes(has_base, filtering, t
     rows = np.full((N, SPAN + 16), -1.0)
     run(mp.ROWS, rows=rows)
     assert np.array_equal(rows[:, 16:].view(np.int64), want.view(np.int64))
-    held = np.zeros((N, SPAN + 16), np.float32)
+    held = np.zeros((N, SPAN + 16), held_type)
     assert run(mp.HOLD, held=held) == want_exact
-    assert np.array_equal(held.view(np.int32), want_held.view(np.int32))
-    held = np.zeros((N, SPAN + 16), np.float32)
+    assert np.array_equal(held, want_held)  # (fp16 held as its bits; fp32 by value: no NaN here)
+    held = np.zeros((N, SPAN + 16), held_type)
     lanes = np.zeros((N, N, LANES))
     assert run(mp.GRAM, held=held, lanes=lanes) == want_exact
-    assert np.array_equal(held.view(np.int32), want_held.view(np.int32))
+    assert np.array_equal(held, want_held)
     upper = np.triu_indices(N)
     assert np.array_equal(lanes[upper].view(np.int64), want_lanes[upper].view(np.int64))
 
@@ -143,7 +145,34 @@ def test_tile_elements_are_a_multiple_of_the_lanes_and_fit_the_bytes():
         assert t == 8 or t * count * 8 <= mp.TILE_BYTES
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", [mp.HOLD, mp.GRAM])
+def test_fp16_models_without_a_base_are_held_as_their_stored_bits(mode):
+    """A median of fp16 models themselves: every point is exact in fp16, held as the very bits
+    stored (the Gram matrix is still that of the fp64 values)."""
+    rng = np.random.default_rng(5)
+    stored = (rng.standard_normal((N, SPAN)) * 0.05).astype(np.float16)
+    stored[2, 9] = -0.0
+    stored[3, 11] = np.float16(6e-8)  # a subnormal
+    raw = stored.view(np.uint8).reshape(-1)
+    held = np.zeros((N, SPAN + 16), np.uint16)
+    lanes = np.zeros((N, N, LANES))
+    bad = np.zeros(N + 1, np.int64)
+    exact = mp.span_points(raw.view(np.uint16), raw[:0].view(np.float32), raw[:0].view(np.float64), -1, 0,
+                           np.full(N, F16, np.int64), np.arange(N, dtype=np.int64) * SPAN, SPAN, FIRST, np.ones(N),
+                           0.0, np.zeros(N, np.int64), False, NO_KEEP, 0, False, np.zeros(N), False, 0,
+                           np.empty(N * 64), bad, mode, NO_ROWS, held, 16, lanes)
+    assert exact and (bad == 0).all()
+    assert np.array_equal(held[:, 16:], stored.view(np.uint16))
+    if mode == mp.GRAM:
+        centred = stored.astype(np.float64)
+        center(centred)
+        want = np.zeros((N, N, LANES))
+        gram_add(want, centred, FIRST)
+        upper = np.triu_indices(N)
+        assert np.array_equal(lanes[upper].view(np.int64), want[upper].view(np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=["fp32", "fp64", "fp16"])
 def test_the_last_pass_forms_the_iterate_of_a_step_bit_for_bit(dtype):
     """The Gram route's last pass (weiszfeld.iterate_only) gives the iterate a sweep's step
     forms from the same coefficients, without its distances."""
@@ -151,7 +180,9 @@ def test_the_last_pass_forms_the_iterate_of_a_step_bit_for_bit(dtype):
     from engine.kernels.weiszfeld import iterate_only, step
 
     rng = np.random.default_rng(11)
-    points = (rng.standard_normal((7, 5000)) * 0.03).astype(dtype)
+    values = (rng.standard_normal((7, 5000)) * 0.03).astype(dtype)
+    points = values.view(np.uint16) if dtype == np.float16 else values  # fp16 held as its bits
+    wide = values.astype(np.float64)  # the same values in fp64: the same iterate, bit for bit
     coef = rng.uniform(0.1, 3.0, 7)
     total = 0.0
     for c in coef:
@@ -161,3 +192,8 @@ def test_the_last_pass_forms_the_iterate_of_a_step_bit_for_bit(dtype):
         step(points, col, col + 5, count, coef, total, want, np.zeros((7, STEP_LANES)))
         iterate_only(points, col, count, coef, total, got)
         assert np.array_equal(got.view(np.int64), want.view(np.int64))
+        lanes, wide_lanes, again = np.zeros((7, STEP_LANES)), np.zeros((7, STEP_LANES)), np.zeros(count)
+        step(points, col, col + 5, count, coef, total, want, lanes)
+        step(wide, col, col + 5, count, coef, total, again, wide_lanes)
+        assert np.array_equal(again.view(np.int64), want.view(np.int64))
+        assert np.array_equal(lanes.view(np.int64), wide_lanes.view(np.int64))

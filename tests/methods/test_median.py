@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cuda_double import CudaRuntimeDouble
@@ -191,6 +192,30 @@ def test_all_equal_points_give_the_point(models, tmp_path, route):
     for key, t in got.items():
         if key != POS:
             assert torch.equal(t, b[key].to(t.dtype)), key
+
+
+def test_points_are_held_in_the_narrowest_exact_type(models, tmp_path, route, monkeypatch, tiny_budget):
+    """fp16 models without a base are held as their fp16 bits, a tgmd's deltas in fp32 (the
+    Gram route's last pass and the sweeps' steps read the held points); each as exact as fp64,
+    so the reference check holds and the re-read mode gives the same bytes."""
+    from engine.kernels import warm, weiszfeld
+
+    warm.start().join()  # (its calls of every signature are not the merge's)
+    seen = []
+    for name in ("step", "iterate_only"):
+        real = getattr(weiszfeld, name)
+        monkeypatch.setattr(weiszfeld, name,
+                            lambda points, *a, real=real: (seen.append(points.dtype), real(points, *a))[1])
+    plain = _merge(_recipe(models, tmp_path, {"method": "geometric_median"}, name="plain"))
+    assert set(seen) == {np.dtype(np.uint16)}
+    _check(models, plain, {}, "abcd", [1.0] * 4, with_base=False)
+    seen.clear()
+    _merge(_recipe(models, tmp_path, {"method": "tgmd", "base": "o"}, name="deltas"))
+    assert set(seen) == {np.dtype(np.float32)}
+    seen.clear()
+    reread = _merge(_recipe(models, tmp_path, {"method": "geometric_median"}, name="reread", memory="1MB"))
+    assert np.dtype(np.float64) in seen  # the re-read mode's blocks of the points (the large keys)
+    assert _tensors(reread) == _tensors(plain)
 
 
 # --------------------------------------------------------------------------- memory, bytes, NaN
