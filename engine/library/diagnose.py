@@ -17,6 +17,7 @@ import os
 import re
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import attrgetter
@@ -120,8 +121,11 @@ _SUMMARY_KEYS = {
 }
 
 
-def inspect_file(path: str | os.PathLike, model_id: str = "") -> ModelReport:
-    """A ModelReport for ``path``. Never raises for bad content: problems become findings."""
+def inspect_file(path: str | os.PathLike, model_id: str = "",
+                 on_header: Callable[[Header], None] | None = None) -> ModelReport:
+    """A ModelReport for ``path``. Never raises for bad content: problems become findings.
+    ``on_header``: handed the parsed header of a readable file (a planner builds the plan from
+    it instead of parsing the header a second time; a scan keeps only the report)."""
     path = Path(path)
     try:
         st = path.stat()
@@ -133,11 +137,11 @@ def inspect_file(path: str | os.PathLike, model_id: str = "") -> ModelReport:
     # One collection after the whole inspection rather than several during it; the header is
     # dropped inside _read_and_inspect, so that collection has little left to walk.
     with paused_gc():
-        _read_and_inspect(report)
+        _read_and_inspect(report, on_header)
     return report
 
 
-def _read_and_inspect(report: ModelReport) -> None:
+def _read_and_inspect(report: ModelReport, on_header: Callable[[Header], None] | None = None) -> None:
     path = report.path
     is_pickle_name = path.suffix.lower() in PICKLE_SUFFIXES
     try:
@@ -154,6 +158,8 @@ def _read_and_inspect(report: ModelReport) -> None:
             Finding(OK, "safetensors_renamed", f"named {path.suffix} but it is a safetensors file; read as one")
         )
     _inspect_header(report, header)
+    if on_header is not None:
+        on_header(header)
 
 
 def _looks_like_pickle(path: Path) -> bool:

@@ -72,11 +72,13 @@ class Builder:
         report = self.p.reports[mid]
         if report.kind != CHECKPOINT:
             return
-        try:
-            header = read_header(report.path)
-        except Exception as e:  # changed since inspection; check_models reported readable
-            self.p.error(f"model {mid}: {report.path}: cannot read the header: {e}", mid, code="unreadable")
-            return
+        header = self.p.headers.pop(mid, None)  # parsed when the planner inspected the file, if it did
+        if header is None:  # a report the caller had: the header is read here
+            try:
+                header = read_header(report.path)
+            except Exception as e:  # changed since inspection; check_models reported readable
+                self.p.error(f"model {mid}: {report.path}: cannot read the header: {e}", mid, code="unreadable")
+                return
         self.file_index[mid] = len(self.files)
         self.files.append(
             SourceFile(

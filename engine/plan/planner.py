@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from engine.checkpoint.format import Header
 from engine.library.report import ModelReport, Severity
 from engine.plan.model import MergePlan, PlanError, Problem
 from engine.recipe.model import Recipe
@@ -40,6 +41,9 @@ class _Planner:
         self.given = _index_reports(reports)
         self.problems: list[Problem] = []
         self.reports: dict[str, ModelReport] = {}
+        # the headers parsed by this planner's own inspections, by model id: the plan is built
+        # from them (the report's size and mtime are those of the same read)
+        self.headers: dict[str, Header] = {}
 
     def add(self, severity: Severity, message: str, model_id=None, output=None, code="") -> None:
         self.problems.append(Problem(severity, message, model_id, output, code))
@@ -99,7 +103,7 @@ class _Planner:
             path = self.recipe.model_path(mid)
             report = self.given.get(_path_key(path))
             if report is None or not _fresh(report, path):
-                report = inspect_file(path, mid)
+                report = inspect_file(path, mid, on_header=lambda header, mid=mid: self.headers.update({mid: header}))
             self.reports[mid] = report
 
 

@@ -197,3 +197,25 @@ def test_not_enough_disk(models, tmp_path, monkeypatch):
     monkeypatch.setattr(checks.shutil, "disk_usage", tiny)
     problems = check_recipe(parse_recipe(text, tmp_path))
     assert [p.code for p in problems if p.severity == Severity.ERROR] == ["disk_full"]
+
+
+def test_each_header_is_parsed_once_and_the_plan_matches_a_fresh_read(models, tmp_path, monkeypatch):
+    """The planner builds the plan from the headers its inspection parsed (one parse a file);
+    with reports the caller already had, the builder reads the headers itself."""
+    from engine.checkpoint import format as fmt
+    from engine.library.diagnose import inspect_file
+
+    paths = {m: str(models / f"m{i}.safetensors") for i, m in enumerate("abc")}
+    text = recipe_text(paths, {"all": list("abc")}, [sdxl_output(str(tmp_path / "o.safetensors"), "all")])
+    recipe = parse_recipe(text, tmp_path)
+    parsed = []
+    real = fmt.parse_header
+    monkeypatch.setattr(fmt, "parse_header", lambda raw, size, path="<memory>": (parsed.append(path),
+                                                                                real(raw, size, path))[1])
+    plan = build_plan(recipe)
+    assert sorted(map(str, parsed)) == sorted(paths.values())
+    reports = {m: inspect_file(p, m) for m, p in paths.items()}
+    parsed.clear()
+    again = build_plan(recipe, reports)
+    assert sorted(map(str, parsed)) == sorted(paths.values())  # read by the builder this time
+    assert again.nodes == plan.nodes and again.files == plan.files
