@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from common import cpu_name, memory_gib  # noqa: E402 (bench/ is on sys.path when run as a script)
+from common import BENCHMARKS_MD, cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 from engine.checkpoint.architectures import get_architecture, scaled_shape
 from engine.checkpoint.format import TensorPlan, canonical_order
@@ -351,6 +352,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/merge", help="folder for synthetic files")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files afterwards")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    ap.add_argument("--section", default="merge",
+                    help='the docs/benchmarks.md section written ("## <section>"): a run of some of the runs can '
+                         "go to its own section and leave the full run's in place")
     args = ap.parse_args(argv)
     if args.quick:
         args.scale, args.cached_scale, args.rss_scale = 16, 16, 32
@@ -457,17 +461,21 @@ def main(argv=None) -> int:
     shutil.rmtree(out_dir, ignore_errors=True)
     table = _table(rows) + ("\n\n" + kernel_table if kernel_table else "")
     print(table)
-    header = (f"`python bench/bench_merge.py{' --quick' if args.quick else ''}`. Machine: {machine()}; 1-minute load "
-              f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). Cold run: "
-              f"{args.n} synthetic SDXL fp16 files at scale {args.scale}"
-              f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), "
-              "page cache "
-              f"{'dropped before each engine' if dropped else 'NOT dropped (drop_caches not writable)'}; cached run: "
-              f"scale {args.cached_scale}; RSS sweep: scale {args.rss_scale}. Engines: {', '.join(engines)}"
-              f"{'; cold run: ' + args.cold_engines if args.cold_engines else ''}"
+    command = " ".join(["python bench/bench_merge.py", *(shlex.quote(a) for a in sys.argv[1:])])
+    made = {"cold": (f"cold run: {args.n} synthetic SDXL fp16 files at scale {args.scale}"
+                     f" ({'full size, 6.9 GB each' if args.scale == 1 else f'1/{args.scale} per large dimension'}), "
+                     "page cache " + ("dropped before each engine" if dropped else
+                                      "NOT dropped (drop_caches not writable)")),
+            "cached": f"cached run: {args.n} files at scale {args.cached_scale}",
+            "rss": f"RSS sweep: scale {args.rss_scale}"}
+    header = (f"`{command}`. Machine: {machine()}; 1-minute load "
+              f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). "
+              + _sentence("; ".join(text for run, text in made.items() if run in runs))
+              + f". Engines: {', '.join(engines)}"
+              f"{'; cold run: ' + args.cold_engines if args.cold_engines and 'cold' in runs else ''}"
               f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}.")
     if not args.no_doc:
-        _write_doc(header, table, notes + [_doc_notes()])
+        _write_doc(header, table, notes + [_doc_notes()], args.section)
     for n in notes:
         print(n, file=sys.stderr)
     return 0
@@ -597,18 +605,12 @@ def _doc_notes() -> str:
         - The plain loop and sd-mecha run `sync` after writing; astolfo fsyncs its output and renames it.""")
 
 
-def _write_doc(header: str, table: str, notes: list[str]) -> None:
-    doc = ROOT / "docs/benchmarks.md"
-    doc.parent.mkdir(exist_ok=True)
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    section = f"## merge\n\n{header}\n\n{table}\n\n" + "\n".join(notes) + "\n"
-    start = text.find("\n## merge\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
-    doc.write_text(text)
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _write_doc(header: str, table: str, notes: list[str], section: str = "merge") -> None:
+    write_section(BENCHMARKS_MD, f"## {section}\n\n{header}\n\n{table}\n\n" + "\n".join(notes) + "\n")
 
 
 if __name__ == "__main__":
