@@ -322,7 +322,7 @@ class _Points:
     def fill(self, mine: "_Buffers", a: int, b: int, mode: int, rows: np.ndarray = _NO_ROWS,
              held: np.ndarray = _NO_HELD, col: int = 0, lanes: np.ndarray = _NO_LANES) -> bool:
         """Elements ``a .. b`` of the points through ``span_points`` in ``mode``; False when
-        ``held`` was written and a value was not exactly an fp32; the buffers: ``mine``."""
+        ``held`` was written and a value was not exact in its type; the buffers: ``mine``."""
         from engine.kernels.median_points import span_points
         from engine.methods.widening import widen_raw
 
