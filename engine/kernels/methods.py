@@ -13,7 +13,8 @@ division, alpha, plus the base, and one rounding to each output dtype.
 
 Arguments follow ``engine.kernels.mean.weighted_mean``: the read buffer as uint16 / float32 /
 float64 views, each source a kind code and an element offset; the base's kind is -1 for a
-median without one (deltas against 0). Per model: factor, drop stream key (int64 bits), trim
+median without one (deltas against 0); a median is passed no model (its statistics read them:
+``engine.methods.streamed.element_models``). Per model: factor, drop stream key (int64 bits), trim
 threshold; DELLA's keep bits as one row of packed bits (numpy's big-endian bit order) per model,
 starting at bit ``keep_bit0``. ``first`` is the slice's first element index in its key (for the
 drop hashes and the median). Codes: ``vote`` 0 none, 1 sum, 2 count; ``combine`` 0 sum
@@ -291,15 +292,13 @@ def method_elements(in16, in32, in64, base_kind, base_off, kinds, offsets, facto
         posw[:] = 0.0
         neg[:] = 0.0
         negw[:] = 0.0
-        plain = not (has_keep or has_drop or has_trim) and combine != COMBINE_MEDIAN
+        plain = not (has_keep or has_drop or has_trim)
         for j in range(kinds.size):
             if plain:
                 widen(x, kinds[j], offsets[j] + a, in16, in32, in64)
                 _delta_vote(total, pos, posw, neg, negw, x, b, probe, factors[j], vote)
                 continue
             _load_delta(x, b, probe, kinds[j], offsets[j] + a, in16, in32, in64)
-            if combine == COMBINE_MEDIAN:
-                continue  # the key's median is computed; the models' values are only checked
             filter_delta(x, has_keep, keep[j], keep_bit0 + a, has_drop, keys[j], first + a, drop, has_trim,
                          thresholds[j])
             if vote == VOTE_NONE:

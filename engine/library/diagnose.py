@@ -135,7 +135,8 @@ def inspect_file(path: str | os.PathLike, model_id: str = "",
         return report
     report = ModelReport(path=path, model_id=model_id, file_size=st.st_size, mtime_ns=st.st_mtime_ns, kind=UNKNOWN)
     # One collection after the whole inspection rather than several during it; the header is
-    # dropped inside _read_and_inspect, so that collection has little left to walk.
+    # dropped inside _read_and_inspect (unless ``on_header`` keeps it), so that collection has
+    # little left to walk.
     with paused_gc():
         _read_and_inspect(report, on_header)
     return report

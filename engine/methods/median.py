@@ -170,7 +170,7 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
         if points.bad.any():  # the merge stops here or leaves those sources out: no median to form
             return MedianResult(None, 0, held is not None, points.nonfinite())
         if held is not None and not exact.all():
-            held = None  # a value that is not an fp32 (a NaN, a delta of distant values): read again
+            held = None  # a value not exact in the held type (a NaN, a delta of distant values): read again
         g = np.zeros((count, count), np.float64)
         for part in parts:  # in span order
             g += part

@@ -74,8 +74,6 @@ def compute(k: Kernel, params, key: str, start: int, base: torch.Tensor, views: 
         k.load(tau, view)
         tau.sub_(b)
         probe.add_(tau)
-        if median:
-            continue
         if params.drop_eps != 0:  # DELLA: the keep mask from the key's ranks
             keep = torch.from_numpy(stats.keep_mask(ident, start, n)).to(tau.device, non_blocking=True)
             tau.masked_fill_(~keep, 0.0)
