@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from common import BENCHMARKS_MD, cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
+from common import BENCHMARKS_MD, Rows, child_path, cpu_name, memory_gib, write_section  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 from engine.checkpoint.architectures import get_architecture, scaled_shape
 from engine.checkpoint.format import TensorPlan, canonical_order
@@ -141,11 +141,13 @@ def _report_peak():
 atexit.register(_report_peak)
 """
 
-SCRIPTS = {"astolfo": ASTOLFO, "astolfo-torch": ASTOLFO, "astolfo-buffered": ASTOLFO, "plain": PLAIN,
-           "sd-mecha": MECHA}
+SCRIPTS = {"astolfo": ASTOLFO, "astolfo-torch": ASTOLFO, "astolfo-buffered": ASTOLFO, "astolfo-cuda": ASTOLFO,
+           "plain": PLAIN, "sd-mecha": MECHA}
 # astolfo-torch: astolfo with the torch kernel instead of the fused numba kernels (engine.kernels);
-# astolfo-buffered: astolfo writing through the page cache instead of O_DIRECT (direct_io)
-ENGINE_ENV = {"astolfo-torch": {"ASTOLFO_CPU_KERNELS": "torch"}, "astolfo-buffered": {"ASTOLFO_DIRECT_IO": "0"}}
+# astolfo-buffered: astolfo writing through the page cache instead of O_DIRECT (direct_io);
+# astolfo-cuda: astolfo's recipe with device = "cuda", beside the --device run (bench/gpu_check.sh)
+ENGINE_ENV = {"astolfo-torch": {"ASTOLFO_CPU_KERNELS": "torch"}, "astolfo-buffered": {"ASTOLFO_DIRECT_IO": "0"},
+              "astolfo-cuda": {"BENCH_DEVICE": "cuda"}}
 
 
 # --------------------------------------------------------------------------- data
@@ -365,10 +367,11 @@ def main(argv=None) -> int:
         engines.remove("sd-mecha")
 
     args.data.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(args.data / "cache"), PYTHONPATH=str(ROOT), BENCH_DEVICE=args.device)
+    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(args.data / "cache"), PYTHONPATH=child_path(),
+               BENCH_DEVICE=args.device)
     os.environ["ASTOLFO_CACHE_DIR"] = env["ASTOLFO_CACHE_DIR"]
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    rows: list[list[str]] = []
+    rows: list[list[str]] = Rows()
     notes: list[str] = []
     out_dir = args.data / "out"
     out_dir.mkdir(exist_ok=True)
@@ -401,7 +404,8 @@ def main(argv=None) -> int:
             drop_caches()
             log(f"  {name} ...")
             wall, rss, ok, tail, stats = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
-            results[name] = wall
+            if ok:
+                results[name] = wall  # a failed run has no speed to compare
             rows.append(["cold", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats),
                          f"{wall / base:.2f}", "", gb(rss),
                          "" if ok else "FAILED: " + tail.strip().splitlines()[-1] if tail.strip() else "FAILED"])
@@ -435,7 +439,8 @@ def main(argv=None) -> int:
                 warm(paths)
                 log(f"  {name} ({run}) ...")
                 wall, rss, ok, tail, stats = run_engine(name, folder / f"{name}.safetensors", paths, env)
-                results[name] = wall
+                if ok:
+                    results[name] = wall
                 rows.append([run, name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats), "", "",
                              gb(rss), "" if ok else "FAILED: " + tail[-200:]])
                 if name == "astolfo" and stats.get("merge_s"):
@@ -473,7 +478,8 @@ def main(argv=None) -> int:
               + _sentence("; ".join(text for run, text in made.items() if run in runs))
               + f". Engines: {', '.join(engines)}"
               f"{'; cold run: ' + args.cold_engines if args.cold_engines and 'cold' in runs else ''}"
-              f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}.")
+              f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}"
+              f"{'; astolfo-cuda on ' + _device_name('cuda') if 'astolfo-cuda' in engines else ''}.")
     if not args.no_doc:
         _write_doc(header, table, notes + [_doc_notes()], args.section)
     for n in notes:

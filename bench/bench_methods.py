@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 import bench_merge  # noqa: E402 (bench/ is on sys.path when run as a script)
 from bench_merge import drop_caches, gb, machine, prehash, run_engine, synth_files, warm  # noqa: E402
-from common import BENCHMARKS_MD, markdown_table, write_section  # noqa: E402
+from common import BENCHMARKS_MD, Rows, child_path, markdown_table, write_section  # noqa: E402
 
 MECHA_METHOD = """
 import os, sys, torch, sd_mecha
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         mecha_ns = set()
 
     args.data.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(args.data / "cache"), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, ASTOLFO_CACHE_DIR=str(args.data / "cache"), PYTHONPATH=child_path(),
                BENCH_DEVICE=args.device, BENCH_BASE_FIRST="1")
     os.environ["ASTOLFO_CACHE_DIR"] = env["ASTOLFO_CACHE_DIR"]
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(exist_ok=True)
     paths = synth_files(folder, max(ns) + 1, args.scale, log)
     prehash(paths, log)
-    rows: list[list[str]] = []
+    rows: list[list[str]] = Rows()
     notes: list[str] = []
     cold: list[bool] = []  # whether each cold run's drop_caches worked
 

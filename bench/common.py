@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -45,3 +46,18 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+class Rows(list):
+    """A benchmark's table rows, each also printed to stderr as it is made: a run cut short (a
+    lent GPU's time running out) still leaves the rows it finished in its log."""
+
+    def append(self, row: list[str]) -> None:
+        super().append(row)
+        print("  row: | " + " | ".join(row) + " |", file=sys.stderr, flush=True)
+
+
+def child_path() -> str:
+    """PYTHONPATH for an engine's process: the project first, then what this one was given
+    (packages installed beside the system's, as bench/gpu_check.sh does on a lent GPU)."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))

@@ -26,10 +26,18 @@ that assert the order of operations. Allocation failures can be injected
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from collections import deque
 
 import torch
+
+# ASTOLFO_TEST_CUDA=real (bench/gpu_check.sh, on a machine with a GPU): the tests that run whole
+# passes on ``CudaBackend`` take the card itself instead of this double (``runtime``), so their
+# fp64 references and byte-identity checks hold for the GPU's kernels too. The protocol's own
+# tests (lazy schedules, injected failures) construct the double directly and stay on it.
+ON_THE_CARD = os.environ.get("ASTOLFO_TEST_CUDA") == "real"
 
 
 class _Stream:
@@ -218,3 +226,27 @@ class CudaRuntimeDouble:
             if not ready:
                 return
             self._step(self.rng.choice(ready), force=False)
+
+
+def runtime(schedule: str = "random", seed: int = 0):
+    """The runtime of a test's whole CUDA passes: the double, or the card (``ON_THE_CARD``)."""
+    if not ON_THE_CARD:
+        return CudaRuntimeDouble(schedule, seed)
+    if not torch.cuda.is_available():
+        raise RuntimeError("ASTOLFO_TEST_CUDA=real, but torch sees no CUDA GPU")
+    from engine.merge.backends.cuda import CudaRuntime
+
+    return CudaRuntime(torch.device("cuda", torch.cuda.current_device()))
+
+
+def backend_factory(first_seed: int = 1):
+    """A stand-in for ``engine.merge.run.open_backend``: every pass on ``CudaBackend`` over
+    ``runtime()`` (the double's random schedule, one seed a pass; or the card)."""
+    seeds = itertools.count(first_seed)
+
+    def factory(plan, device, tuning, items):
+        from engine.merge.backends.cuda import CudaBackend
+
+        return CudaBackend(plan, device, tuning.buffer_bytes, items, runtime=runtime("random", next(seeds)))
+
+    return factory

@@ -20,7 +20,7 @@ from engine.compare.result import build_result
 from .support import build_models, dtype_variants
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cuda_double import CudaRuntimeDouble  # noqa: E402
+from cuda_double import CudaRuntimeDouble, runtime  # noqa: E402
 
 SMALL = 1 << 18  # a budget that cuts the larger tensors into several chunks
 
@@ -39,12 +39,14 @@ def _sources(paths):
     return [Source(r.model_id, Path(r.path), r.key_map) for r in reports]
 
 
-def _on_double(sources, ref, schedule="lazy", seed=0, budget=SMALL, **double):
+def _on_double(sources, ref, schedule="lazy", seed=0, budget=SMALL, card=False, **double):
+    """The pass over the double; ``card``: over ``cuda_double.runtime`` (the card itself under
+    ASTOLFO_TEST_CUDA=real), for the tests whose checks hold on any correct runtime."""
     from engine.compare.cuda_pass import CudaPass
     from engine.compare.gather import gather
 
-    runtime = CudaRuntimeDouble(schedule, seed, **double)
-    return gather(sources, ref, budget_bytes=budget, reducer=CudaPass(runtime, "double")), runtime
+    rt = runtime(schedule, seed) if card else CudaRuntimeDouble(schedule, seed, **double)
+    return gather(sources, ref, budget_bytes=budget, reducer=CudaPass(rt, "double")), rt
 
 
 def _bits(grams):
@@ -70,7 +72,7 @@ def test_the_cuda_pass_gives_the_cpu_pass_numbers_under_every_schedule(models, w
     sources = _sources([paths[n] for n in sorted(paths)])
     ref = sources.pop(0) if with_reference else None
     cpu = gather(sources, ref, threads=2)
-    runs = [_on_double(sources, ref, schedule, seed)[0]
+    runs = [_on_double(sources, ref, schedule, seed, card=True)[0]
             for schedule, seed in (("lazy", 0), ("eager", 0), ("random", 1), ("random", 2))]
     for run in runs:
         assert run.members == cpu.members and run.tensors == cpu.tensors
@@ -80,7 +82,7 @@ def test_the_cuda_pass_gives_the_cpu_pass_numbers_under_every_schedule(models, w
                 assert np.array_equal(g, g.T)  # cosines symmetric to the bit
     first = _bits(runs[0].grams)
     assert all(_bits(r.grams) == first for r in runs[1:])  # the schedule changes no bit
-    one_chunk = _on_double(sources, ref, "random", 3, budget=256 << 20)[0]
+    one_chunk = _on_double(sources, ref, "random", 3, budget=256 << 20, card=True)[0]
     _close(one_chunk.grams, cpu.grams)
     ids = [s.id for s in sources]
     ref_id = ref.id if ref else None
@@ -119,7 +121,8 @@ def test_every_stored_dtype_is_widened_exactly_on_the_device(models, tmp_path):
     for with_reference in (False, True):
         a, b = _sources(stored), _sources(wide)
         ra, rb = (a.pop(0), b.pop(0)) if with_reference else (None, None)
-        assert _bits(_on_double(a, ra, "random", 5)[0].grams) == _bits(_on_double(b, rb, "random", 5)[0].grams)
+        assert _bits(_on_double(a, ra, "random", 5, card=True)[0].grams) == _bits(
+            _on_double(b, rb, "random", 5, card=True)[0].grams)
 
 
 def test_too_little_free_memory_is_said_before_anything_is_allocated(models):

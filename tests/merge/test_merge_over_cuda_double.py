@@ -2,26 +2,20 @@
 cancel, resume, metadata) again, with every pass computed by ``CudaBackend`` over the CPU test
 double of the CUDA runtime (``cuda_double.CudaRuntimeDouble``, random schedule, one seed per
 backend) instead of the CPU backend. What differs between the two runs is the backend only:
-the same expectations hold for both."""
+the same expectations hold for both. With ASTOLFO_TEST_CUDA=real on a machine with a GPU
+(bench/gpu_check.sh) the passes run on the card itself."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
-from cuda_double import CudaRuntimeDouble
+from cuda_double import backend_factory
 
 from engine.merge import run as merge_run
-from engine.merge.backends.cuda import CudaBackend
 
 from .test_merge import *  # noqa: F403 (the tests and fixtures of the merge suite, collected again here)
 from .test_merge import _merge, _recipe
 
-_seeds = itertools.count(1)
-
-
-def _cuda_over_double(plan, device, tuning, items):
-    return CudaBackend(plan, device, tuning.buffer_bytes, items, runtime=CudaRuntimeDouble("random", next(_seeds)))
+_cuda_over_double = backend_factory()
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cuda_double import CudaRuntimeDouble
+from cuda_double import backend_factory
 from merge_support import drop_uniform, load, method_table, recipe_text, round_exact, sdxl_output
 
 from engine.library.report import Severity
 from engine.merge import run as merge_run
-from engine.merge.backends.cuda import CudaBackend
 from engine.merge.run import MergeError, execute
 from engine.merge.tuning import Tuning
 from engine.plan.model import METHOD
@@ -237,9 +236,7 @@ def test_re_read_mode_buffer_sizes_and_cuda_give_the_same_bytes(models, tmp_path
     plan = build_plan(_recipe(models, tmp_path, p, name="reread", memory="1MB"))
     execute(plan, tuning=SMALL)
     assert _tensors(plan.outputs[0].path) == _tensors(tmp_path / "held.safetensors")
-    seeds = iter(range(1, 100))
-    monkeypatch.setattr(merge_run, "open_backend", lambda plan, device, tuning, items: CudaBackend(
-        plan, device, tuning.buffer_bytes, items, runtime=CudaRuntimeDouble("random", next(seeds))))
+    monkeypatch.setattr(merge_run, "open_backend", backend_factory())
     cuda = _merge(_recipe(models, tmp_path, p, name="cuda"), SMALL)
     assert _tensors(cuda) == _tensors(tmp_path / "held.safetensors")
 
@@ -280,9 +277,7 @@ def test_the_gram_route_gives_the_same_bytes_on_any_buffer_budget_and_cuda(model
     assert _tensors(small) == _tensors(large)
     reread = _merge(_recipe(models, tmp_path, p, name="reread", memory="1MB"), SMALL)
     assert _tensors(reread) == _tensors(large)
-    seeds = iter(range(1, 100))
-    monkeypatch.setattr(merge_run, "open_backend", lambda plan, device, tuning, items: CudaBackend(
-        plan, device, tuning.buffer_bytes, items, runtime=CudaRuntimeDouble("random", next(seeds))))
+    monkeypatch.setattr(merge_run, "open_backend", backend_factory())
     assert _tensors(_merge(_recipe(models, tmp_path, p, name="cuda"), SMALL)) == _tensors(large)
 
 

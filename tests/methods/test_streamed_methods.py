@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cuda_double import CudaRuntimeDouble
+from cuda_double import backend_factory
 from merge_support import (
     drop_uniform,
     load,
@@ -23,7 +23,6 @@ from merge_support import (
 )
 
 from engine.merge import run as merge_run
-from engine.merge.backends.cuda import CudaBackend
 from engine.merge.run import execute
 from engine.merge.tuning import Tuning
 from engine.plan.model import METHOD
@@ -274,9 +273,7 @@ def test_bytes_do_not_depend_on_buffer_size_model_order_or_backend(models, tmp_p
     assert _merge(_recipe(models, tmp_path, p, name="small"), LARGE).read_bytes() == first  # the same file
     again = _merge(_recipe(models, tmp_path, p, select=("c", "a", "b"), name="order"), SMALL)
     assert _strip(load(again)) == _strip(load(tmp_path / "small.safetensors"))
-    seeds = iter(range(1, 100))
-    monkeypatch.setattr(merge_run, "open_backend", lambda plan, device, tuning, items: CudaBackend(
-        plan, device, tuning.buffer_bytes, items, runtime=CudaRuntimeDouble("random", next(seeds))))
+    monkeypatch.setattr(merge_run, "open_backend", backend_factory())
     cuda = _merge(_recipe(models, tmp_path, p, name="cuda"), SMALL)
     assert _strip(load(cuda)) == _strip(load(tmp_path / "small.safetensors"))
 

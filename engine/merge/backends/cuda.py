@@ -54,6 +54,8 @@ class CudaRuntime:
     """Streams, events and memory of one CUDA device, through torch."""
 
     def __init__(self, device: torch.device):
+        if device.index is None:  # torch.cuda.set_device refuses a bare "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         self.device = device
 
