@@ -8,6 +8,7 @@ worker that gets there first waits on numba's compile lock instead of compiling 
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import numpy as np
@@ -18,7 +19,27 @@ done = threading.Event()
 
 
 def warm() -> None:
-    """Compile (or load) every signature the CPU merge uses: one a kernel, the types are fixed."""
+    """Compile (or load) every signature the CPU merge uses, with Python's cyclic garbage
+    collector paused meanwhile (as it was before, after).
+
+    Why paused: LLVM's context is one for the process and not thread-safe, and numba's compile
+    lock guards numba's own work only. A collection that another thread sets off while this one
+    is inside LLVM can finalize llvmlite objects (disposing their LLVM modules) at the same time.
+    Merges with an empty kernel cache died that way twice in about 40 runs on one machine, inside
+    libllvmlite (a segfault, and LLVM's assertion "Latch block must exists"), with no Python
+    traceback; it was not reproduced on demand. With the collector paused for the seconds the
+    kernels load, no other thread finalizes anything of LLVM's then."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        _load_all()
+    finally:
+        if was:
+            gc.enable()
+
+
+def _load_all() -> None:
+    """One call of each kernel: one signature a kernel, the types are fixed."""
     from engine.kernels import mean
 
     u16, f32, f64 = np.zeros(8, np.uint16), np.zeros(8, np.float32), np.zeros(8, np.float64)

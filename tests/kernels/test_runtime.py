@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import pytest
 import torch
 
 from engine.kernels import jit, warm
@@ -20,6 +21,31 @@ def test_warm_starts_once_and_compiles():
     assert warm.start() is first
     first.join(120)
     assert warm.done.is_set()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_paused_while_the_kernels_load(monkeypatch, enabled):
+    """No other thread's collection may finalize LLVM objects while warm() is inside LLVM; the
+    collector comes back as it was, also when loading fails."""
+    import gc
+
+    from engine.kernels import mean
+
+    seen = []
+
+    def first_kernel(*args):
+        seen.append(gc.isenabled())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(mean, "weighted_mean", first_kernel)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            warm.warm()
+        assert seen == [False] and gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 def test_stale_cache_is_dropped_when_a_kernel_source_changes():
