@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -29,13 +30,31 @@ def warm() -> None:
     libllvmlite (a segfault, and LLVM's assertion "Latch block must exists"), with no Python
     traceback; it was not reproduced on demand. With the collector paused for the seconds the
     kernels load, no other thread finalizes anything of LLVM's then."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with _collector_paused():
         _load_all()
+
+
+_pause_lock = threading.Lock()
+_pauses = 0  # warm() calls under way (the background one and a caller's own may overlap)
+_was_enabled = True
+
+
+@contextmanager
+def _collector_paused():
+    """The collector off from the first of overlapping calls to the end of the last, then as it was."""
+    global _pauses, _was_enabled
+    with _pause_lock:
+        if _pauses == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
     finally:
-        if was:
-            gc.enable()
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _was_enabled:
+                gc.enable()
 
 
 def _load_all() -> None:

@@ -31,6 +31,7 @@ def test_the_garbage_collector_is_paused_while_the_kernels_load(monkeypatch, ena
 
     from engine.kernels import mean
 
+    warm.start().join(120)  # the process's background warm-up is over: only this call sees the stand-in
     seen = []
 
     def first_kernel(*args):
@@ -86,3 +87,20 @@ def test_a_numba_that_fails_to_import_leaves_the_node_to_torch(monkeypatch):
     kept = [SourceSlice(0, "k", "F16", 1.0, 0, 8, 0), SourceSlice(1, "k", "F16", 1.0, 0, 8, 64)]
     buf = torch.zeros(128, dtype=torch.uint8)
     assert fused.compute(node, kept, [1.0, 1.0], {"F16": 0}, 4, buf, buf.clone()) is None
+
+
+def test_overlapping_warm_ups_keep_the_collector_paused_until_the_last_ends():
+    """The background warm-up and a caller's own warm() may overlap: the first to finish must
+    not turn the collector back on while the other is still inside LLVM."""
+    import gc
+
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        with warm._collector_paused():
+            with warm._collector_paused():
+                assert not gc.isenabled()
+            assert not gc.isenabled()  # the inner one ended; the outer is still loading
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
