@@ -12,6 +12,12 @@ blocks; ``flush`` also writes the last partial block (padded) and cuts the file 
 true length, so after ``flush`` + ``fsync`` the file holds exactly what was written. The
 partial block stays in the stage and is written again, whole, once more bytes arrive.
 
+There are two stages: while a full one is written by this file's own thread, the next fills
+(the caller's copies and the disk's writes overlap: one thread doing both in turn left the disk
+idle during every copy, and a merge from the page cache waited on its output). At most one write
+is in flight; its error is raised by the next ``write``, ``flush`` or ``close``, and the
+descriptor is never closed under it.
+
 Where the file system refuses ``O_DIRECT`` (tmpfs before Linux 6.6, some FUSE and network
 file systems: ``EINVAL`` at open or at the first write), the file falls back to ordinary
 buffered writes through the same stage, so callers never need to know. ``ASTOLFO_DIRECT_IO=0``
@@ -24,9 +30,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
 
 BLOCK = 4096  # the largest logical block size in common use: aligning to it suits them all
 STAGE_BYTES = 16 << 20
+_NUMPY_COPY = 1 << 16  # from this many bytes a write's copy goes through numpy, which releases the GIL
 ENV = "ASTOLFO_DIRECT_IO"
 
 
@@ -51,8 +61,12 @@ class DirectAppendFile:
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.fd = self._open(flags)
         self._cap = max(BLOCK, stage_bytes // BLOCK * BLOCK)
-        self._map = mmap.mmap(-1, self._cap)  # anonymous: page-aligned, as O_DIRECT needs
-        self._stage = memoryview(self._map)
+        self._maps = [mmap.mmap(-1, self._cap) for _ in range(2)]  # anonymous: page-aligned, as O_DIRECT needs
+        self._stages = [memoryview(m) for m in self._maps]
+        self._arrays = [np.frombuffer(m, np.uint8) for m in self._maps]
+        self._stage = self._stages[0]  # the one filling
+        self._pending: Future | None = None  # the other one's write
+        self._pool: ThreadPoolExecutor | None = None
         self._base = offset // BLOCK * BLOCK  # file offset of stage[0]
         self._fill = offset - self._base  # bytes in the stage
         try:
@@ -93,10 +107,14 @@ class DirectAppendFile:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
+        src = np.frombuffer(view, np.uint8) if len(view) >= _NUMPY_COPY else None
         done = 0
         while done < len(view):
             n = min(len(view) - done, self._cap - self._fill)
-            self._stage[self._fill:self._fill + n] = view[done:done + n]
+            if src is not None:  # numpy copies without the GIL: the merge's workers are not held up
+                np.copyto(self._arrays[self._stage is self._stages[1]][self._fill:self._fill + n], src[done:done + n])
+            else:
+                self._stage[self._fill:self._fill + n] = view[done:done + n]
             self._fill += n
             done += n
             if self._fill == self._cap:
@@ -108,7 +126,11 @@ class DirectAppendFile:
         file cut back to its length): ``os.fsync`` afterwards makes it durable."""
         if self.fd < 0:
             return
-        self._write_blocks()
+        self._wait()
+        whole = self._fill // BLOCK * BLOCK
+        if whole:
+            self._pwrite(self._stage[:whole], self._base)
+            self._keep_tail(whole, self._stage)
         if self._fill:
             self._pwrite(self._stage[:BLOCK], self._base)
             os.ftruncate(self.fd, self._base + self._fill)
@@ -121,13 +143,21 @@ class DirectAppendFile:
         try:
             self.flush()
         finally:
+            try:
+                self._wait()  # (after a failed flush) no write may outlive the descriptor
+            except OSError:
+                pass
+            if self._pool is not None:
+                self._pool.shutdown()
             os.close(self.fd)
             self.fd = -1
-            self._stage.release()
-            try:
-                self._map.close()
-            except BufferError:  # a slice still held by an error's traceback: freed with it
-                pass
+            self._arrays = []  # (numpy's views of the maps go first, or closing them fails)
+            for stage, m in zip(self._stages, self._maps):
+                stage.release()
+                try:
+                    m.close()
+                except BufferError:  # a slice still held by an error's traceback: freed with it
+                    pass
 
     @property
     def closed(self) -> bool:
@@ -135,16 +165,33 @@ class DirectAppendFile:
 
     # internals ------------------------------------------------------------------------------
     def _write_blocks(self) -> None:
-        """Write the stage's whole blocks and keep the partial one at its front."""
+        """Hand the full stage's whole blocks to the file's thread and go on filling the other
+        stage, its partial block moved to the other's front."""
         whole = self._fill // BLOCK * BLOCK
         if not whole:
             return
-        self._pwrite(self._stage[:whole], self._base)
+        self._wait()  # the other stage is free once its write is done
+        full, base = self._stage, self._base
+        self._stage = self._stages[1] if full is self._stages[0] else self._stages[0]
+        self._keep_tail(whole, full)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+        self._pending = self._pool.submit(self._pwrite, full[:whole], base)
+
+    def _keep_tail(self, whole: int, written) -> None:
+        """The bytes after the first ``whole`` of ``written`` go to the front of the filling
+        stage, which now starts ``whole`` bytes further into the file."""
         rest = self._fill - whole
         if rest:
-            self._stage[:rest] = self._stage[whole:self._fill]
+            self._stage[:rest] = written[whole:self._fill]
         self._base += whole
         self._fill = rest
+
+    def _wait(self) -> None:
+        """The write in flight, if any, is done (its error raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         done = 0

@@ -148,3 +148,45 @@ def test_a_write_error_still_releases_the_descriptor(tmp_path, monkeypatch):
     assert f.closed
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_a_full_stage_is_written_by_the_files_thread_while_the_next_fills(tmp_path, monkeypatch):
+    import threading
+
+    real_pwrite = os.pwrite
+    release, writers = threading.Event(), []
+
+    def slow(fd, data, offset):
+        writers.append(threading.current_thread().name)
+        assert release.wait(10)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", slow)
+    path = tmp_path / "o.bin"
+    data = random.Random(4).randbytes(5 * BLOCK + 11)
+    f = DirectAppendFile(path, stage_bytes=2 * BLOCK)
+    f.write(data[:3 * BLOCK])  # one full stage goes to the thread; this call does not wait for it
+    assert not release.is_set()
+    release.set()
+    f.write(data[3 * BLOCK:])
+    f.close()
+    assert path.read_bytes() == data
+    assert writers and writers[0].startswith("direct-write")
+
+
+def test_an_error_of_the_write_in_flight_is_raised_and_the_descriptor_outlives_it(tmp_path, monkeypatch):
+    import time
+
+    seen = []
+
+    def failing(fd, data, offset):
+        time.sleep(0.2)  # close() is called meanwhile: it must wait for this write
+        seen.append(os.fstat(fd).st_size >= 0)  # the descriptor is still this file's
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    f = DirectAppendFile(tmp_path / "o.bin", stage_bytes=BLOCK)
+    monkeypatch.setattr(direct_io.os, "pwrite", failing)
+    f.write(b"x" * BLOCK)  # handed to the thread
+    with pytest.raises(OSError, match="No space"):
+        f.close()
+    assert seen and seen[0] and f.closed
