@@ -9,19 +9,24 @@ worker that gets there first waits on numba's compile lock instead of compiling 
 from __future__ import annotations
 
 import gc
+import importlib.util
+import os
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
+ENV = "ASTOLFO_CPU_KERNELS"  # "torch": the CPU merge uses the torch kernel only
 _started = threading.Lock()
-_thread: threading.Thread | None = None
-done = threading.Event()
+_threads: dict[bool, threading.Thread] = {}  # by ``methods``: the mean's kernel alone, or every kernel
+done = threading.Event()  # every kernel is loaded
 
 
-def warm() -> None:
-    """Compile (or load) every signature the CPU merge uses, with Python's cyclic garbage
-    collector paused meanwhile (as it was before, after).
+def warm(methods: bool = True) -> None:
+    """Compile (or load) every signature the CPU merge uses (without ``methods``: the weighted
+    mean's only, which is all a merge without a ``[methods]`` table calls), with Python's cyclic
+    garbage collector paused meanwhile (as it was before, after).
 
     Why paused: LLVM's context is one for the process and not thread-safe, and numba's compile
     lock guards numba's own work only. A collection that another thread sets off while this one
@@ -31,7 +36,10 @@ def warm() -> None:
     traceback; it was not reproduced on demand. With the collector paused for the seconds the
     kernels load, no other thread finalizes anything of LLVM's then."""
     with _collector_paused():
-        _load_all()
+        _load_mean()
+        if methods:
+            _load_methods()
+            done.set()
 
 
 _pause_lock = threading.Lock()
@@ -57,13 +65,20 @@ def _collector_paused():
                 gc.enable()
 
 
-def _load_all() -> None:
-    """One call of each kernel: one signature a kernel, the types are fixed."""
+def _load_mean() -> None:
+    """One call of the weighted mean's kernel (one signature: the types are fixed). The first
+    kernel of a process also pays for numba's own set-up, about 0.4 s of CPU."""
     from engine.kernels import mean
 
     u16, f32, f64 = np.zeros(8, np.uint16), np.zeros(8, np.float32), np.zeros(8, np.float64)
     one = np.zeros(1, np.int64)
     mean.weighted_mean(u16, f32, f64, one, one, np.ones(1), 1.0, 8, u16, f32, f64, one, one, True)
+
+
+def _load_methods() -> None:
+    """One call of each kernel of the merge methods and their statistics."""
+    u16, f32, f64 = np.zeros(8, np.uint16), np.zeros(8, np.float32), np.zeros(8, np.float64)
+    one = np.zeros(1, np.int64)
     from engine.kernels import methods  # the merge methods' element pass (cpu_fused.FusedNodes.method)
 
     methods.method_elements(u16, f32, f64, 0, 0, one, one, np.ones(1), one, np.zeros(1), np.zeros((1, 1), np.uint8),
@@ -98,21 +113,51 @@ def _load_all() -> None:
     methods._drop(f64, 0, 0, 0.5)
     methods._keep(f64, np.zeros(1, np.uint8), 0)
     methods._trim(f64, 0.5)
-    done.set()
 
 
-def start() -> threading.Thread:
-    """``warm()`` in a background thread, started once per process; returns that thread."""
-    global _thread
+def wanted() -> bool:
+    """The CPU merge uses the fused kernels: numba is installed and ``ASTOLFO_CPU_KERNELS`` is not
+    ``torch`` (the escape hatch, and how the benchmark and tests run the torch path side by side).
+    Looked up, not imported: importing numba takes a few tenths of a second, done by ``start``."""
+    if os.environ.get(ENV, "").strip().lower() == "torch":
+        return False
+    return importlib.util.find_spec("numba") is not None
+
+
+def start_for(device: str, methods: bool) -> None:
+    """``start(methods)`` when a merge on ``device`` (a recipe's ``device``) will run on the CPU
+    with the fused kernels: called as its plan is built, so the kernels load while the plan is
+    checked and its sources hashed, not while the merge's first items wait for them (0.4-0.6 s
+    of CPU on the project's machines, a fifth of a cached 3-model merge at scale 2). ``auto``
+    counts as the CPU where no NVIDIA driver is loaded (a guess without importing torch; a wrong
+    one costs a background load or a later one, never a result)."""
+    if device == "cpu" or (device == "auto" and not Path("/proc/driver/nvidia").exists()):
+        if wanted():
+            start(methods)
+
+
+def start(methods: bool = True) -> threading.Thread:
+    """``warm(methods)`` in a background thread, started once per process for each value of
+    ``methods``; returns that thread."""
     with _started:
-        if _thread is None:
-            _thread = threading.Thread(target=_warm_quietly, name="kernels-warm", daemon=True)
-            _thread.start()
-        return _thread
+        thread = _threads.get(methods)
+        if thread is None:
+            thread = threading.Thread(target=_warm_quietly, args=(methods,), name="kernels-warm", daemon=True)
+            thread.start()
+            _threads[methods] = thread
+        return thread
 
 
-def _warm_quietly() -> None:
+def wait(timeout: float | None = None) -> None:
+    """Until every warm-up thread started so far has ended."""
+    with _started:
+        threads = list(_threads.values())
+    for thread in threads:
+        thread.join(timeout)
+
+
+def _warm_quietly(methods: bool) -> None:
     try:
-        warm()
+        warm(methods)
     except Exception:  # the first real call raises the same error where it can be reported
         pass

@@ -60,12 +60,17 @@ class Readers:
     pages once copied (see drop_cache_wanted); ``direct`` reads past the page cache, except
     the items ``cached(item, stop)`` says a method's statistics read through it (it returns
     once they have: engine.methods.stats_feed): those are copied from the page cache, so the
-    disk serves their bytes once, not twice."""
+    disk serves their bytes once, not twice.
+
+    ``hint_only``: the backend reads the sources itself (``backends.cpu_stretches``): the
+    threads only ask the kernel to read ahead and hand out the buffers in order."""
 
     def __init__(self, items, fds, plan, free, stop: threading.Event, n: int,
                  throttle: ReadThrottle | None = None, drop_cache: bool = True, direct=None,
-                 cached: Callable[[object, threading.Event], bool] = lambda item, stop: False):
+                 cached: Callable[[object, threading.Event], bool] = lambda item, stop: False,
+                 hint_only: bool = False):
         self.items = items
+        self.hint_only = hint_only
         self.direct = direct  # engine.merge.direct_reads.DirectFiles: reads past the page cache
         self.cached = cached
         self.throttle = throttle
@@ -113,7 +118,9 @@ class Readers:
                 # an item whose sources a method's statistics read is copied from the page cache
                 # once they have (and its pages dropped behind: drop_cache); the rest past it (direct)
                 cached = self.cached(item, self.stop) if self.direct is not None or self.drop_cache else False
-                if self.direct is None or cached:
+                if self.hint_only:
+                    pass
+                elif self.direct is None or cached:
                     self._read(item, buf)
                 else:
                     self._read_direct(k, item, buf)

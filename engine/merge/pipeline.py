@@ -28,6 +28,7 @@ from engine.merge.io import Readers, ReadThrottle, Writer, get
 from engine.merge.layout import Item, build_items, step_writes
 from engine.merge.nan_policy import NanPolicy
 from engine.merge.output import OutputStream
+from engine.merge.slice_reads import SliceReads
 from engine.merge.tuning import Tuning
 from engine.methods.stats_feed import StatsFeed
 from engine.plan.model import MergePlan
@@ -101,9 +102,15 @@ class Pipeline:
             if self.drop_cache:
                 direct = open_direct(self.fds, [f.path for f in plan.files], max(t.readers, t.direct_readers))
                 readers = len(direct.bounces) if direct else t.readers
+            # from the page cache, a CPU backend with the fused kernels reads its sources itself, a
+            # few MB at a time just before merging them (backends.cpu_stretches): the readers only
+            # ask the kernel to read ahead
+            own_reads = direct is None and not self.drop_cache and throttle is None and getattr(
+                backend, "read_sources", lambda reads, stretch_bytes: False)(
+                SliceReads(self.fds, [f.path for f in plan.files]), t.stretch_bytes)
             self.stats.begin_pass(items, self.nan.excluded)
             reader = Readers(items, self.fds, plan, free_read, stop, readers, throttle, self.drop_cache, direct,
-                             self.stats.reads)
+                             self.stats.reads, hint_only=own_reads)
             writer = Writer(self.streams, step_writes(plan), free_out, stop, t)
             reader.start()
             writer.start()

@@ -192,7 +192,7 @@ class _Run:
         if self.tuning_given is None:
             self.tuning = Tuning.for_device(self.device)
         if self.device.type == "cpu":
-            _warm_cpu_kernels()
+            _warm_cpu_kernels(plan)
         self.memory = self.meter.memory = MemoryMonitor(self.device)
         hashes = self._hashes()
         plan.hashes = hashes  # every source's now: the methods' drop masks are keyed by SHA256
@@ -333,15 +333,14 @@ class _Run:
         self.fds = []
 
 
-def _warm_cpu_kernels() -> None:
-    """Load (or compile) the fused CPU kernels in the background now, so it overlaps hashing
-    and opening the outputs instead of delaying the first item."""
-    from engine.merge.backends import cpu_fused
+def _warm_cpu_kernels(plan: MergePlan) -> None:
+    """Load (or compile) the fused CPU kernels the plan calls in the background now (if
+    ``build_plan`` has not already), so it overlaps hashing and opening the outputs instead of
+    delaying the first item."""
+    from engine.kernels import warm
 
-    if cpu_fused.wanted():
-        from engine.kernels import warm
-
-        warm.start()
+    if warm.wanted():
+        warm.start(methods=plan.uses_methods)
 
 
 def _describe_error(e: Exception) -> str:

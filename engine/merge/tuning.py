@@ -26,6 +26,7 @@ class Tuning:
     direct_readers: int = 4  # readers of a merge that reads past the page cache (direct_reads)
     workers: int = 0  # CPU compute threads; 0: one per core, at most backends.cpu.MAX_WORKERS
     sub_elems: int = 1 << 17  # CPU: elements per pass (1 MB of fp64: stays in L2)
+    stretch_bytes: int = 4 << 20  # CPU reading its own sources: a worker's scratch (backends.cpu_stretches)
     sync_bytes: int = 256 << 20
     sync_seconds: float = 5.0
     progress_interval: float = 0.1  # at most ~10 progress events a second

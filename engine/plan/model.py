@@ -149,3 +149,8 @@ class MergePlan:
     def bytes_to_write(self) -> int:
         """Tensor data of every output (headers add a few hundred KB)."""
         return sum(o.data_bytes for o in self.outputs)
+
+    @property
+    def uses_methods(self) -> bool:
+        """Some node is a merge method's (``[methods]``), not a weighted mean or a copy."""
+        return any(n.kind == METHOD for n in self.nodes)

@@ -25,7 +25,13 @@ def build_plan(recipe: Recipe, reports=None) -> MergePlan:
     """The merge plan of ``recipe``; raises PlanError listing every problem when any is an error.
 
     ``reports``: ModelReports the caller already has (a dict by model id or any iterable);
-    they are used for files they describe unchanged, the rest are inspected here."""
+    they are used for files they describe unchanged, the rest are inspected here.
+
+    A plan is built to be merged: on the CPU its kernels start loading now, in the background
+    (``engine.kernels.warm.start_for``), so that they are ready when its first item is."""
+    from engine.kernels import warm
+
+    warm.start_for(recipe.device, methods=bool(recipe.methods))
     problems, plan = _Planner(recipe, reports).run(build=True)
     if plan is None:
         raise PlanError(problems)

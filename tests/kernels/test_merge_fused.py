@@ -18,7 +18,8 @@ from engine.plan.planner import build_plan
 from engine.recipe.toml_file import parse_recipe
 from engine.synth.checkpoints import SynthSpec, write_checkpoint
 
-SMALL = Tuning(buffer_bytes=256 << 10, sub_elems=4096, read_buffers=3, out_buffers=2)
+# small buffers, and stretches that cut a segment into many (the fused path reads its own sources)
+SMALL = Tuning(buffer_bytes=256 << 10, sub_elems=4096, read_buffers=3, out_buffers=2, stretch_bytes=20 << 10)
 
 
 def _both(tmp_path: Path, monkeypatch, text: str, tuning=SMALL):

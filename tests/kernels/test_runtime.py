@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ def test_the_garbage_collector_is_paused_while_the_kernels_load(monkeypatch, ena
 
     from engine.kernels import mean
 
-    warm.start().join(120)  # the process's background warm-up is over: only this call sees the stand-in
+    warm.start().join(120)
+    warm.wait(120)  # the process's background warm-ups are over: only this call sees the stand-in
     seen = []
 
     def first_kernel(*args):
@@ -104,3 +106,26 @@ def test_overlapping_warm_ups_keep_the_collector_paused_until_the_last_ends():
         assert gc.isenabled()
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("device, methods, started", [
+    ("cpu", False, [False]), ("cpu", True, [True]), ("cuda", False, []), ("cuda:1", True, []),
+])
+def test_a_plan_for_the_cpu_starts_loading_the_kernels_it_calls(monkeypatch, device, methods, started):
+    """build_plan starts the warm-up (the mean's kernel alone without a [methods] table), so that
+    the kernels load while the plan is checked; a plan for a GPU loads none."""
+    from engine.plan.planner import build_plan
+    from engine.recipe.toml_file import parse_recipe
+
+    calls = []
+    monkeypatch.setattr(warm, "start", lambda methods=True: calls.append(methods))
+    recipe = parse_recipe(f'name = "r"\ndevice = "{device}"\n[models]\na = "a.safetensors"\n[select]\nall = ["a"]\n'
+                          + ('[methods.all]\nmethod = "ties"\n' if methods else "")
+                          + '[[output]]\npath = "o.safetensors"\nunet = "all"\n', Path("/nonexistent"))
+    with pytest.raises(Exception):  # the model file does not exist: the warm-up has started all the same
+        build_plan(recipe)
+    assert calls == started
+    monkeypatch.setenv(warm.ENV, "torch")
+    calls.clear()
+    warm.start_for("cpu", methods)
+    assert calls == []

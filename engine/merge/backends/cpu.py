@@ -43,15 +43,28 @@ class CpuBackend:
     def __init__(self, plan: MergePlan, sub_elems: int = 1 << 20, workers: int = 0):
         self.plan = plan
         # numba's fused kernels where numba is installed (same bytes, a few times faster)
-        self.fused = cpu_fused.FusedNodes() if cpu_fused.wanted() else None
+        self.fused = cpu_fused.FusedNodes(plan.uses_methods) if cpu_fused.wanted() else None
         self.sub = max(1, sub_elems)
         self.device = torch.device("cpu")
         self.depth = workers or min(cpu_count(), MAX_WORKERS)
+        self.stretches = None  # set by read_sources: this backend reads the sources itself
         self._jobs: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._work, name=f"merge-cpu-{i}", daemon=True)
                          for i in range(self.depth)]
         for th in self._threads:
             th.start()
+
+    def read_sources(self, reads, stretch_bytes: int) -> bool:
+        """Read the sources itself, ``stretch_bytes`` at a time, just before merging them
+        (``cpu_stretches``; ``reads``: an ``engine.merge.slice_reads.SliceReads``), instead of
+        taking them from read buffers: only with the fused kernels. Returns whether it will; the
+        pipeline's readers then read nothing for it."""
+        if self.fused is None or self.fused._kernels() is None:
+            return False
+        from engine.merge.backends.cpu_stretches import Stretches
+
+        self.stretches = Stretches(self.plan, self.fused, reads, stretch_bytes)
+        return True
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -76,12 +89,18 @@ class CpuBackend:
     def _work(self) -> None:
         torch.set_num_threads(1)  # this thread only (an OpenMP per-thread setting)
         kernel = Kernel(self.device, self.sub)
+        scratch = None  # this worker's stretch buffer, when the backend reads its sources
         while True:
             job = self._jobs.get()
             if job is None:
                 return
             try:
                 for seg in job.item.segments:
+                    if self.stretches is not None:
+                        if scratch is None:
+                            scratch = torch.empty(self.stretches.scratch_bytes, dtype=torch.uint8)
+                        job.bads.extend(self._stretched(kernel, seg, job, scratch))
+                        continue
                     for ns in seg.nodes:
                         bad = self._node(kernel, seg, ns, job)
                         if bad is not None:
@@ -90,6 +109,24 @@ class CpuBackend:
                 job.error = e
             finally:
                 job.done.set()
+
+    def _stretched(self, k: Kernel, seg: Segment, job: _Job, scratch: torch.Tensor) -> list[Bad]:
+        """A segment whose sources this backend reads: the fused nodes a stretch at a time; the
+        rest, and a node whose result was not finite (to blame the sources the whole-item path
+        blames), from the segment read whole into the read buffer."""
+        done = self.stretches.merge(seg, job.excluded, job.item.stats, scratch, job.out_buf)
+        bads = list(done.bads)
+        if done.needs_read_buffer:
+            self.stretches.reads.read_segment(seg, memoryview(job.read_buf.numpy()))
+        for r in done.rest:
+            bad = self._node(k, seg, r.ns, job)
+            if bad is not None:
+                bads.append(bad)
+        for ns, srcs, bad_at in done.failed:
+            views = [_view(job.read_buf, s.buf_offset, s.nbytes, s.dtype) for s in srcs]
+            bads.append(self._fused_bad(k, seg, ns, srcs, views, bad_at))
+        order = {ns.node: i for i, ns in enumerate(seg.nodes)}
+        return sorted(bads, key=lambda b: order[b.node])  # as the whole-item path finds them
 
     def _node(self, k: Kernel, seg: Segment, ns, job: _Job) -> Bad | None:
         if self.plan.nodes[ns.node].kind == METHOD:

@@ -15,36 +15,25 @@ fails to import, the backend stays on torch.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import os
 
 import numpy as np
 import torch
 
 from engine.checkpoint.format import DTYPES
+from engine.kernels.warm import ENV, wanted  # noqa: F401  (beside the warm-up, which must not import torch)
 from engine.plan.model import COPY, MEAN
 
 FLOATS = ("F16", "BF16", "F32", "F64")
 
 
-ENV = "ASTOLFO_CPU_KERNELS"  # "torch": the torch kernel only
-
-
-def wanted() -> bool:
-    """Use the fused kernels: numba is installed and ``ASTOLFO_CPU_KERNELS`` is not ``torch``.
-    (Looked up, not imported: importing numba takes a few tenths of a second, done in the
-    background by ``engine.kernels.warm``.)"""
-    if os.environ.get(ENV, "").strip().lower() == "torch":
-        return False
-    return importlib.util.find_spec("numba") is not None
-
-
 class FusedNodes:
-    def __init__(self):
+    def __init__(self, methods: bool = True):
         from engine.kernels import warm
 
-        warm.start()  # numba imported and the kernel loaded or compiled, off this thread; once
+        # numba imported and the kernels loaded or compiled, off this thread; once (``methods``:
+        # the merge methods' kernels too)
+        warm.start(methods)
         self._mean = None
         self._broken = False
         self._views: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -71,21 +60,33 @@ class FusedNodes:
             self._views[key] = v
         return v
 
+    def takes_mean(self, node, kept, outs) -> bool:
+        """Whether ``compute`` does this mean or copy (else it returns None for the torch kernel)."""
+        if node.kind != MEAN and not (node.kind == COPY and node.check_finite):
+            return False
+        if any(s.dtype not in FLOATS for s in kept) or any(d not in FLOATS for d in outs):
+            return False
+        return self._kernels() is not None
+
+    def takes_method(self, node, base, kept, outs, stats) -> bool:
+        """Whether ``method`` does this method node's slice (else it returns None)."""
+        srcs = kept if base is None else [base, *kept]
+        if any(s.dtype not in FLOATS for s in srcs) or any(d not in FLOATS for d in outs):
+            return False
+        if node.method.combine == "median" and getattr(stats.median, "dtype", np.float64) != np.float64:
+            return False
+        return self._kernels() is not None
+
     def compute(self, node, kept, factors, outs: dict[str, int], n: int, read_buf: torch.Tensor,
                 out_buf: torch.Tensor) -> int | None:
         """The node's ``n`` elements into ``outs`` (dtype -> byte offset in ``out_buf``): the first
         non-finite element's index or -1, or None when the torch kernel must do it."""
-        if node.kind == MEAN:
-            check = True  # a mean is always checked, as in Kernel.mean
-        elif node.kind == COPY and node.check_finite:
-            factors, check = [1.0], True
-        else:
+        if not self.takes_mean(node, kept, outs):
             return None
-        if any(s.dtype not in FLOATS for s in kept) or any(d not in FLOATS for d in outs):
-            return None
-        m = self._kernels()
-        if m is None:
-            return None
+        if node.kind == COPY:
+            factors = [1.0]
+        check = True  # a mean is always checked, as in Kernel.mean; a copy here is a checked one
+        m = self._mean
         in16, in32, in64 = self.views(read_buf)
         out16, out32, out64 = self.views(out_buf)
         kinds = np.array([m.KIND[s.dtype] for s in kept], np.int64)
@@ -102,12 +103,9 @@ class FusedNodes:
         the twin of ``engine.methods.streamed.compute``): the first element whose inputs are not
         all finite, or -1; None when the torch kernel must do it (a kind of tensor the kernels
         do not read or write, or numba missing)."""
-        srcs = kept if base is None else [base, *kept]
-        if any(s.dtype not in FLOATS for s in srcs) or any(d not in FLOATS for d in outs):
+        if not self.takes_method(node, base, kept, outs, stats):
             return None
-        m = self._kernels()
-        if m is None:
-            return None
+        m = self._mean
         from engine.kernels import methods as mk
         from engine.kernels.hashing import _signed
         from engine.methods.streamed import mask_key
@@ -138,8 +136,6 @@ class FusedNodes:
         combine = {"sum": mk.COMBINE_SUM, "mean": mk.COMBINE_MEAN, "stock": mk.COMBINE_STOCK,
                    "median": mk.COMBINE_MEDIAN}[p.combine]
         med = stats.median if median else np.zeros(1, np.float64)
-        if median and med.dtype != np.float64:
-            return None
         out_kinds = np.array([m.KIND[d] for d in outs], np.int64)
         out_offsets = np.array([off // size[d] for d, off in outs.items()], np.int64)
         return mk.method_elements(
