@@ -73,6 +73,21 @@ lines += ["[models]"] + [f'{i} = "{p}"' for i, p in zip(ids, paths)]
 lines += ["[select]", "all = [" + ", ".join(f'"{i}"' for i in chosen) + "]"]
 lines += ["[methods.all]" if method else ""] + [f"{k} = {json.dumps(v)}" for k, v in method.items()]
 lines += ["[[output]]", f'path = "{out}"'] + [f'{c} = "all"' for c in ("unet", "te0", "te1", "vae")]
+# CPU seconds of the workers' own reads from the page cache (engine.merge.slice_reads; absent
+# from a baseline checkout older than it), which the thread sampling counts as "compute"
+own_reads = [0.0]
+try:
+    from engine.merge.slice_reads import SliceReads
+    _read = SliceReads.read
+    def _timed_read(self, *a):
+        t = time.thread_time()
+        try:
+            return _read(self, *a)
+        finally:
+            own_reads[0] += time.thread_time() - t
+    SliceReads.read = _timed_read
+except ImportError:
+    pass
 # CPU seconds of each merge thread, sampled from /proc (threads are gone when the merge returns)
 cpu, marks, stop = {}, {}, threading.Event()
 def sample():
@@ -94,7 +109,8 @@ stop.set()
 role = lambda n: "read" if n.startswith("merge-read") else "write" if n == "merge-write" else \\
     "compute" if n.startswith("merge-cpu") else None
 (t0, main0, all0), (t1, main1, all1) = marks["merging"], marks["finishing"]
-stats = {"merge_s": t1 - t0, "bytes_read": result.bytes_read, "cpu": {"main": main1 - main0, "all": all1 - all0}}
+stats = {"merge_s": t1 - t0, "bytes_read": result.bytes_read, "cpu": {"main": main1 - main0, "all": all1 - all0},
+         "worker_reads": own_reads[0]}
 for name, sec in cpu.items():
     if role(name):
         stats["cpu"][role(name)] = stats["cpu"].get(role(name), 0.0) + sec
@@ -142,7 +158,10 @@ atexit.register(_report_peak)
 """
 
 SCRIPTS = {"astolfo": ASTOLFO, "astolfo-torch": ASTOLFO, "astolfo-buffered": ASTOLFO, "astolfo-cuda": ASTOLFO,
-           "plain": PLAIN, "sd-mecha": MECHA}
+           "astolfo-baseline": ASTOLFO, "plain": PLAIN, "sd-mecha": MECHA}
+# astolfo-baseline: the same script on another checkout of the project (--baseline DIR, e.g. a
+# `git worktree` of an earlier commit), so a change is measured against what came before in one run
+BASELINE: Path | None = None
 # astolfo-torch: astolfo with the torch kernel instead of the fused numba kernels (engine.kernels);
 # astolfo-buffered: astolfo writing through the page cache instead of O_DIRECT (direct_io);
 # astolfo-cuda: astolfo's recipe with device = "cuda", beside the --device run (bench/gpu_check.sh)
@@ -238,8 +257,12 @@ def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[floa
         t0 = time.monotonic()
         child_env = dict(env, BENCH_RSS_FILE=str(rss_file), BENCH_STATS_FILE=str(stats_file),
                          **ENGINE_ENV.get(name, {}))
+        root = ROOT
+        if name == "astolfo-baseline":
+            root = BASELINE
+            child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BASELINE), os.environ.get("PYTHONPATH")]))
         proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS + SCRIPTS[name], str(out), *map(str, paths)],
-                                stdout=subprocess.DEVNULL, stderr=err, env=child_env, cwd=ROOT)
+                                stdout=subprocess.DEVNULL, stderr=err, env=child_env, cwd=root)
         proc.wait()
         wall = time.monotonic() - t0
         err.seek(0)
@@ -261,8 +284,12 @@ def run_engine(name: str, out: Path, paths: list[Path], env: dict) -> tuple[floa
 def where_time_goes(run: str, stats: dict, size: int) -> str:
     """One line: where astolfo's merge stage spent its CPU, and whether the CPU was the limit."""
     cpu, stage = stats["cpu"], stats["merge_s"]
+    cpu = _split_worker_reads(stats)
     parts = ", ".join(f"{k} {cpu.get(k, 0.0):.1f} s ({cpu.get(k, 0.0) / max(cpu['all'], 1e-9):.0%})"
                       for k in ("read", "compute", "write", "main"))
+    if stats.get("worker_reads"):
+        parts += (f" (the workers read their own sources from the page cache: {stats['worker_reads']:.1f} s of their "
+                  f"CPU is those reads, counted under read here, the rest the kernels and their Python)")
     cores = os.cpu_count() or 1
     used = cpu["all"] / stage
     verdict = ("the CPU was the limit" if used > 0.85 * cores else
@@ -272,11 +299,20 @@ def where_time_goes(run: str, stats: dict, size: int) -> str:
             f"{stage:.1f} s ({cpu['all'] / (size / 1e9):.2f} CPU s per GB): {parts}; {verdict}.")
 
 
+def _split_worker_reads(stats: dict) -> dict:
+    """The stage's CPU seconds by role, the workers' own reads moved from compute to read."""
+    cpu = dict(stats["cpu"])
+    own = min(stats.get("worker_reads", 0.0), cpu.get("compute", 0.0))
+    cpu["read"] = cpu.get("read", 0.0) + own
+    cpu["compute"] = cpu.get("compute", 0.0) - own
+    return cpu
+
+
 def merge_cells(stats: dict) -> list[str]:
     """The merge stage's input rate and where its CPU time went."""
     if not stats.get("merge_s"):
         return ["", ""]
-    cpu = stats["cpu"]
+    cpu = _split_worker_reads(stats)
     where = " / ".join(f"{cpu.get(k, 0.0):.1f}" for k in ("read", "compute", "write", "main", "all"))
     return [f"{stats['bytes_read'] / stats['merge_s'] / 1e9:.2f} ({stats['merge_s']:.1f} s)", where]
 
@@ -354,6 +390,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/merge", help="folder for synthetic files")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files afterwards")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    ap.add_argument("--baseline", type=Path, help="another checkout of the project (a git worktree of an earlier "
+                    "commit): adds the engine astolfo-baseline, astolfo's script run on that code")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each engine in the cached run, in turn (A B A B "
+                    "...); each row is the run with the median time, the notes give every run's rate")
     ap.add_argument("--section", default="merge",
                     help='the docs/benchmarks.md section written ("## <section>"): a run of some of the runs can '
                          "go to its own section and leave the full run's in place")
@@ -362,6 +402,12 @@ def main(argv=None) -> int:
         args.scale, args.cached_scale, args.rss_scale = 16, 16, 32
     engines = [e for e in args.engines.split(",") if e]
     runs = [r for r in args.runs.split(",") if r]
+    global BASELINE
+    if args.baseline:
+        BASELINE = args.baseline.resolve()
+        engines.insert(engines.index("astolfo") + 1 if "astolfo" in engines else 0, "astolfo-baseline")
+    elif "astolfo-baseline" in engines:
+        ap.error("astolfo-baseline needs --baseline DIR")
     if "sd-mecha" in engines and importlib.util.find_spec("sd_mecha") is None:
         print("sd-mecha is not installed (pip install sd-mecha); skipping it", file=sys.stderr)
         engines.remove("sd-mecha")
@@ -406,11 +452,11 @@ def main(argv=None) -> int:
             wall, rss, ok, tail, stats = run_engine(name, out_dir / f"{name}.safetensors", paths, env)
             if ok:
                 results[name] = wall  # a failed run has no speed to compare
-            rows.append(["cold", name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats),
+            rows.append(["cold", _engine_label(name), f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats),
                          f"{wall / base:.2f}", "", gb(rss),
                          "" if ok else "FAILED: " + tail.strip().splitlines()[-1] if tail.strip() else "FAILED"])
             (out_dir / f"{name}.safetensors").unlink(missing_ok=True)
-        _ratios(rows, results, "cold")
+        _ratios(rows, {_engine_label(k): v for k, v in results.items()}, "cold")
         if not dropped:
             notes.append("/proc/sys/vm/drop_caches could not be written (not root?): the cold run is NOT cold.")
         if "plain" in engines and args.cold_engines and "plain" not in args.cold_engines:
@@ -433,20 +479,24 @@ def main(argv=None) -> int:
         if shm.is_dir() and shutil.disk_usage(shm).free > 3 * out_bytes:
             targets.append(("cached, output in RAM", Path(tempfile.mkdtemp(prefix="astolfo-bench-", dir=shm))))
         for run, folder in targets:
+            done: dict[str, list] = {name: [] for name in engines}
+            for rep in range(max(1, args.repeat)):
+                for name in engines:
+                    warm(paths)
+                    warm(paths)
+                    log(f"  {name} ({run}, {rep + 1} of {args.repeat}) ...")
+                    done[name].append(run_engine(name, folder / f"{name}.safetensors", paths, env))
+                    (folder / f"{name}.safetensors").unlink(missing_ok=True)
             results = {}
             for name in engines:
-                warm(paths)
-                warm(paths)
-                log(f"  {name} ({run}) ...")
-                wall, rss, ok, tail, stats = run_engine(name, folder / f"{name}.safetensors", paths, env)
+                wall, rss, ok, tail, stats = _median_run(done[name])
                 if ok:
                     results[name] = wall
-                rows.append([run, name, f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats), "", "",
-                             gb(rss), "" if ok else "FAILED: " + tail[-200:]])
+                rows.append([run, _engine_label(name), f"{wall:.1f}", f"{size / wall / 1e9:.2f}", *merge_cells(stats),
+                             "", "", gb(rss), ("" if ok else "FAILED: " + tail[-200:]) + _spread(done[name], size)])
                 if name == "astolfo" and stats.get("merge_s"):
                     notes.append(where_time_goes(run, stats, size))
-                (folder / f"{name}.safetensors").unlink(missing_ok=True)
-            _ratios(rows, results, run)
+            _ratios(rows, {_engine_label(k): v for k, v in results.items()}, run)
             if folder != out_dir:
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -485,6 +535,33 @@ def main(argv=None) -> int:
     for n in notes:
         print(n, file=sys.stderr)
     return 0
+
+
+def _median_run(runs: list) -> tuple:
+    """Of one engine's runs (run_engine's tuples), the one with the median merge stage (astolfo)
+    or wall time (the others); failed runs count only when none succeeded."""
+    good = [r for r in runs if r[2]] or runs
+    good.sort(key=lambda r: r[4].get("merge_s") or r[0])
+    return good[(len(good) - 1) // 2]
+
+
+def _spread(runs: list, size: int) -> str:
+    """Every run's rate, when there were several: the stage's GB/s for astolfo, else input GB/s."""
+    if len(runs) < 2:
+        return ""
+    rates = sorted((r[4]["bytes_read"] / r[4]["merge_s"] if r[4].get("merge_s") else size / r[0]) / 1e9 for r in runs)
+    return f"{len(runs)} runs, the median shown; every run: {', '.join(f'{x:.2f}' for x in rates)} GB/s"
+
+
+def _engine_label(name: str) -> str:
+    if name != "astolfo-baseline" or BASELINE is None:
+        return name
+    try:
+        rev = subprocess.run(["git", "-C", str(BASELINE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = BASELINE.name
+    return f"astolfo at {rev}"
 
 
 def kernel_rows(n: int = 131072, sources: int = 3) -> list[list[str]]:
@@ -590,7 +667,13 @@ def _doc_notes() -> str:
           write / main / all": CPU seconds during that stage of astolfo's reader, compute (worker)
           and writer threads (sampled from /proc, whole run), of the main thread that hands out
           items and collects results, and of the whole process (getrusage): "all" near cores x
-          stage seconds means the merge is CPU-bound.
+          stage seconds means the merge is CPU-bound. From the page cache the workers read their
+          own sources, a few MB at a time (engine.merge.backends.cpu_stretches): those reads are
+          timed in the workers (thread CPU time) and counted under "read", not "compute".
+        - "astolfo at <commit>" (--baseline): the same script run on an earlier checkout of the
+          project, in the same run. With --repeat the engines run in turn that many times and each
+          row is an engine's run with the median merge stage (wall time for the others), every
+          run's rate in its notes.
         - "vs floor": wall time over the I/O floor measured in the same run (cat of the inputs, then
           dd writing the output's size with conv=fdatasync). "time / astolfo's": how many times
           longer an engine took than astolfo in the same run. astolfo-torch is astolfo with the
