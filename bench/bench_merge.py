@@ -384,7 +384,8 @@ def main(argv=None) -> int:
                          "(writes through the page cache), plain, sd-mecha")
     ap.add_argument("--cold-engines", default="", help="engines of the cold run (default: --engines); the plain "
                     "loop holds every tensor: ~23 GB of RAM at full size")
-    ap.add_argument("--runs", default="kernel,cold,cached,rss", help="comma list: kernel, cold, cached, rss")
+    ap.add_argument("--runs", default="kernel,copy,cold,cached,rss",
+                    help="comma list: kernel, copy (one thread's pread from the page cache), cold, cached, rss")
     ap.add_argument("--device", default="cpu", help="merge device for astolfo and sd-mecha: cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="small files (scale 16/16/32): checks the script")
     ap.add_argument("--data", type=Path, default=ROOT / "bench/.data/merge", help="folder for synthetic files")
@@ -433,6 +434,11 @@ def main(argv=None) -> int:
         torch16 = next(r for r in krows if r[0].endswith("F16 -> F16") and r[1].startswith("torch"))
         notes.append(f"- Kernel cost (3 fp16 sources -> fp16, one thread): fused {fused16[3]} ns per output element "
                      f"({fused16[4]} G source elements/s), torch Kernel {torch16[3]} ns ({torch16[4]} G/s).")
+
+    if "copy" in runs:
+        log(f"copy: one thread's pread of {args.n} cached files at scale {args.cached_scale}")
+        paths = synth_files(args.data / f"s{args.cached_scale}", args.n, args.cached_scale, log)
+        notes.append(copy_note(paths))
 
     if "cold" in runs:
         log(f"cold run: {args.n} models at scale {args.scale}")
@@ -514,7 +520,7 @@ def main(argv=None) -> int:
             (out_dir / "astolfo.safetensors").unlink(missing_ok=True)
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    table = _table(rows) + ("\n\n" + kernel_table if kernel_table else "")
+    table = "\n\n".join(t for t in (_table(rows) if rows else "", kernel_table) if t)
     print(table)
     command = " ".join(["python bench/bench_merge.py", *(shlex.quote(a) for a in sys.argv[1:])])
     made = {"cold": (f"cold run: {args.n} synthetic SDXL fp16 files at scale {args.scale}"
@@ -522,16 +528,18 @@ def main(argv=None) -> int:
                      "page cache " + ("dropped before each engine" if dropped else
                                       "NOT dropped (drop_caches not writable)")),
             "cached": f"cached run: {args.n} files at scale {args.cached_scale}",
-            "rss": f"RSS sweep: scale {args.rss_scale}"}
+            "rss": f"RSS sweep: scale {args.rss_scale}",
+            "copy": f"copy: one thread's reads of {args.n} cached files at scale {args.cached_scale}"}
     header = (f"`{command}`. Machine: {machine()}; 1-minute load "
               f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared). "
               + _sentence("; ".join(text for run, text in made.items() if run in runs))
-              + f". Engines: {', '.join(engines)}"
-              f"{'; cold run: ' + args.cold_engines if args.cold_engines and 'cold' in runs else ''}"
-              f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}"
-              f"{'; astolfo-cuda on ' + _device_name('cuda') if 'astolfo-cuda' in engines else ''}.")
+              + (f". Engines: {', '.join(engines)}"
+                 f"{'; cold run: ' + args.cold_engines if args.cold_engines and 'cold' in runs else ''}"
+                 f"{_mecha_version() if 'sd-mecha' in engines else ''}; merge device {_device_name(args.device)}"
+                 f"{'; astolfo-cuda on ' + _device_name('cuda') if 'astolfo-cuda' in engines else ''}"
+                 if rows else "") + ".")
     if not args.no_doc:
-        _write_doc(header, table, notes + [_doc_notes()], args.section)
+        _write_doc(header, table, notes + ([_doc_notes()] if rows else []), args.section)
     for n in notes:
         print(n, file=sys.stderr)
     return 0
@@ -562,6 +570,43 @@ def _engine_label(name: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         rev = BASELINE.name
     return f"astolfo at {rev}"
+
+
+def copy_note(paths: list[Path]) -> str:
+    """One thread's ``pread`` of the cached files into one buffer reused for every read, by the
+    buffer's size (best of 3 passes each): what the copy out of the page cache costs when the
+    destination stays in the CPU's cache and when it does not (the reader threads' 64 MB items)."""
+    import numpy as np
+
+    warm(paths)
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    rates = []
+    try:
+        for size in (1 << 20, 4 << 20, 16 << 20, 64 << 20):
+            buf = np.empty(size, np.uint8)
+            view = memoryview(buf)
+            best = math.inf
+            for _ in range(3):
+                t0, total = time.perf_counter(), 0
+                for fd in fds:
+                    end = os.fstat(fd).st_size
+                    for off in range(0, end - size, size):
+                        total += os.preadv(fd, [view], off)
+                best = min(best, (time.perf_counter() - t0) / total)
+            rates.append(f"{size >> 20} MB {1 / best / 1e9:.1f} GB/s")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return ("- Copying from the page cache (one thread's pread of the cached files into one buffer reused for every "
+            "read, by the buffer's size; L3 cache " + _l3() + "): " + ", ".join(rates) + ".")
+
+
+def _l3() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("L3 cache"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return "unknown"
 
 
 def kernel_rows(n: int = 131072, sources: int = 3) -> list[list[str]]:
