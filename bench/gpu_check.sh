@@ -3,7 +3,8 @@
 #   1. what the machine is (card, driver, torch, numba, CPU);
 #   2. the tests whose CUDA legs run over the CPU test double in CI, now on the card
 #      (ASTOLFO_TEST_CUDA=real: tests/cuda_double.runtime), and the end-to-end device = "cuda"
-#      merges against the CPU's bytes (tests/merge/test_cuda_card.py);
+#      merges against the CPU's bytes (tests/merge/test_cuda_card.py); the geometric median's
+#      kernels compiled by NVRTC against the CPU route's bits (tests/methods/test_median_device.py);
 #   3. the cached merge (bench_merge: astolfo on the CPU and on the card, the plain loop) and the
 #      medians (bench_methods --device cuda, with sd-mecha on the card), written to their own
 #      sections of docs/benchmarks.md.
@@ -39,6 +40,7 @@ TAIL=25 step tests "${TESTS_S:-240}" env ASTOLFO_TEST_CUDA=real "$PY" -m pytest 
     -n "${WORKERS:-12}" -W ignore::pytest.PytestConfigWarning \
     tests/merge/test_cuda_card.py tests/merge/test_merge_over_cuda_double.py \
     tests/methods/test_streamed_methods_on_the_card.py tests/methods/test_median_on_the_card.py \
+    tests/methods/test_median_device.py \
     tests/compare/test_cuda_pass.py tests/merge/test_devices.py tests/merge/test_devices_nvml.py
 TAIL=20 step bench_methods "${METHODS_S:-200}" "$PY" bench/bench_methods.py --device cuda --n 16 --mecha-n 16 \
     --methods ${METHODS:-mean,geometric_median,tgmd} --data /dev/shm/bench-methods --section "medians on a CUDA card (bench/gpu_check.sh)"

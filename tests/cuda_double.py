@@ -21,7 +21,10 @@ so a read of memory nobody wrote shows. Every call is appended to ``log`` as a t
 that assert the order of operations. Allocation failures can be injected
 (``oom_after_bytes``: device bytes before ``empty`` raises ``torch.OutOfMemoryError``;
 ``fail_run``: the n-th ``run`` raises it, as an allocation inside a kernel launch would;
-``fail_pinned``: the n-th pinned allocation fails as ``cudaHostAlloc`` does).
+``fail_pinned``: the n-th pinned allocation fails as ``cudaHostAlloc`` does). Kernels compiled
+at run time (``compile``) run on the CPU from the same source (``cuda_host_kernels``), deferred
+with the stream work that launches them; ``no_compile`` makes ``compile`` fail as it does where
+NVRTC is missing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import threading
 from collections import deque
 
 import torch
@@ -63,13 +67,26 @@ class _Event:
         return self.name
 
 
+def _locked(method):
+    """One call at a time: the merge's pipeline and its statistics thread (a median on the
+    device) share the runtime, and a call may run any stream's deferred work."""
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    call.__name__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
+
+
 class CudaRuntimeDouble:
     """CPU test double of the CUDA runtime (see the module docstring)."""
 
     def __init__(self, schedule: str = "lazy", seed: int = 0, free: int = 64 << 30, total: int = 80 << 30,
                  oom_after_bytes: int | None = None, fail_run: int | None = None, eager_streams: tuple = (),
-                 fail_pinned: int | None = None):
+                 fail_pinned: int | None = None, no_compile: bool = False):
         assert schedule in ("lazy", "eager", "random")
+        self._lock = threading.RLock()
+        self.no_compile = no_compile  # compile() fails, as without NVRTC
         assert not eager_streams or schedule == "lazy"
         self.eager_streams = set(eager_streams)
         self.device = torch.device("cpu")
@@ -88,16 +105,19 @@ class CudaRuntimeDouble:
 
     # ---------------------------------------------------------------- the runtime interface
 
+    @_locked
     def stream(self) -> _Stream:
         s = _Stream(f"stream{len(self.streams)}")
         self.streams.append(s)
         return s
 
+    @_locked
     def event(self) -> _Event:
         e = _Event(f"event{len(self.events)}")
         self.events.append(e)
         return e
 
+    @_locked
     def run(self, stream: _Stream, fn) -> None:
         self.runs += 1
         if self.fail_run is not None and self.runs == self.fail_run:
@@ -108,23 +128,27 @@ class CudaRuntimeDouble:
         stream.queue.append(("run", fn, n))
         self._progress()
 
+    @_locked
     def record(self, event: _Event, stream: _Stream) -> None:
         event.streams.append(stream)
         self.log.append(("record", event.name, stream.name, event.recorded))
         stream.queue.append(("record", event, event.recorded))
         self._progress()
 
+    @_locked
     def wait(self, stream: _Stream, event: _Event) -> None:
         self.log.append(("wait", stream.name, event.name, event.recorded))
         if event.recorded:  # CUDA: waiting on a never-recorded event is a no-op
             stream.queue.append(("wait", event, event.recorded))
         self._progress()
 
+    @_locked
     def host_wait(self, event: _Event) -> None:
         self.log.append(("host_wait", event.name, event.recorded))
         self._force(event, event.recorded)
         self._progress()
 
+    @_locked
     def pinned(self, nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
         self.pins += 1
         if self.fail_pinned is not None and self.pins == self.fail_pinned:
@@ -135,6 +159,7 @@ class CudaRuntimeDouble:
             return torch.zeros(nbytes, dtype=torch.bool)  # False: "not finite" unless written
         return torch.full((nbytes,), 0xAB, dtype=torch.uint8).view(dtype)
 
+    @_locked
     def empty(self, n: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
         nbytes = n * torch.empty((), dtype=dtype).element_size()
         if self.oom_after_bytes is not None and self.device_bytes + nbytes > self.oom_after_bytes:
@@ -146,19 +171,39 @@ class CudaRuntimeDouble:
             return torch.zeros(n, dtype=torch.bool)
         return torch.full((nbytes,), 0xFF, dtype=torch.uint8).view(dtype)
 
+    @_locked
     def mem_get_info(self) -> tuple[int, int]:
         return self.free, self.total
 
+    @_locked
     def synchronize(self) -> None:
         self.log.append(("synchronize",))
         for s in self.streams:
             self._drain(s, len(s.queue))
 
+    @_locked
     def release(self) -> None:
         self.log.append(("release",))
 
+    @_locked
+    def bind(self) -> None:
+        self.log.append(("bind",))
+
+    @_locked
+    def compile(self, source: str, names: list[str]) -> dict:
+        """The kernels compiled for this CPU (``cuda_host_kernels``: the same source, each launch
+        a loop over its threads), run when the stream work that launches them runs; raises,
+        as a machine without NVRTC would, where no C++ compiler is installed."""
+        from cuda_host_kernels import available, compile_kernels
+
+        if self.no_compile or not available():
+            raise RuntimeError("no compiler for CUDA kernels (the test double)")
+        self.log.append(("compile", tuple(names)))
+        return compile_kernels(source, names)
+
     # ---------------------------------------------------------------- the deferred work
 
+    @_locked
     def pending(self) -> int:
         """Entries issued that have not run yet (all streams)."""
         return sum(len(s.queue) for s in self.streams)

@@ -108,7 +108,8 @@ class Pipeline:
             own_reads = direct is None and not self.drop_cache and throttle is None and getattr(
                 backend, "read_sources", lambda reads, stretch_bytes: False)(
                 SliceReads(self.fds, [f.path for f in plan.files]), t.stretch_bytes)
-            self.stats.begin_pass(items, self.nan.excluded)
+            median_device = getattr(backend, "median_device", None)  # a CUDA backend's: the medians' points there
+            self.stats.begin_pass(items, self.nan.excluded, median_device() if median_device else None)
             reader = Readers(items, self.fds, plan, free_read, stop, readers, throttle, self.drop_cache, direct,
                              self.stats.reads, hint_only=own_reads)
             writer = Writer(self.streams, step_writes(plan), free_out, stop, t)

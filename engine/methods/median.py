@@ -75,11 +75,14 @@ class MedianResult:
 
 def geometric_median(params, key: str, base, models: list, shas: list, weights: list[float], stats,
                      read_raw: Callable, check_cancel: Callable[[], None], mask_key: Callable,
-                     budget: int, report: Callable[[str | None], None] = lambda detail: None) -> MedianResult:
+                     budget: int, report: Callable[[str | None], None] = lambda detail: None,
+                     device=None) -> MedianResult:
     """The median of one key's points (``base``: a Source or None; ``models``: Sources;
     ``stats``: the key's TensorStats for trim thresholds and DELLA masks; ``read_raw(src,
     start, stop, view)``: elements ``start .. stop`` of a source's stored bytes into ``view``;
-    ``report``: told each iteration, for the progress)."""
+    ``report``: told each iteration, for the progress; ``device``: a CUDA merge's
+    ``median_device.DeviceMedian``, which iterates on the points held in the GPU's memory when
+    they fit its budget (the same bytes; else the CPU route below)."""
     from engine.kernels.weiszfeld import LANES, finish, step
 
     n = math.prod(models[0].shape)
@@ -88,6 +91,10 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
     spans = [(a, min(n, a + SPAN)) for a in range(0, n, SPAN)]
     points = _Points(params, key, base, models, shas, w, stats, read_raw, mask_key)
     reading = max(1, READ_BYTES // (SPAN_BYTES_PER_ELEMENT * count * SPAN))  # spans filtered at once
+    if device is not None:
+        found = _on_device(device, params, spans, points, n, w, check_cancel, report)
+        if found is not None:
+            return found
     if count <= GRAM_MAX:
         return _by_gram(params, spans, points, n, w, check_cancel, reading, report, budget)
     with _lend("held") as kept:  # the held points' buffer, kept from key to key
@@ -192,6 +199,92 @@ def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, chec
         report(f"median: the iterate after {iterations} iterations")
         _each(combine, len(spans), check_cancel, len(spans) if held is not None else reading)
         return MedianResult(m, iterations, held is not None, points.nonfinite())
+
+
+def _on_device(device, params, spans: list, points: "_Points", n: int, w: np.ndarray,
+               check_cancel: Callable[[], None], report: Callable[[str | None], None]) -> MedianResult | None:
+    """The median with the points on the device (``median_device``): the same routes and the
+    same arithmetic as on the CPU, each span's lanes added on the host by the CPU route's code;
+    None when the points do not fit the device's room or the kernels are not available (the
+    CPU route then)."""
+    count = len(w)
+    gram = count <= GRAM_MAX
+    if not device.usable():
+        return None
+    try:
+        return _iterate_on_device(device, params, spans, points, n, w, count, gram, check_cancel, report)
+    except torch.OutOfMemoryError:  # the card's memory went to someone else meanwhile: the CPU route
+        return None
+
+
+def _iterate_on_device(device, params, spans, points, n, w, count, gram, check_cancel, report):
+    from engine.kernels.gram import gram_finish
+    from engine.kernels.median_gram import iterate
+    from engine.kernels.weiszfeld import LANES, finish
+
+    held = None
+    for dtype in (points.narrow, np.float64):  # the narrowest type that holds every value exactly
+        if device.points_bytes(count, n, dtype, gram) > device.room():
+            return None
+        report(f"median: {count} points to the GPU")
+        held = device.hold(lambda block, a, b, dtype=dtype: _fill(points, block, a, b, dtype), spans, count, n,
+                           dtype, check_cancel)
+        if points.bad.any():  # the merge stops here or leaves those sources out: no median to form
+            return MedianResult(None, 0, True, points.nonfinite())
+        if held is not None:
+            break
+    m_dev = device.rt.empty(n, torch.float64)
+    if gram:
+        report(f"median: the Gram matrix of {count} points on the GPU")
+        lanes = device.gram_parts(held, SPAN)
+        g = np.zeros((count, count), np.float64)
+        for part in lanes:  # in span order, each span's lanes added as the CPU route adds them
+            g += gram_finish(part)
+        coef = np.empty(count, np.float64)
+        iterations = int(iterate(g, w, float(params.eps), int(params.maxiter), float(params.ftol), coef))
+        total = 0.0
+        for c in coef:  # in point order, as the kernel sums them
+            total += float(c)
+        report(f"median: the iterate after {iterations} iterations on the GPU")
+        device.iterate(held, coef, total, m_dev)
+    else:
+        parts = np.zeros((len(spans), count, LANES), np.float64)
+
+        def sweep(coef: np.ndarray) -> np.ndarray:
+            check_cancel()
+            device.sweep(held, coef, math.fsum(coef), SPAN, m_dev, parts)
+            lanes = np.zeros((count, LANES), np.float64)
+            for part in parts:  # in span order
+                lanes += part
+            return np.sqrt(finish(lanes))
+
+        d = sweep(w)
+        obj = math.fsum(w * d) / count
+        iterations = 0
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            while iterations < params.maxiter and math.isfinite(obj):
+                iterations += 1
+                report(f"median, iteration {iterations} of at most {params.maxiter} on the GPU")
+                prev = obj
+                d = sweep(w / np.maximum(d, params.eps))
+                obj = math.fsum(w * d) / count
+                if abs(prev - obj) <= params.ftol * obj:
+                    break
+    m = RESULTS.take(n)
+    device.result(m_dev, m)
+    return MedianResult(m, iterations, True, points.nonfinite())
+
+
+def _fill(points: "_Points", block: np.ndarray, a: int, b: int, dtype) -> bool:
+    """Elements ``a .. b`` of the points into ``block`` (float64[N, b - a], or fp32 / fp16 bits
+    where exact: False when a value is not)."""
+    from engine.kernels.median_points import HOLD, ROWS
+
+    with _lend() as mine:
+        if np.dtype(dtype) == np.float64:
+            points.fill(mine, a, b, ROWS, rows=block, col=0)
+            return True
+        return points.fill(mine, a, b, HOLD, held=block, col=0)
 
 
 def _hold(points: "_Points", spans: list, count: int, n: int, budget: int, check_cancel: Callable[[], None],

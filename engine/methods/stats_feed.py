@@ -85,11 +85,14 @@ class StatsFeed:
         self._jobs: dict[int, _Job] = {}
         self._cached: dict[int, list[_Job]] = {}  # items whose sources the thread reads: their jobs
         self._ahead: _Ahead | None = None
+        self.device = None  # the pass's median_device.DeviceMedian (a CUDA merge), or None
 
-    def begin_pass(self, items, excluded: dict[int, set]) -> None:
+    def begin_pass(self, items, excluded: dict[int, set], device=None) -> None:
         """A new pass over ``items`` with these sources left out (after a NaN skip they differ:
-        nothing of an earlier pass is reused); starts the thread when a node needs statistics."""
+        nothing of an earlier pass is reused); starts the thread when a node needs statistics.
+        ``device``: where the medians may hold their points (a CUDA backend's ``median_device``)."""
         self.end_pass()
+        self.device = device
         excluded = {node: set(left) for node, left in excluded.items()}  # the pass's own copy
         jobs: list[_Job] = []
         for item in items:
@@ -236,7 +239,7 @@ class _Ahead(threading.Thread):
 
         try:
             job.stats = compute_stats(*job.args, self.feed.read, check, mask_key, self.feed.budget, report,
-                                      self._whole, self.feed.read_span)
+                                      self._whole, self.feed.read_span, self.feed.device)
         except _Stopped:
             job.error = RuntimeError("the pass ended")  # never handed out: the pass is over
         except BaseException as e:  # raised where the pipeline asks for this node

@@ -75,13 +75,14 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
                   read: Callable[..., torch.Tensor], check_cancel: Callable[[], None],
                   mask_key: Callable[[int, str, str], int], budget: int = 1 << 62,
                   report: Callable[[str | None], None] = lambda detail: None,
-                  whole: WholeReads | None = None, read_raw: Callable | None = None) -> TensorStats:
+                  whole: WholeReads | None = None, read_raw: Callable | None = None, device=None) -> TensorStats:
     """The statistics of one method node over its base (None: a median of the models
     themselves) and (kept) model sources; ``read(src, start, stop, minus=None, out=None)`` as
     ``widening.read_f64``; ``budget``: the bytes a median may hold; ``report(detail)``: what is being
     computed (None once done), for the progress; ``whole``: the calling thread's whole-tensor
     reads (trim and DELLA read whole tensors: required for them); ``read_raw(src, start, stop,
-    view)``: elements ``start .. stop`` of a source's stored bytes (the median reads those)."""
+    view)``: elements ``start .. stop`` of a source's stored bytes (the median reads those);
+    ``device``: a CUDA merge's ``median_device.DeviceMedian`` for its medians (None: the CPU)."""
     n = math.prod(models[0].shape)
     stats = TensorStats()
     try:
@@ -96,7 +97,7 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
             from engine.methods.median import geometric_median
 
             found = geometric_median(params, key, base, models, shas, [s.weight for s in models], stats, read_raw,
-                                     check_cancel, mask_key, budget, report)
+                                     check_cancel, mask_key, budget, report, device)
             stats.median, stats.iterations, stats.median_in_memory = found.delta, found.iterations, found.in_memory
             stats.nonfinite = found.nonfinite
         return stats

@@ -29,6 +29,7 @@ where no GPU exists.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,73 @@ class CudaRuntime:
 
     def release(self) -> None:
         torch.cuda.empty_cache()
+
+    def bind(self) -> None:
+        """The merge's device becomes the calling thread's current one (a thread of its own,
+        such as the statistics', launches kernels and loads modules into the current context)."""
+        torch.cuda.set_device(self.device)
+
+    def compile(self, source: str, names: list[str]) -> dict:
+        """The kernels ``names`` of the CUDA C++ ``source`` (no headers), compiled once a process
+        and device by NVRTC for this card (``nvrtc_compile``), each called as ``kernel(grid=,
+        block=, args=)`` on the current stream. Raises where torch or the driver cannot (the
+        caller then stays on the CPU)."""
+        key = (self.device.index, hash(source), tuple(names))
+        with _COMPILE_LOCK:
+            if key not in _COMPILED:
+                _COMPILED[key] = nvrtc_compile(source, names, self.device)
+            return _COMPILED[key]
+
+
+_COMPILED: dict = {}  # (device index, source hash, names) -> the loaded kernels
+_COMPILE_LOCK = threading.Lock()
+
+
+def nvrtc_compile(source: str, names: list[str], device: torch.device) -> dict:
+    """NVRTC through ctypes, the library and the loader torch uses for its own run-time kernels
+    (``torch.cuda._utils``), without torch's wrapper, which asks for the CUDA toolkit's headers
+    (CUDA_HOME) that a pip install of torch does not have and this source does not need.
+    ``--fmad=false``: no multiply-add is fused but those the source names (``__fma_rn``)."""
+    import ctypes
+
+    from torch.cuda import _utils
+
+    nvrtc = _utils._get_gpu_rtc_library()
+    prog = ctypes.c_void_p()
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            text = ctypes.c_char_p()
+            nvrtc.nvrtcGetErrorString(result, ctypes.byref(text))
+            raise RuntimeError(f"NVRTC {what}: {(text.value or b'?').decode()}")
+
+    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"astolfo.cu", 0, None, None), "create")
+    try:
+        for name in names:
+            check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
+        major, minor = torch.cuda.get_device_capability(device)
+        options = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--fmad=false"]
+        result = nvrtc.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+        if result != 0:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile the kernels: {log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
+        lowered = {}
+        for name in names:
+            out = ctypes.c_char_p()
+            check(nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)), "lowered name")
+            lowered[name] = (out.value or name.encode()).decode()
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    with torch.cuda.device(device):
+        loaded = _utils._cuda_load_module(cubin.raw, list(lowered.values()))
+    return {name: loaded[low] for name, low in lowered.items()}
 
 
 def scratch_sizes(plan: MergePlan, items: list[Item]) -> dict[str, int]:
@@ -232,6 +300,16 @@ class CudaBackend:
                         if not bool(all_finite(_view(handle.read_buf, s.buf_offset, s.nbytes, s.dtype)))]
             bads.append(Bad(seg, ns.node, culprits))
         return bads
+
+    def median_device(self):
+        """Where this pass's geometric medians hold their points and iterate
+        (``engine.methods.median_device``): this device, within the recipe's ``memory`` when
+        it sets one."""
+        from engine.methods.median_device import DeviceMedian
+        from engine.recipe.sizes import memory_budget
+
+        memory = self.plan.recipe.memory
+        return DeviceMedian(self.rt, memory_budget(memory) if memory else None)
 
     def close(self) -> None:
         """Wait for the device, then free its memory; an error of the device (a sticky CUDA
