@@ -73,19 +73,28 @@ __device__ __forceinline__ void iterate_t(const T* pts, int n_pts, int n, const 
     out[e] = __ddiv_rn(v, total);
 }
 
+/* A thread of a lanes kernel: thread t is lane t % 8 of row (t / 8) % rows (a point, a pair) of
+   span (t / 8) / rows; its elements are those of the span with that lane, from `first` to `end`
+   by 8, in index order. False past the last span. */
+__device__ __forceinline__ bool lane_of(long long t, long long rows, int n, int span, long long* row,
+                                        long long* first, long long* end) {
+    long long spans = ((long long)n + span - 1) / span;
+    if (t >= spans * rows * 8) return false;
+    long long lane = t % 8;
+    long long a = t / 8 / rows * span;
+    *row = t / 8 % rows;
+    *first = a + (lane - a % 8 + 8) % 8;
+    *end = a + span < n ? a + span : n;
+    return true;
+}
+
 template <typename T>
 __device__ __forceinline__ void distances_t(const T* pts, int n_pts, int n, const double* m, int span,
                                             double* parts) {
-    long long t = thread_index();
-    long long spans = ((long long)n + span - 1) / span;
-    if (t >= spans * n_pts * 8) return;
-    int lane = (int)(t % 8);
-    long long i = (t / 8) % n_pts;
-    long long s = t / 8 / n_pts;
-    long long a = s * span;
-    long long b = a + span < n ? a + span : n;
+    long long t = thread_index(), i, first, end;
+    if (!lane_of(t, n_pts, n, span, &i, &first, &end)) return;
     double acc = 0.0;
-    for (long long e = a + (lane - a % 8 + 8) % 8; e < b; e += 8) {
+    for (long long e = first; e < end; e += 8) {
         double d = __dsub_rn(point(pts, i * n + e), m[e]);
         acc = __fma_rn(d, d, acc);
     }
@@ -104,18 +113,12 @@ __device__ __forceinline__ void center_t(const T* pts, int n_pts, int n, double*
 template <typename T>
 __device__ __forceinline__ void gram_t(const T* pts, int n_pts, int n, const double* mean, int span,
                                        const int* pair_a, const int* pair_b, int pairs, double* parts) {
-    long long t = thread_index();
-    long long spans = ((long long)n + span - 1) / span;
-    if (t >= spans * pairs * 8) return;
-    int lane = (int)(t % 8);
-    long long p = (t / 8) % pairs;
-    long long s = t / 8 / pairs;
+    long long t = thread_index(), p, first, end;
+    if (!lane_of(t, pairs, n, span, &p, &first, &end)) return;
     long long ra = (long long)pair_a[p] * n;
     long long rb = (long long)pair_b[p] * n;
-    long long a = s * span;
-    long long b = a + span < n ? a + span : n;
     double acc = 0.0;
-    for (long long e = a + (lane - a % 8 + 8) % 8; e < b; e += 8) {
+    for (long long e = first; e < end; e += 8) {
         double c = mean[e];
         acc = __fma_rn(__dsub_rn(point(pts, ra + e), c), __dsub_rn(point(pts, rb + e), c), acc);
     }
