@@ -145,9 +145,9 @@ def slow_some_medians(every: int = 40, pause: float = 0.3) -> None:
 
     real, calls = median.geometric_median, [0]
 
-    def slowed(*args):
+    def slowed(*args, report, **rest):
         calls[0] += 1
-        report, paused = args[-1], []
+        paused = []
 
         def named(detail):
             report(detail)
@@ -155,6 +155,6 @@ def slow_some_medians(every: int = 40, pause: float = 0.3) -> None:
                 paused.append(True)
                 _time.sleep(pause)
 
-        return real(*args[:-1], named)
+        return real(*args, report=named, **rest)
 
     median.geometric_median = slowed

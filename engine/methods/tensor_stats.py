@@ -97,7 +97,7 @@ def compute_stats(params, key: str, base: Source | None, models: list[Source], s
             from engine.methods.median import geometric_median
 
             found = geometric_median(params, key, base, models, shas, [s.weight for s in models], stats, read_raw,
-                                     check_cancel, mask_key, budget, report, device)
+                                     check_cancel, mask_key, budget, report=report, device=device)
             stats.median, stats.iterations, stats.median_in_memory = found.delta, found.iterations, found.in_memory
             stats.nonfinite = found.nonfinite
         return stats
