@@ -338,6 +338,9 @@ def test_ctrl_c_in_attach_detaches_and_the_job_goes_on(tmp_path, models):
     job = start_job(recipe, read_limit=READ_LIMIT)
     pid, master = pty.fork()
     if pid == 0:
+        # as a terminal's shell has it: a suite started in the background (``ci &``) ignores SIGINT,
+        # the exec'd Python would inherit that and never see the Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "astolfo_tui", "attach", job.id])
     seen = b""
     while b"Ctrl-C detaches" not in seen:
