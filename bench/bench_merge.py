@@ -51,6 +51,10 @@ POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut f
 
 ASTOLFO = """
 import json, os, resource, sys, threading, time
+# as a detached job's runner does before it imports the merge's modules: the CPU kernels start
+# loading now, beside torch's import (engine.jobs.runner._start_loading_kernels)
+from engine.kernels import warm
+warm.start_for(os.environ.get("BENCH_DEVICE", "cpu"), methods=os.environ.get("BENCH_METHOD", "{}") not in ("", "{}"))
 from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan

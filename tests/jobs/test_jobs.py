@@ -391,3 +391,33 @@ def test_read_limit_takes_human_rates():
     for bad in ("fast", "0", "-5M", "10X"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_rate(bad)
+
+
+@pytest.mark.parametrize("device, methods, started", [
+    ("cpu", False, [False]), ("cpu", True, [True]), ("cuda", False, []),
+])
+def test_the_runner_starts_loading_the_kernels_its_recipe_calls_before_its_imports(tmp_path, monkeypatch, device,
+                                                                                    methods, started):
+    """The runner reads its recipe copy first and starts the CPU kernels' load from it, so numba's
+    set-up overlaps torch's import; a job folder it cannot read starts nothing and raises nothing
+    (run_merge reports the problem)."""
+    from engine.jobs import runner
+    from engine.kernels import warm
+
+    calls = []
+    monkeypatch.setattr(warm, "start", lambda methods=True: calls.append(methods))
+    monkeypatch.delenv(warm.ENV, raising=False)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / store.JOB_JSON).write_text(json.dumps({"id": "000000-000000-abcd", "base_dir": str(tmp_path)}))
+    (job_dir / store.RECIPE_COPY).write_text(
+        f'name = "r"\ndevice = "{device}"\n[models]\na = "a.safetensors"\n[select]\nall = ["a"]\n'
+        + ('[methods.all]\nmethod = "ties"\n' if methods else "")
+        + '[[output]]\npath = "o.safetensors"\nunet = "all"\n')
+    runner._start_loading_kernels(job_dir)
+    assert calls == started
+    calls.clear()
+    (job_dir / store.RECIPE_COPY).write_text("name = [unclosed\n")
+    runner._start_loading_kernels(job_dir)
+    runner._start_loading_kernels(tmp_path / "no-such-job")
+    assert calls == []
