@@ -125,19 +125,30 @@ def geometric_median(params, key: str, base, models: list, shas: list, weights: 
         d = sweep(w)  # the weighted mean, and the distances to it
         if points.bad.any():  # (the re-read mode's first look at the values)
             return MedianResult(None, 0, False, points.nonfinite())
-        obj = math.fsum(w * d) / count
-        iterations = 0
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            while iterations < params.maxiter and math.isfinite(obj):
-                iterations += 1
-                report(f"median, iteration {iterations} of at most {params.maxiter}"
-                       f"{'' if held is not None else ' (re-reading the files)'}")
-                prev = obj
-                d = sweep(w / np.maximum(d, params.eps))
-                obj = math.fsum(w * d) / count
-                if abs(prev - obj) <= params.ftol * obj:
-                    break
+        iterations = _weiszfeld(sweep, w, d, params, report, "" if held is not None else " (re-reading the files)")
         return MedianResult(m, iterations, held is not None, points.nonfinite())
+
+
+def _weiszfeld(sweep: Callable[[np.ndarray], np.ndarray], w: np.ndarray, d: np.ndarray, params,
+               report: Callable[[str | None], None], where: str) -> int:
+    """Weiszfeld's iterations of a route that sweeps the points (on the CPU, or held on a GPU):
+    ``d`` are the points' distances to the weighted mean, ``sweep(coef)`` forms the next iterate
+    from the points' coefficients and returns the distances to it. The stop rule, the objective
+    (its fp64 sum correctly rounded: the same whatever the route) and the reports are one for
+    both routes; returns the iterations run."""
+    count = len(w)
+    obj = math.fsum(w * d) / count
+    iterations = 0
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        while iterations < params.maxiter and math.isfinite(obj):
+            iterations += 1
+            report(f"median, iteration {iterations} of at most {params.maxiter}{where}")
+            prev = obj
+            d = sweep(w / np.maximum(d, params.eps))
+            obj = math.fsum(w * d) / count
+            if abs(prev - obj) <= params.ftol * obj:
+                break
+    return iterations
 
 
 def _by_gram(params, spans: list, points: "_Points", n: int, w: np.ndarray, check_cancel: Callable[[], None],
@@ -258,18 +269,7 @@ def _iterate_on_device(device, params, spans, points, n, w, count, gram, check_c
                 lanes += part
             return np.sqrt(finish(lanes))
 
-        d = sweep(w)
-        obj = math.fsum(w * d) / count
-        iterations = 0
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            while iterations < params.maxiter and math.isfinite(obj):
-                iterations += 1
-                report(f"median, iteration {iterations} of at most {params.maxiter} on the GPU")
-                prev = obj
-                d = sweep(w / np.maximum(d, params.eps))
-                obj = math.fsum(w * d) / count
-                if abs(prev - obj) <= params.ftol * obj:
-                    break
+        iterations = _weiszfeld(sweep, w, sweep(w), params, report, " on the GPU")
     m = RESULTS.take(n)
     device.result(m_dev, m)
     return MedianResult(m, iterations, True, points.nonfinite())
