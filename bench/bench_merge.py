@@ -52,9 +52,10 @@ POOL_ELEMS = 80 << 20  # random fp16 values that every synthetic tensor is cut f
 ASTOLFO = """
 import json, os, resource, sys, threading, time
 # as a detached job's runner does before it imports the merge's modules: the CPU kernels start
-# loading now, beside torch's import (engine.jobs.runner._start_loading_kernels)
+# loading now, beside torch's import (engine.jobs.runner._read_recipe_and_start_kernels)
 from engine.kernels import warm
-warm.start_for(os.environ.get("BENCH_DEVICE", "cpu"), methods=os.environ.get("BENCH_METHOD", "{}") not in ("", "{}"))
+method = json.loads(os.environ.get("BENCH_METHOD") or "{}")
+warm.start_for(os.environ.get("BENCH_DEVICE", "cpu"), methods=bool(method))
 from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan
@@ -69,7 +70,6 @@ ids = [f"m{i:02d}" for i in range(len(paths))]
 if os.environ.get("BENCH_GRAM_MAX"):
     import engine.methods.median
     engine.methods.median.GRAM_MAX = int(os.environ["BENCH_GRAM_MAX"])
-method = json.loads(os.environ.get("BENCH_METHOD") or "{}")
 chosen = ids[1:] if os.environ.get("BENCH_BASE_FIRST") else ids
 lines = ['name = "bench"', f'device = "{os.environ.get("BENCH_DEVICE", "cpu")}"']
 lines += [f'memory = "{os.environ["BENCH_MEMORY"]}"'] if os.environ.get("BENCH_MEMORY") else []

@@ -141,15 +141,17 @@ class Outcome:
 
 
 def run_merge(
-    job_dir: Path, resume: bool, on_event, cancel: threading.Event, log: IO[str], read_limit: float | None = None
+    job_dir: Path, resume: bool, on_event, cancel: threading.Event, log: IO[str], read_limit: float | None = None,
+    recipe=None,
 ) -> Outcome:
-    """Merge the job's recipe; every way it can end becomes an Outcome (nothing escapes)."""
+    """Merge the job's recipe (``recipe``: already read from the job folder; None: read it here);
+    every way it can end becomes an Outcome (nothing escapes)."""
     from engine.jobs.launch import load_job_recipe
     from engine.merge.run import MergeCancelled, MergeError, execute
     from engine.recipe.model import RecipeError
 
     try:
-        plan = build_plan(load_job_recipe(job_dir))
+        plan = build_plan(recipe if recipe is not None else load_job_recipe(job_dir))
     except PlanError as e:
         problems = getattr(e, "problems", None) or [e]
         for p in problems:
@@ -169,21 +171,22 @@ def run_merge(
     return Outcome(FINISHED, EXIT_FINISHED, "finished", result)
 
 
-def _start_loading_kernels(job_dir: Path) -> None:
-    """Start loading the CPU kernels the job's recipe calls (``engine.kernels.warm.start_for``)
-    before the merge's modules are imported, so numba's set-up and the kernels' load (0.3-0.4 s
-    on the project's 2-core machines) overlap torch's import (1.5-2 s) instead of the merge: from
-    ``build_plan`` they were still loading when the merge began, and its first items waited
-    0.13-0.18 s for them (bench_merge, cached run). A recipe that cannot be read starts nothing;
-    ``run_merge`` reports why."""
+def _read_recipe_and_start_kernels(job_dir: Path):
+    """The job's recipe, read once for the whole run (None when it cannot be read: ``run_merge``
+    reads it again and reports why), and the CPU kernels it calls start loading now
+    (``engine.kernels.warm.start_for``), before the merge's modules are imported: numba's set-up
+    and the kernels' load (0.3-0.4 s on the project's 2-core machines) overlap torch's import
+    (1.5-2 s) instead of the merge. Started from ``build_plan`` they were still loading when the
+    merge began, and its first items waited 0.13-0.18 s for them (bench_merge, cached run)."""
     from engine.jobs.launch import load_job_recipe
     from engine.kernels import warm
 
     try:
         recipe = load_job_recipe(job_dir)
     except Exception:  # only a head start: whatever stops it here, run_merge meets and reports
-        return
+        return None
     warm.start_for(recipe.device, methods=bool(recipe.methods))
+    return recipe
 
 
 def _install_signal_handlers(cancel: threading.Event) -> None:
@@ -205,7 +208,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    _start_loading_kernels(args.job_dir)
+    recipe = _read_recipe_and_start_kernels(args.job_dir)
     from engine.merge.run import execute  # noqa: F401 (the merge's modules, torch among them, imported before the freeze)
 
     freeze_imports()
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     read_limit = (data.get("options") or {}).get("read_limit")
     box: list[Outcome] = []
     worker = threading.Thread(
-        target=lambda: box.append(run_merge(job_dir, args.resume, events, cancel, log, read_limit)), name="merge"
+        target=lambda: box.append(run_merge(job_dir, args.resume, events, cancel, log, read_limit, recipe)),
+        name="merge",
     )
     worker.start()
     while worker.is_alive():

@@ -398,9 +398,9 @@ def test_read_limit_takes_human_rates():
 ])
 def test_the_runner_starts_loading_the_kernels_its_recipe_calls_before_its_imports(tmp_path, monkeypatch, device,
                                                                                     methods, started):
-    """The runner reads its recipe copy first and starts the CPU kernels' load from it, so numba's
-    set-up overlaps torch's import; a job folder it cannot read starts nothing and raises nothing
-    (run_merge reports the problem)."""
+    """The runner reads its recipe copy once, first, and starts the CPU kernels' load from it, so
+    numba's set-up overlaps torch's import; a job folder it cannot read starts nothing, raises
+    nothing and gives no recipe (run_merge reads it again and reports the problem)."""
     from engine.jobs import runner
     from engine.kernels import warm
 
@@ -414,10 +414,11 @@ def test_the_runner_starts_loading_the_kernels_its_recipe_calls_before_its_impor
         f'name = "r"\ndevice = "{device}"\n[models]\na = "a.safetensors"\n[select]\nall = ["a"]\n'
         + ('[methods.all]\nmethod = "ties"\n' if methods else "")
         + '[[output]]\npath = "o.safetensors"\nunet = "all"\n')
-    runner._start_loading_kernels(job_dir)
+    recipe = runner._read_recipe_and_start_kernels(job_dir)
     assert calls == started
+    assert recipe.device == device and bool(recipe.methods) == methods
     calls.clear()
     (job_dir / store.RECIPE_COPY).write_text("name = [unclosed\n")
-    runner._start_loading_kernels(job_dir)
-    runner._start_loading_kernels(tmp_path / "no-such-job")
+    assert runner._read_recipe_and_start_kernels(job_dir) is None
+    assert runner._read_recipe_and_start_kernels(tmp_path / "no-such-job") is None
     assert calls == []
