@@ -410,7 +410,8 @@ def main(argv=None) -> int:
     global BASELINE
     if args.baseline:
         BASELINE = args.baseline.resolve()
-        engines.insert(engines.index("astolfo") + 1 if "astolfo" in engines else 0, "astolfo-baseline")
+        if "astolfo-baseline" not in engines:
+            engines.insert(engines.index("astolfo") + 1 if "astolfo" in engines else 0, "astolfo-baseline")
     elif "astolfo-baseline" in engines:
         ap.error("astolfo-baseline needs --baseline DIR")
     if "sd-mecha" in engines and importlib.util.find_spec("sd_mecha") is None:
