@@ -18,6 +18,15 @@ idle during every copy, and a merge from the page cache waited on its output). A
 is in flight; its error is raised by the next ``write``, ``flush`` or ``close``, and the
 descriptor is never closed under it.
 
+A caller that keeps its buffer unchanged for a while can *lend* it (``write(data, lent=True)``
+inside batches ended by ``end_batch``): the whole blocks of ``data`` that fall on the file's
+block grid at an aligned address are then written straight from it, and only the partial blocks
+at its ends are copied into the stage. The merge lays each large result out in its output buffer
+at an address congruent to its file offset (``engine.merge.layout``), so its output is written
+without the copy that otherwise cost as much memory traffic as the arithmetic's own writes. A
+batch's queued pieces (the stage's blocks and the lent ones, in file order) go to the disk as
+one ``pwritev``.
+
 Where the file system refuses ``O_DIRECT`` (tmpfs before Linux 6.6, some FUSE and network
 file systems: ``EINVAL`` at open or at the first write), the file falls back to ordinary
 buffered writes through the same stage, so callers never need to know. ``ASTOLFO_DIRECT_IO=0``
@@ -37,6 +46,8 @@ import numpy as np
 BLOCK = 4096  # the largest logical block size in common use: aligning to it suits them all
 STAGE_BYTES = 16 << 20
 _NUMPY_COPY = 1 << 16  # from this many bytes a write's copy goes through numpy, which releases the GIL
+LENT_MIN = 1 << 16  # a lent write shorter than this is copied: its partial blocks would be most of it
+IOV_BATCH = 256  # pieces to one pwritev (the system's limit, IOV_MAX, is 1024 on Linux)
 ENV = "ASTOLFO_DIRECT_IO"
 
 
@@ -50,7 +61,12 @@ def direct_wanted() -> bool:
 class DirectAppendFile:
     """A write-only file object (``write``, ``flush``, ``tell``, ``fileno``, ``close``) that
     appends from byte ``offset`` of ``path`` (0: the file is created or emptied; otherwise the
-    file's first ``offset`` bytes are kept and anything after them is cut off)."""
+    file's first ``offset`` bytes are kept and anything after them is cut off).
+
+    Bytes are queued as pieces of whole blocks (``_iov``, covering the file from ``_qbase`` to
+    ``_base``) ahead of the *open region*: the stage's bytes from ``_at`` on, which hold the file
+    from ``_base`` (block-aligned) to ``tell()``. A piece is a span of a stage, or a lent span
+    of the caller's memory."""
 
     def __init__(self, path: str | os.PathLike, offset: int = 0, stage_bytes: int = STAGE_BYTES,
                  direct: bool = True):
@@ -64,11 +80,16 @@ class DirectAppendFile:
         self._maps = [mmap.mmap(-1, self._cap) for _ in range(2)]  # anonymous: page-aligned, as O_DIRECT needs
         self._stages = [memoryview(m) for m in self._maps]
         self._arrays = [np.frombuffer(m, np.uint8) for m in self._maps]
-        self._stage = self._stages[0]  # the one filling
-        self._pending: Future | None = None  # the other one's write
+        self._filling = 0  # the stage being filled; the other one may be under a write
+        self._pending: Future | None = None  # the write in flight
         self._pool: ThreadPoolExecutor | None = None
-        self._base = offset // BLOCK * BLOCK  # file offset of stage[0]
-        self._fill = offset - self._base  # bytes in the stage
+        self._base = offset // BLOCK * BLOCK  # file offset of the open region
+        self._at = 0  # the open region's start in the filling stage (block-aligned)
+        self._fill = offset - self._base  # bytes in the open region
+        self._iov: list[memoryview] = []  # queued whole blocks, in file order
+        self._qbase = self._base  # file offset of the first queued byte
+        self._lent = False  # a queued piece is the caller's memory
+        self.lent_bytes = 0  # bytes written straight from lent memory (not copied)
         try:
             if self._fill:
                 self._load_tail()
@@ -92,7 +113,7 @@ class DirectAppendFile:
         again, whole, with the bytes that follow them)."""
         fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            got = os.preadv(fd, [self._stage[:self._fill]], self._base)
+            got = os.preadv(fd, [self._stages[0][:self._fill]], self._base)
         finally:
             os.close(fd)
         if got != self._fill:
@@ -105,34 +126,48 @@ class DirectAppendFile:
     def tell(self) -> int:
         return self._base + self._fill
 
-    def write(self, data) -> int:
+    def write(self, data, lent: bool = False) -> int:
+        """Append ``data``. ``lent``: the caller leaves ``data``'s memory unchanged until the
+        ``end_batch`` after the one that ends this batch has returned (or ``flush``, ``close``),
+        so its aligned whole blocks may be written straight from it."""
         view = memoryview(data).cast("B")
-        src = np.frombuffer(view, np.uint8) if len(view) >= _NUMPY_COPY else None
-        done = 0
-        while done < len(view):
-            n = min(len(view) - done, self._cap - self._fill)
-            if src is not None:  # numpy copies without the GIL: the merge's workers are not held up
-                np.copyto(self._arrays[self._stage is self._stages[1]][self._fill:self._fill + n], src[done:done + n])
-            else:
-                self._stage[self._fill:self._fill + n] = view[done:done + n]
-            self._fill += n
-            done += n
-            if self._fill == self._cap:
-                self._write_blocks()
-        return done
+        if lent and self.direct and len(view) >= LENT_MIN:
+            head = -self.tell() % BLOCK  # bytes that complete the open region's last block
+            mid = max(0, len(view) - head) // BLOCK * BLOCK
+            if mid and (_address(view) + head) % BLOCK == 0:
+                self._copy(view[:head])
+                self._close_region()
+                self._iov.append(view[head:head + mid])
+                self._base += mid
+                self.lent_bytes += mid
+                self._lent = True
+                self._copy(view[head + mid:])
+                return len(view)
+        self._copy(view)
+        return len(view)
+
+    def end_batch(self) -> None:
+        """The lent pieces queued so far go to the disk; returns once every write queued before
+        the previous ``end_batch`` is done (the memory lent before it is free again)."""
+        if self.fd < 0:
+            return
+        if self._lent:
+            self._close_region()
+            self._submit()
+        else:
+            self._wait()
 
     def flush(self) -> None:
         """Everything written so far goes to the file (the partial last block padded, then the
         file cut back to its length): ``os.fsync`` afterwards makes it durable."""
         if self.fd < 0:
             return
+        self._close_region()
+        if self._iov:
+            self._submit()
         self._wait()
-        whole = self._fill // BLOCK * BLOCK
-        if whole:
-            self._pwrite(self._stage[:whole], self._base)
-            self._keep_tail(whole, self._stage)
         if self._fill:
-            self._pwrite(self._stage[:BLOCK], self._base)
+            self._pwritev([self._stages[self._filling][self._at:self._at + BLOCK]], self._base)
             os.ftruncate(self.fd, self._base + self._fill)
 
     def close(self) -> None:
@@ -151,6 +186,7 @@ class DirectAppendFile:
                 self._pool.shutdown()
             os.close(self.fd)
             self.fd = -1
+            self._iov = []
             self._arrays = []  # (numpy's views of the maps go first, or closing them fails)
             for stage, m in zip(self._stages, self._maps):
                 stage.release()
@@ -164,28 +200,47 @@ class DirectAppendFile:
         return self.fd < 0
 
     # internals ------------------------------------------------------------------------------
-    def _write_blocks(self) -> None:
-        """Hand the full stage's whole blocks to the file's thread and go on filling the other
-        stage, its partial block moved to the other's front."""
-        whole = self._fill // BLOCK * BLOCK
-        if not whole:
-            return
-        self._wait()  # the other stage is free once its write is done
-        full, base = self._stage, self._base
-        self._stage = self._stages[1] if full is self._stages[0] else self._stages[0]
-        self._keep_tail(whole, full)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
-        self._pending = self._pool.submit(self._pwrite, full[:whole], base)
+    def _copy(self, view: memoryview) -> None:
+        """Copy ``view`` onto the open region, queueing and writing the stage whenever it fills."""
+        src = np.frombuffer(view, np.uint8) if len(view) >= _NUMPY_COPY else None
+        done = 0
+        while done < len(view):
+            at = self._at + self._fill
+            n = min(len(view) - done, self._cap - at)
+            if src is not None:  # numpy copies without the GIL: the merge's workers are not held up
+                np.copyto(self._arrays[self._filling][at:at + n], src[done:done + n])
+            else:
+                self._stages[self._filling][at:at + n] = view[done:done + n]
+            self._fill += n
+            done += n
+            if self._at + self._fill == self._cap:
+                self._close_region()
+                self._submit()
 
-    def _keep_tail(self, whole: int, written) -> None:
-        """The bytes after the first ``whole`` of ``written`` go to the front of the filling
-        stage, which now starts ``whole`` bytes further into the file."""
-        rest = self._fill - whole
-        if rest:
-            self._stage[:rest] = written[whole:self._fill]
-        self._base += whole
-        self._fill = rest
+    def _close_region(self) -> None:
+        """The open region's whole blocks join the queue; its partial block stays open."""
+        whole = self._fill // BLOCK * BLOCK
+        if whole:
+            self._iov.append(self._stages[self._filling][self._at:self._at + whole])
+            self._at += whole
+            self._base += whole
+            self._fill -= whole
+
+    def _submit(self) -> None:
+        """Hand the queue to the file's thread and go on filling the other stage (once the write
+        before, which used it, is done), the open partial block moved to its front."""
+        self._wait()  # (its error raised before anything moves: a flush tries these bytes again)
+        pieces, offset = self._iov, self._qbase
+        self._iov, self._qbase, self._lent = [], self._base, False
+        full = self._stages[self._filling]
+        self._filling ^= 1
+        if self._fill:
+            self._stages[self._filling][:self._fill] = full[self._at:self._at + self._fill]
+        self._at = 0
+        if pieces:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+            self._pending = self._pool.submit(self._pwritev, pieces, offset)
 
     def _wait(self) -> None:
         """The write in flight, if any, is done (its error raised here)."""
@@ -193,11 +248,13 @@ class DirectAppendFile:
         if pending is not None:
             pending.result()
 
-    def _pwrite(self, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
+    def _pwritev(self, pieces: list[memoryview], offset: int) -> None:
+        """Write ``pieces`` back to back from ``offset``, a few hundred to a call."""
+        pieces = list(pieces)
+        while pieces:
+            batch = pieces[:IOV_BATCH]
             try:
-                n = os.pwrite(self.fd, view[done:], offset + done)
+                n = os.pwritev(self.fd, batch, offset)
             except OSError as e:
                 if e.errno != errno.EINVAL or not self.direct:
                     raise
@@ -205,8 +262,14 @@ class DirectAppendFile:
                 continue
             if n <= 0:
                 raise OSError(errno.EIO, f"{self.path}: write returned {n}")
-            done += n
-            if done < len(view) and self.direct and (offset + done) % BLOCK:
+            offset += n
+            while n:  # drop what was written
+                if n >= len(pieces[0]):
+                    n -= len(pieces.pop(0))
+                else:
+                    pieces[0] = pieces[0][n:]
+                    n = 0
+            if pieces and self.direct and offset % BLOCK:
                 self._go_buffered()  # a short write off the block grid: finish it buffered
 
     def _go_buffered(self) -> None:
@@ -214,6 +277,11 @@ class DirectAppendFile:
 
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl_flags(self.fd) & ~os.O_DIRECT)
         self.direct = False
+
+
+def _address(view: memoryview) -> int:
+    """Where ``view``'s first byte lies in memory."""
+    return np.frombuffer(view, np.uint8).ctypes.data if len(view) else 0
 
 
 def fcntl_flags(fd: int) -> int:

@@ -224,7 +224,12 @@ def _drop_cached(fds: list[int], spans: dict[int, list[int]]) -> None:
 
 
 class Writer:
-    """Writes item results to the output streams in order, checkpointing as it goes."""
+    """Writes item results to the output streams in order, checkpointing as it goes.
+
+    Results are lent to the streams (written straight from the output buffer where the layout
+    put them on the file's block grid, engine.merge.layout), so an output buffer goes back to
+    the free ones only once the next item's batch has been handed over: the disk then always
+    has the next write queued while the writer waits for the one before."""
 
     def __init__(self, streams, writes, free_out, stop: threading.Event, tuning):
         self.streams = streams
@@ -239,6 +244,7 @@ class Writer:
         self._since_sync = 0
         self._last_sync = time.monotonic()
         self._closed = False
+        self._held: torch.Tensor | None = None  # the last item's output buffer, until its writes are done
 
     def start(self) -> None:
         self.thread.start()
@@ -274,7 +280,9 @@ class Writer:
                 self._write(*entry)
             if not self.stop.is_set():
                 for s in self.streams:
+                    s.end_batch()
                     s.checkpoint()
+                self._release_held()
         except BaseException as e:
             self.error = e
             self.stop.set()
@@ -289,15 +297,23 @@ class Writer:
                 ns = next(x for x in seg.nodes if x.node == w.node)
                 offset = ns.outs[w.dtype]
                 n = seg.numel * DTYPES[w.dtype].itemsize
-                self.streams[w.output].put(w.tensor, view[offset: offset + n], last)
+                self.streams[w.output].put(w.tensor, view[offset: offset + n], last, lent=True)
                 self._since_sync += n
-        self.free_out.put(out)
+        for s in self.streams:
+            s.end_batch()  # this item's writes queued, the one before's done
+        self._release_held()
+        self._held = out
         now = time.monotonic()
         if self._since_sync >= self.tuning.sync_bytes or now - self._last_sync >= self.tuning.sync_seconds:
             for s in self.streams:
                 s.checkpoint()
             self._since_sync = 0
             self._last_sync = now
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self.free_out.put(held)
 
     def _numel(self, seg) -> int:
         w = self.writes[seg.step][0] if self.writes[seg.step] else None

@@ -8,7 +8,11 @@ the largest tensor. Chunks get smaller as the number of sources grows, which kee
 flight constant.
 
 Offsets inside buffers are aligned to 64 bytes so that byte views can be reinterpreted as any
-dtype (and stay cache-line aligned).
+dtype (and stay cache-line aligned). With ``positions`` (where each node's tensor starts in the
+output file that writes it first), a result of 64 KiB or more is placed instead where its
+address is congruent to its file offset modulo the disk block (output buffers are page-aligned):
+its whole blocks are then written straight from the output buffer (``DirectAppendFile``'s lent
+writes), not copied into a staging buffer first. That costs up to a block of padding a result.
 
 A geometric median's models are not read into the buffers (``SourceSlice.read`` false, no room
 taken): the median is computed from the files by its statistics (``engine.methods.median``),
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.checkpoint.direct_io import BLOCK, LENT_MIN
 from engine.checkpoint.format import DTYPES
 from engine.plan.model import ARANGE, METHOD, MergePlan
 
@@ -113,10 +118,13 @@ def step_of_tensors(plan: MergePlan) -> list[list[int]]:
     return [[step_of_node[nid] for nid in o.nodes] for o in plan.outputs]
 
 
-def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list[Item]:
+def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0,
+                positions: dict[tuple[int, str], int] | None = None) -> list[Item]:
     """Items for steps ``start_step``.. of ``plan``, each fitting ``buffer_bytes`` of reads and
-    ``buffer_bytes`` of outputs."""
+    ``buffer_bytes`` of outputs; ``positions``: (node, dtype) -> file offset of the tensor that
+    the output buffer's results are lent to (``output_positions``)."""
     dtypes = node_dtypes(plan)
+    positions = positions or {}
     items: list[Item] = []
     current = Item(0)
     for si in range(start_step, len(plan.steps)):
@@ -129,20 +137,23 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0) -> list
         src_cost = held + sum(DTYPES[s.dtype].itemsize for s in step.sources if (s.file, s.key) not in unread)
         out_cost = sum(DTYPES[d].itemsize for nid in step.nodes for d in dtypes[nid])
         # Room for the per-slice alignment padding; a chunk alone always fits an empty buffer.
-        room = buffer_bytes - ALIGN * (len(step.sources) + sum(len(dtypes[n]) for n in step.nodes))
+        # (a result laid out on its file's block grid may take a block of padding more)
+        room = buffer_bytes - ALIGN * (len(step.sources) + sum(len(dtypes[n]) for n in step.nodes)) - BLOCK * sum(
+            (nid, d) in positions for nid in step.nodes for d in dtypes[nid])
         chunk = numel if plan.nodes[step.nodes[0]].kind == ARANGE else max(1, room // max(src_cost, out_cost, 1))
         for start in range(0, max(numel, 1), chunk):
             stop = min(numel, start + chunk)
             n = stop - start
             read = held * n + sum(align(n * DTYPES[s.dtype].itemsize) for s in step.sources
                                   if (s.file, s.key) not in unread)
-            out = sum(align(n * DTYPES[d].itemsize) for nid in step.nodes for d in dtypes[nid])
+            out = sum(align(n * DTYPES[d].itemsize) + (BLOCK + ALIGN if _lendable(positions, nid, d, n) else 0)
+                      for nid in step.nodes for d in dtypes[nid])
             if current.segments and (
                 current.read_bytes + current.held_bytes + read > buffer_bytes or current.out_bytes + out > buffer_bytes
             ):
                 items.append(current)
                 current = Item(len(items))
-            current.segments.append(_segment(plan, si, start, stop, current, dtypes, unread))
+            current.segments.append(_segment(plan, si, start, stop, current, dtypes, unread, positions, buffer_bytes))
             current.held_bytes += held * n
     if current.segments:
         items.append(current)
@@ -171,7 +182,25 @@ def unread_sources(plan: MergePlan, si: int) -> set[tuple[int, str]]:
     return medians - others
 
 
-def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes, unread: set) -> Segment:
+def output_positions(writes: list[list[Write]], data_offset) -> dict[tuple[int, str], int]:
+    """(node, dtype) -> where the first output that stores the node in that dtype has its
+    tensor (``data_offset(output, tensor)``): the file its results are laid out for."""
+    positions: dict[tuple[int, str], int] = {}
+    for step in writes:
+        for w in step:
+            positions.setdefault((w.node, w.dtype), data_offset(w.output, w.tensor))
+    return positions
+
+
+def _lendable(positions: dict, nid: int, dtype: str, n: int) -> bool:
+    """A slice of ``n`` elements of node ``nid`` in ``dtype`` is laid out on its file's block grid."""
+    pos = positions.get((nid, dtype))
+    size = DTYPES[dtype].itemsize
+    return pos is not None and pos % size == 0 and n * size >= LENT_MIN
+
+
+def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes, unread: set,
+             positions: dict, buffer_bytes: int) -> Segment:
     step = plan.steps[si]
     n = stop - start
     slices: list[SourceSlice] = []
@@ -189,7 +218,14 @@ def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes
         node = plan.nodes[nid]
         outs = {}
         for d in dtypes[nid]:
-            outs[d] = item.out_bytes
-            item.out_bytes += align(n * DTYPES[d].itemsize)
+            size = DTYPES[d].itemsize
+            at = item.out_bytes
+            if _lendable(positions, nid, d, n):
+                # the same address modulo a block as in the file (a buffer's start is page-aligned)
+                pad = (positions[(nid, d)] + start * size - at) % BLOCK
+                if at + pad + n * size <= buffer_bytes:
+                    at += pad
+            outs[d] = at
+            item.out_bytes = align(at + n * size)
         nodes.append(NodeSlice(nid, [index[(s.file, s.key)] for s in node.sources], outs))
     return Segment(si, start, stop, slices, nodes)

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from engine.checkpoint.direct_io import direct_wanted
+from engine.checkpoint.direct_io import DirectAppendFile, direct_wanted
 from engine.checkpoint.format import TensorPlan, build_header
 from engine.checkpoint.writer import StreamingWriter, partial_path
 from engine.durable import write_json_atomic
@@ -61,9 +61,13 @@ class _ChunkedWriter(StreamingWriter):
 
     _part = 0  # bytes of the current tensor written so far
 
-    def write_part(self, data: memoryview, last: bool) -> None:
+    def write_part(self, data: memoryview, last: bool, lent: bool = False) -> None:
+        """``lent``: see ``OutputStream.put``."""
         plan = self.plans[self._index]
-        self._file.write(data)
+        if lent and isinstance(self._file, DirectAppendFile):
+            self._file.write(data, lent=True)
+        else:
+            self._file.write(data)
         self._part += len(data)
         if last:
             if self._part != plan.nbytes:
@@ -87,6 +91,7 @@ class OutputStream:
         self.synced_tensors = 0
         self._dropped = 0  # output bytes already dropped from the page cache
         self.drop_cache = drop_cache  # drop written pages from the page cache (see io.drop_cache_wanted)
+        self._offsets: list[int] | None = None  # data_offset's table
 
     @property
     def header_bytes(self) -> bytes:
@@ -120,8 +125,10 @@ class OutputStream:
             self.skip_below = 0
             self.synced_tensors = 0
 
-    def put(self, index: int, data: memoryview, last: bool) -> None:
-        """Part of tensor ``index`` (``last``: its final part)."""
+    def put(self, index: int, data: memoryview, last: bool, lent: bool = False) -> None:
+        """Part of tensor ``index`` (``last``: its final part). ``lent``: ``data`` stays unchanged
+        until the ``end_batch`` after next has returned, so it may be written straight from its
+        memory (engine.checkpoint.direct_io)."""
         if index < self.skip_below:
             return
         if index != self.writer.tensors_written:
@@ -129,7 +136,7 @@ class OutputStream:
             if last:
                 self._parked_done.add(index)
             return
-        self._write(data, last)
+        self._write(data, last, lent)
         while self.writer.tensors_written in self._parked:
             index = self.writer.tensors_written
             parts = self._parked.pop(index)
@@ -140,12 +147,30 @@ class OutputStream:
             if not done:
                 break
 
-    def _write(self, data: memoryview, last: bool) -> None:
+    def _write(self, data: memoryview, last: bool, lent: bool = False) -> None:
         try:
-            self.writer.write_part(data, last)
+            self.writer.write_part(data, last, lent)
         except OSError as e:  # a full disk, a file size limit: name the file
             raise _named(e, self.writer.temp_path) from None
         self.bytes_written += len(data)
+
+    def end_batch(self) -> None:
+        """The parts lent since the last call go to the disk; returns once those lent before
+        the last call are written (their memory may be reused)."""
+        f = self.writer._file
+        if isinstance(f, DirectAppendFile):
+            try:
+                f.end_batch()
+            except OSError as e:
+                raise _named(e, self.writer.temp_path) from None
+
+    def data_offset(self, index: int) -> int:
+        """Where tensor ``index``'s bytes start in the file."""
+        if self._offsets is None:
+            self._offsets = [len(self.writer.header_bytes)]
+            for p in self.writer.plans:
+                self._offsets.append(self._offsets[-1] + p.nbytes)
+        return self._offsets[index]
 
     def checkpoint(self) -> None:
         """Make what is written durable and record it for a resume."""

@@ -25,7 +25,7 @@ import torch
 from engine.merge.backends.base import Backend
 from engine.merge.direct_reads import open_direct
 from engine.merge.io import Readers, ReadThrottle, Writer, get
-from engine.merge.layout import Item, build_items, step_writes
+from engine.merge.layout import Item, build_items, output_positions, step_writes
 from engine.merge.nan_policy import NanPolicy
 from engine.merge.output import OutputStream
 from engine.merge.slice_reads import SliceReads
@@ -82,7 +82,9 @@ class Pipeline:
     def run(self, start: int) -> None:
         """Compute and write every step from ``start``; raises Restart after a NaN skip."""
         plan, t = self.plan, self.tuning
-        items = build_items(plan, t.buffer_bytes, start)
+        # results laid out on the block grid of the file they go to, to be written from where they lie
+        positions = output_positions(step_writes(plan), lambda o, i: self.streams[o].data_offset(i))
+        items = build_items(plan, t.buffer_bytes, start, positions)
         stop = threading.Event()
         backend = reader = writer = direct = None
         inflight: deque = deque()

@@ -1,13 +1,16 @@
 """engine.merge.layout: items cover every element of every step exactly once, fit their
-buffers, keep 64-byte alignment, and map each output tensor to the step that writes it."""
+buffers, keep 64-byte alignment (or, for results lent to their file, its block grid), and map
+each output tensor to the step that writes it."""
 
 from __future__ import annotations
 
 import pytest
 from merge_support import make_models, recipe_text, sdxl_output
 
-from engine.checkpoint.format import DTYPES
-from engine.merge.layout import ALIGN, build_items, node_dtypes, step_of_tensors, step_writes
+from engine.checkpoint.direct_io import BLOCK
+from engine.checkpoint.format import DTYPES, build_header
+from engine.merge import layout
+from engine.merge.layout import ALIGN, build_items, node_dtypes, output_positions, step_of_tensors, step_writes
 from engine.plan.planner import build_plan
 from engine.recipe.toml_file import parse_recipe
 
@@ -78,3 +81,56 @@ def test_a_node_written_in_two_dtypes_gets_both_widest_first(plan):
     multi = [ds for ds in dtypes.values() if len(ds) > 1]
     assert multi, "the fp32 output shares nodes with the fp16 one"
     assert all(DTYPES[ds[0]].itemsize >= DTYPES[ds[1]].itemsize for ds in multi)
+
+
+def _positions(plan) -> dict:
+    """(node, dtype) -> file offset of its tensor in the first output that writes it, as the
+    merge's streams compute it (header, then the tensors in order)."""
+    starts = []
+    for o in plan.outputs:
+        at = [len(build_header(o.tensors, o.metadata))]
+        for t in o.tensors:
+            at.append(at[-1] + t.nbytes)
+        starts.append(at)
+    return output_positions(step_writes(plan), lambda o, t: starts[o][t])
+
+
+@pytest.mark.parametrize("buffer_bytes", [8192, 64 << 10, 1 << 20])
+def test_results_laid_out_on_their_files_block_grid_fit_and_do_not_overlap(plan, buffer_bytes, monkeypatch):
+    monkeypatch.setattr(layout, "LENT_MIN", 1024)  # the test's files are small: lend from 1 KiB
+    positions = _positions(plan)
+    items = build_items(plan, buffer_bytes, positions=positions)
+    lent = 0
+    covered: dict[int, int] = {}
+    for item in items:
+        slots = []
+        for seg in item.segments:
+            covered[seg.step] = covered.get(seg.step, 0) + seg.numel
+            for ns in seg.nodes:
+                for d, off in ns.outs.items():
+                    size = DTYPES[d].itemsize
+                    n = seg.numel * size
+                    slots.append((off, off + n))
+                    assert off % size == 0, "a slot must be a view of its dtype"
+                    if n >= 1024 and (off - positions[(ns.node, d)] - seg.start * size) % BLOCK == 0:
+                        lent += 1
+                    elif n < 1024:
+                        assert off % ALIGN == 0
+        slots.sort()
+        assert all(a[1] <= b[0] for a, b in zip(slots, slots[1:])), "output slots overlap"
+        assert slots[-1][1] <= buffer_bytes or len(item.segments) == 1
+    assert lent > 0 or buffer_bytes < 4 * BLOCK  # (in 8 KiB buffers, chunks stay under 1 KiB)
+    assert all(covered[si] == plan.nodes[step.nodes[0]].numel for si, step in enumerate(plan.steps))
+
+
+def test_every_lendable_slot_is_on_the_grid_when_buffers_have_room(plan, monkeypatch):
+    monkeypatch.setattr(layout, "LENT_MIN", 1024)
+    positions = _positions(plan)
+    for item in build_items(plan, 1 << 20, positions=positions):
+        for seg in item.segments:
+            for ns in seg.nodes:
+                d = next(iter(ns.outs))  # the widest: the one each output's first write takes
+                size = DTYPES[d].itemsize
+                pos = positions[(ns.node, d)]
+                if seg.numel * size >= 1024 and pos % size == 0:
+                    assert (ns.outs[d] - pos - seg.start * size) % BLOCK == 0

@@ -279,6 +279,40 @@ def test_reruns_are_byte_identical_whatever_the_buffers(models, tmp_path):
     assert sha256(tmp_path / "out.safetensors") == first
 
 
+def test_results_written_straight_from_the_output_buffers_keep_their_bytes(models, tmp_path, monkeypatch):
+    """Results laid out on their file's block grid go to the disk from the output buffer (lent
+    O_DIRECT writes, 1 KiB and up here, as the test's files are small): the outputs, one fp16
+    and one fp32 sharing nodes, equal the fp64 reference and a merge that copies every byte."""
+    from engine.checkpoint import direct_io
+    from engine.merge import layout
+
+    monkeypatch.setattr(layout, "LENT_MIN", 1024)
+    monkeypatch.setattr(direct_io, "LENT_MIN", 1024)
+    lent = []
+    real_close = direct_io.DirectAppendFile.close
+
+    def close(self):
+        lent.append(self.lent_bytes)
+        real_close(self)
+
+    monkeypatch.setattr(direct_io.DirectAppendFile, "close", close)
+    outputs = [sdxl_output(str(tmp_path / "a.safetensors"), "all"),
+               sdxl_output(str(tmp_path / "b.safetensors"), "all", dtype="fp32")]
+    recipe = _recipe(models, tmp_path, outputs=outputs, weights={"c": 3.0})
+    for tuning in (SMALL, Tuning()):
+        _merge(recipe, tuning=tuning)
+        sources = [load(models / f"m{i}.safetensors") for i in range(3)]
+        _check_mean(load(tmp_path / "a.safetensors"), sources, [1.0, 1.0, 3.0], torch.float16)
+        _check_mean(load(tmp_path / "b.safetensors"), sources, [1.0, 1.0, 3.0], torch.float32)
+        hashes = [sha256(tmp_path / n) for n in ("a.safetensors", "b.safetensors")]
+        assert sum(lent) > 0, "no result was written from the output buffer"
+        lent.clear()
+        monkeypatch.setenv("ASTOLFO_DIRECT_IO", "0")
+        _merge(recipe, tuning=tuning)
+        monkeypatch.delenv("ASTOLFO_DIRECT_IO")
+        assert [sha256(tmp_path / n) for n in ("a.safetensors", "b.safetensors")] == hashes
+
+
 def test_metadata(models, tmp_path):
     recipe = _recipe(models, tmp_path, weights={"b": 2.0}, date="2024-05-01")
     recipe.metadata["modelspec.author"] = "tester"

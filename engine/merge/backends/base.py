@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from engine.checkpoint.direct_io import BLOCK
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,3 +47,11 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release threads and device memory; the run calls it exactly once."""
+
+
+def page_aligned(raw: "torch.Tensor", nbytes: int) -> "torch.Tensor":
+    """The ``nbytes`` of ``raw`` (allocated ``nbytes + BLOCK`` long) that start on a page: the
+    layout puts each large result where its address is congruent to its file offset, and the
+    output's O_DIRECT writes take it from where it lies (engine.checkpoint.direct_io)."""
+    skip = -raw.data_ptr() % BLOCK
+    return raw[skip:skip + nbytes]

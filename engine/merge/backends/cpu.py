@@ -8,10 +8,11 @@ import threading
 
 import torch
 
+from engine.checkpoint.direct_io import BLOCK
 from engine.checkpoint.format import DTYPES
 from engine.merge.arithmetic import Kernel, _node_parts, _view, arange_values
 from engine.merge.backends import cpu_fused
-from engine.merge.backends.base import Bad
+from engine.merge.backends.base import Bad, page_aligned
 from engine.merge.layout import Item, Segment
 from engine.methods import streamed
 from engine.plan.model import ARANGE, COPY, METHOD, MergePlan
@@ -67,7 +68,7 @@ class CpuBackend:
         return True
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return page_aligned(torch.empty(nbytes + BLOCK, dtype=torch.uint8), nbytes)
 
     def submit(self, item: Item, read_buf: torch.Tensor, out_buf: torch.Tensor, excluded: dict[int, set]) -> _Job:
         job = _Job(item, read_buf, out_buf, excluded)

@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.checkpoint.direct_io import BLOCK
 from engine.checkpoint.format import DTYPES
 from engine.merge.arithmetic import Kernel, _node_parts, _view, all_finite
-from engine.merge.backends.base import Bad
+from engine.merge.backends.base import Bad, page_aligned
 from engine.merge.errors import MergeError
 from engine.merge.layout import Item
 from engine.methods import streamed
@@ -270,7 +271,7 @@ class CudaBackend:
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         try:
-            return self.rt.pinned(nbytes)
+            return page_aligned(self.rt.pinned(nbytes + BLOCK), nbytes)
         except RuntimeError as e:  # cudaHostAlloc fails with a plain "CUDA error: out of memory"
             if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
                 raise MergeError(
