@@ -137,23 +137,25 @@ def build_items(plan: MergePlan, buffer_bytes: int, start_step: int = 0,
         src_cost = held + sum(DTYPES[s.dtype].itemsize for s in step.sources if (s.file, s.key) not in unread)
         out_cost = sum(DTYPES[d].itemsize for nid in step.nodes for d in dtypes[nid])
         # Room for the per-slice alignment padding; a chunk alone always fits an empty buffer.
-        # (a result laid out on its file's block grid may take a block of padding more)
-        room = buffer_bytes - ALIGN * (len(step.sources) + sum(len(dtypes[n]) for n in step.nodes)) - BLOCK * sum(
-            (nid, d) in positions for nid in step.nodes for d in dtypes[nid])
-        chunk = numel if plan.nodes[step.nodes[0]].kind == ARANGE else max(1, room // max(src_cost, out_cost, 1))
+        room = buffer_bytes - ALIGN * (len(step.sources) + sum(len(dtypes[n]) for n in step.nodes))
+        cost = max(src_cost, out_cost, 1)
+        # results laid out on their file's block grid: a block of padding more each
+        lend = _lent_slots(positions, step, dtypes, min(numel, max(1, room // cost)), room)
+        room -= BLOCK * len(lend)
+        chunk = numel if plan.nodes[step.nodes[0]].kind == ARANGE else max(1, room // cost)
         for start in range(0, max(numel, 1), chunk):
             stop = min(numel, start + chunk)
             n = stop - start
             read = held * n + sum(align(n * DTYPES[s.dtype].itemsize) for s in step.sources
                                   if (s.file, s.key) not in unread)
-            out = sum(align(n * DTYPES[d].itemsize) + (BLOCK + ALIGN if _lendable(positions, nid, d, n) else 0)
+            out = sum(align(n * DTYPES[d].itemsize) + (BLOCK + ALIGN if _lent(lend, nid, d, n) else 0)
                       for nid in step.nodes for d in dtypes[nid])
             if current.segments and (
                 current.read_bytes + current.held_bytes + read > buffer_bytes or current.out_bytes + out > buffer_bytes
             ):
                 items.append(current)
                 current = Item(len(items))
-            current.segments.append(_segment(plan, si, start, stop, current, dtypes, unread, positions, buffer_bytes))
+            current.segments.append(_segment(plan, si, start, stop, current, dtypes, unread, lend, buffer_bytes))
             current.held_bytes += held * n
     if current.segments:
         items.append(current)
@@ -192,15 +194,27 @@ def output_positions(writes: list[list[Write]], data_offset) -> dict[tuple[int, 
     return positions
 
 
-def _lendable(positions: dict, nid: int, dtype: str, n: int) -> bool:
+def _lent_slots(positions: dict, step, dtypes, chunk: int, room: int) -> dict[tuple[int, str], int]:
+    """The (node, dtype) results of a step laid out on their file's block grid, with their file
+    offsets: those whose chunks reach ``LENT_MIN`` bytes, unless their padding (a block each)
+    would take over a quarter of the buffer's room (small buffers: a test's)."""
+    lend = {}
+    for nid in step.nodes:
+        for d in dtypes[nid]:
+            pos = positions.get((nid, d))
+            size = DTYPES[d].itemsize
+            if pos is not None and pos % size == 0 and chunk * size >= LENT_MIN:
+                lend[(nid, d)] = pos
+    return lend if 4 * BLOCK * len(lend) <= room else {}
+
+
+def _lent(lend: dict, nid: int, dtype: str, n: int) -> bool:
     """A slice of ``n`` elements of node ``nid`` in ``dtype`` is laid out on its file's block grid."""
-    pos = positions.get((nid, dtype))
-    size = DTYPES[dtype].itemsize
-    return pos is not None and pos % size == 0 and n * size >= LENT_MIN
+    return (nid, dtype) in lend and n * DTYPES[dtype].itemsize >= LENT_MIN
 
 
 def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes, unread: set,
-             positions: dict, buffer_bytes: int) -> Segment:
+             lend: dict, buffer_bytes: int) -> Segment:
     step = plan.steps[si]
     n = stop - start
     slices: list[SourceSlice] = []
@@ -220,9 +234,9 @@ def _segment(plan: MergePlan, si: int, start: int, stop: int, item: Item, dtypes
         for d in dtypes[nid]:
             size = DTYPES[d].itemsize
             at = item.out_bytes
-            if _lendable(positions, nid, d, n):
+            if _lent(lend, nid, d, n):
                 # the same address modulo a block as in the file (a buffer's start is page-aligned)
-                pad = (positions[(nid, d)] + start * size - at) % BLOCK
+                pad = (lend[(nid, d)] + start * size - at) % BLOCK
                 if at + pad + n * size <= buffer_bytes:
                     at += pad
             outs[d] = at
