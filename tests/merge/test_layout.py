@@ -67,11 +67,12 @@ def test_a_later_start_step_skips_the_earlier_steps(plan):
 def test_every_output_tensor_is_written_by_exactly_one_step(plan):
     writes = step_writes(plan)
     steps = step_of_tensors(plan)
+    dtypes = node_dtypes(plan)
     seen = set()
     for si, ws in enumerate(writes):
         for w in ws:
             assert steps[w.output][w.tensor] == si
-            assert w.dtype in node_dtypes(plan)[w.node]
+            assert w.dtype in dtypes[w.node]
             seen.add((w.output, w.tensor))
     assert seen == {(o.index, t) for o in plan.outputs for t in range(len(o.tensors))}
 
