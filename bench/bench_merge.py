@@ -53,15 +53,22 @@ ASTOLFO = """
 import json, os, resource, sys, threading, time
 # as a detached job's runner does before it imports the merge's modules: the CPU kernels start
 # loading now, beside torch's import (engine.jobs.runner._read_recipe_and_start_kernels)
-from engine.kernels import warm
+# (a baseline checkout from before the fused kernels has neither the warm-up nor freeze_imports)
 method = json.loads(os.environ.get("BENCH_METHOD") or "{}")
-warm.start_for(os.environ.get("BENCH_DEVICE", "cpu"), methods=bool(method))
+try:
+    from engine.kernels import warm
+    warm.start_for(os.environ.get("BENCH_DEVICE", "cpu"), methods=bool(method))
+except ImportError:
+    pass
 from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan
 from engine.merge.run import execute
-from engine.long_lived import freeze_imports
-freeze_imports()  # as the astolfo command and a detached job do once their modules are imported
+try:
+    from engine.long_lived import freeze_imports
+    freeze_imports()  # as the astolfo command and a detached job do once their modules are imported
+except ImportError:
+    pass
 out, paths = sys.argv[1], sys.argv[2:]
 ids = [f"m{i:02d}" for i in range(len(paths))]
 # bench_methods: BENCH_METHOD (JSON) is the selection's [methods] table; with BENCH_BASE_FIRST the
