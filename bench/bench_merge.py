@@ -57,18 +57,20 @@ import json, os, resource, sys, threading, time
 method = json.loads(os.environ.get("BENCH_METHOD") or "{}")
 try:
     from engine.kernels import warm
-    warm.start_for(os.environ.get("BENCH_DEVICE", "cpu"), methods=bool(method))
 except ImportError:
-    pass
+    warm = None
+if warm is not None:
+    warm.start_for(os.environ.get("BENCH_DEVICE", "cpu"), methods=bool(method))
 from pathlib import Path
 from engine.recipe.toml_file import parse_recipe
 from engine.plan.planner import build_plan
 from engine.merge.run import execute
 try:
     from engine.long_lived import freeze_imports
-    freeze_imports()  # as the astolfo command and a detached job do once their modules are imported
 except ImportError:
-    pass
+    freeze_imports = None
+if freeze_imports is not None:
+    freeze_imports()  # as the astolfo command and a detached job do once their modules are imported
 out, paths = sys.argv[1], sys.argv[2:]
 ids = [f"m{i:02d}" for i in range(len(paths))]
 # bench_methods: BENCH_METHOD (JSON) is the selection's [methods] table; with BENCH_BASE_FIRST the
